@@ -1,0 +1,59 @@
+"""Full fine-tuning: every weight trains; the result is a whole model folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.base import Context, Params
+from adapters.registry import METHODS
+
+
+class FullParams(Params):
+    pass
+
+
+@dataclass(frozen=True)
+class FullMethod:
+    name: str = "full"
+    summary: str = "Every weight trains; nothing to merge."
+    Config: type[Params] = FullParams
+    merge_tolerance: float = 0.0
+    merge_blocker: str | None = None
+
+    def check(self, cfg: Params, spec: Any) -> None:
+        pass
+
+    def apply(self, model: torch.nn.Module, cfg: Params, ctx: Context) -> torch.nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def save(self, model: torch.nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def load(self, base: torch.nn.Module, adapter_dir: Path, cfg: Params, ctx: Context) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(Path(adapter_dir).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = base.load_state_dict(state, strict=False)
+        # Tied output weights are saved once; anything else missing is a broken folder.
+        missing = [k for k in missing if k not in _tied_keys(base)]
+        if missing or unexpected:
+            raise RuntimeError(f"{adapter_dir}: weights do not match the base model "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return base
+
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return set(keys if isinstance(keys, (list, tuple, set)) else keys.keys())
+
+
+METHODS.register(FullMethod())

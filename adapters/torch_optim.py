@@ -1,0 +1,111 @@
+"""Gradient-based update rules: backward over the micro-batches, then one optimizer step.
+
+AdamW, SGD and bitsandbytes' 8-bit AdamW differ only in the optimizer they build; the
+step itself (accumulation, data-parallel gradient sum, clipping) is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from pydantic import Field
+
+from adapters.base import Context, LossFn, Params
+from adapters.registry import UPDATE_RULES
+
+
+class AdamWParams(Params):
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (LoRA: 1e-4..5e-4; full: 1e-5..5e-5).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on matrices (never on biases or norms).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Second-moment decay.")
+    eps: float = Field(1e-8, gt=0, description="Denominator floor.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
+
+
+class SgdParams(Params):
+    lr: float = Field(1e-3, gt=0, le=10.0, description="Learning rate.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Heavy-ball momentum (0: plain SGD, no state).")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty on matrices.")
+    max_grad_norm: float = Field(0.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
+
+
+def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    # Decay shrinks matrices towards zero; on biases and norm gains it only hurts.
+    decay = [p for _, p in params if p.ndim >= 2]
+    rest = [p for _, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class GradientStepper:
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 max_grad_norm: float, ctx: Context):
+        self.params, self.optimizer, self.max_grad_norm, self.ctx = params, optimizer, max_grad_norm, ctx
+
+    def step(self, micro_batches: list[dict], loss_fn: LossFn, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for mb in micro_batches:
+            loss = loss_fn(mb)
+            loss.backward()
+            total += float(loss.detach())
+        self.ctx.all_reduce_grads(self.params)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class TorchOptimizerRule:
+    name: str
+    summary: str
+    Config: type[Params]
+    make: Callable[[list[dict], Any], torch.optim.Optimizer]
+
+    def check(self, cfg: Params, spec: Any) -> None:
+        pass
+
+    def build(self, params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Any, ctx: Context) -> GradientStepper:
+        params = list(params)
+        opt = self.make(param_groups(params, cfg.weight_decay), cfg)
+        return GradientStepper([p for _, p in params], opt, cfg.max_grad_norm, ctx)
+
+
+def _adamw(groups, cfg):
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _sgd(groups, cfg):
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _bnb(kind: str):
+    def make(groups, cfg):
+        import bitsandbytes as bnb
+
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[kind]
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return make
+
+
+UPDATE_RULES.register(TorchOptimizerRule(
+    "adamw", "AdamW (torch): two fp32 moments per trained weight.", AdamWParams, _adamw))
+UPDATE_RULES.register(TorchOptimizerRule(
+    "sgd", "Plain SGD (with optional momentum): no state without momentum.", SgdParams, _sgd))
+UPDATE_RULES.register(TorchOptimizerRule(
+    "adamw_8bit", "AdamW with block-wise 8-bit moments (bitsandbytes): a quarter of AdamW's state.",
+    AdamWParams, _bnb("adamw_8bit")))
+UPDATE_RULES.register(TorchOptimizerRule(
+    "paged_adamw_8bit", "8-bit AdamW whose state pages out to CPU memory under GPU pressure (bitsandbytes).",
+    AdamWParams, _bnb("paged_adamw_8bit")))

@@ -1,0 +1,1 @@
+"""Job description, data, training, export, and (later) the job store and scheduler."""

@@ -1,0 +1,100 @@
+"""Checkpoints: written to a temporary folder, sealed with a manifest, then renamed.
+
+A checkpoint is valid only when its MANIFEST.json exists and every file it lists has the
+recorded size and SHA-256, so a checkpoint cut off by a crash, or corrupted later, is
+skipped in favour of the one before it. Tensors are stored as safetensors; the optimizer
+state (nested dicts of tensors) with ``torch.save`` and read back with
+``weights_only=True``, which refuses anything but tensors and plain containers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "MANIFEST.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def save(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict, state: dict,
+         keep: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=root))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        target = step_dir(run_dir, step)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(run_dir, keep)
+    return target
+
+
+def is_valid(ckpt: Path) -> bool:
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        for name, meta in manifest["files"].items():
+            f = ckpt / name
+            if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def all_steps(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+
+
+def latest_valid(run_dir: Path) -> Path | None:
+    """Newest checkpoint that passes its manifest, or None."""
+    for ckpt in all_steps(run_dir):
+        if is_valid(ckpt):
+            return ckpt
+    return None
+
+
+def load(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    trainable = load_file(str(ckpt / "trainable.safetensors"))
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    state = json.loads((ckpt / "state.json").read_text())
+    return trainable, optimizer, state
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    valid = [c for c in all_steps(run_dir)]
+    for old in valid[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for stale in root.glob(".step-*"):  # temporary folders left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)

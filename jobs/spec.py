@@ -1,0 +1,213 @@
+"""The job spec: one validated description of a fine-tune (YAML or JSON).
+
+Method and update-rule parameters are validated by the method's / rule's own
+``Config`` from the registry, so this file never lists them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jobs.errors import StudioError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="JSONL, JSON, CSV or Parquet file, or a saved `datasets` folder.")
+    format: Literal["auto", "instruction", "chat", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it from the columns.")
+    eval_path: str | None = Field(None, description="Separate held-out file (same format).")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, le=0.5,
+        description="Share of the training file held out when no eval_path is given.")
+    max_eval_rows: int = Field(
+        200, ge=1, description="Evaluate on at most this many held-out rows (keeps evaluation cheap).")
+
+
+class TrainingSpec(Section):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows when max_steps is unset.")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=8, description="Rows are truncated to this many tokens.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak learning rate.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else fp32 (CPUs train in fp32).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
+    eval_samples: int = Field(3, ge=0, description="Sample generations logged per evaluation.")
+    exact_match_rows: int = Field(32, ge=0, description="Held-out rows scored by greedy exact match per evaluation.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and exact match.")
+    loss_chunk_tokens: int = Field(
+        512, ge=16, description="Trained positions per chunk of the vocabulary projection (bounds logits memory).")
+    devices: int = Field(1, ge=1, description="Data-parallel processes (GPUs, or CPU processes on gloo).")
+
+
+class JobSpec(Section):
+    model: str = Field(DEFAULT_MODEL, description="Hub id, local Hugging Face folder, or .gguf file.")
+    dataset: DatasetSpec
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "lora"},
+                                   description="Fine-tuning method: name and its parameters.")
+    optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw"},
+                                      description="Update rule: name and its parameters.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output_dir: str = Field(description="Run folder to write (created; must not hold another run).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or the Hub.")
+
+    # Replace the loose dicts by their validated, defaults-filled form.
+    @field_validator("method")
+    @classmethod
+    def _resolve_method(cls, value):
+        return _resolve_part("method", value)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _resolve_optimizer(cls, value):
+        return _resolve_part("optimizer", value)
+
+    # Typed views of the resolved parts.
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer["name"]
+
+    def method_config(self):
+        from adapters import METHODS
+        m = METHODS.get(self.method_name)
+        return m, m.Config(**{k: v for k, v in self.method.items() if k != "name"})
+
+    def optimizer_config(self):
+        from adapters import UPDATE_RULES
+        r = UPDATE_RULES.get(self.optimizer_name)
+        return r, r.Config(**{k: v for k, v in self.optimizer.items() if k != "name"})
+
+    def resolved(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _resolve_part(section: str, value: dict) -> dict:
+    from adapters import METHODS, UPDATE_RULES
+    registry = METHODS if section == "method" else UPDATE_RULES
+    if not isinstance(value, dict) or "name" not in value:
+        raise ValueError(f"needs a 'name' ({', '.join(registry.names())})")
+    name = value["name"]
+    if name not in registry:
+        raise ValueError(f"unknown {registry.kind} {name!r}; use one of: {', '.join(registry.names())}")
+    cls = registry.get(name).Config
+    params = {k: v for k, v in value.items() if k != "name"}
+    try:
+        cfg = cls(**params)
+    except ValidationError as e:
+        raise ValueError(_describe(e, prefix=f"{section}.", model=cls)) from None
+    return {"name": name, **cfg.model_dump(mode="json")}
+
+
+def _describe(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = prefix + ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, e["loc"][:-1]) if model else []
+            hint = f" Valid keys here: {', '.join(valid)}." if valid else ""
+            lines.append(f"{loc}: unknown key.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required but missing.")
+        elif msg.startswith(("method.", "optimizer.")):
+            lines.append(msg)  # already located by the part's own Config
+        else:
+            got = e.get("input")
+            shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+            lines.append(f"{loc}: {msg}{shown}.")
+    return " ".join(lines)
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def parse_spec(data: Any, where: str = "spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise StudioError("a spec must be a mapping of sections (model, dataset, method, ...).", where,
+                          "start from the example spec in the README.")
+    try:
+        return JobSpec(**data)
+    except ValidationError as e:
+        raise StudioError(_describe(e, model=JobSpec), where,
+                          "correct the fields named above (the README lists every section).") from None
+
+
+def read_spec_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise StudioError("spec file not found.", str(p), "pass the path of a YAML or JSON spec.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise StudioError("spec is not UTF-8 text.", str(p), "save it as UTF-8.") from None
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise StudioError(f"spec is not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {e}", str(p),
+                          "fix the syntax at the line shown.") from None
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    data = json.loads(json.dumps(data or {}))
+    for item in overrides:
+        if "=" not in item:
+            raise StudioError(f"override {item!r} has no '='.", where, "write section.key=value, e.g. training.max_steps=50.")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise StudioError(f"{key!r}: {p!r} is not a section.", where, "override a key inside a section.")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    data = apply_overrides(read_spec_file(path), overrides or [])
+    spec = parse_spec(data, where=str(path))
+    check_combination(spec, where=str(path))
+    return spec
+
+
+def check_combination(spec: JobSpec, where: str = "spec") -> None:
+    """Cross-section checks owned by the method and the update rule themselves."""
+    method, mcfg = spec.method_config()
+    rule, rcfg = spec.optimizer_config()
+    for part in (method.check, rule.check):
+        try:
+            part(mcfg if part is method.check else rcfg, spec)
+        except StudioError as e:
+            raise StudioError(e.what, where if not e.where else f"{where}: {e.where}", e.fix) from None

@@ -1,0 +1,337 @@
+"""The training loop: one spec in, a run folder out. Reads top to bottom.
+
+1. validate the spec and the data (before any weights load, before the run folder exists)
+2. load the base model, apply the method, build the update rule
+3. resume from the newest valid checkpoint when there is one
+4. step: micro-batches -> update rule -> log; evaluate and checkpoint on schedule
+5. save the adapter, evaluate, write run.json
+
+Under torchrun each process takes every world-size-th row of each global micro-batch; the
+loss is normalised by the trained-token count of the whole global step and gradients are
+summed, so N processes compute the same update as one process with the same global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from adapters.base import Context
+from jobs import checkpoint, distributed, models
+from jobs.data import collate, plan_batches, prepare
+from jobs.errors import StudioError
+from jobs.evaluate import evaluate
+from jobs.loss import token_loss_sum
+from jobs.memory import peak_memory
+from jobs.runfolder import append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run
+from jobs.spec import JobSpec, check_combination
+
+StopFn = Callable[[], bool]
+ProgressFn = Callable[[dict], None]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def lr_at(step: int, peak: float, total: int, warmup: int, schedule: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then the schedule to 0."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(total - warmup, 1)
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def pick_device(world: distributed.World) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def pick_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise StudioError("fp16 training needs a GPU.", "training.precision", "use fp32 (or auto) on the CPU.")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_run_folder(run_dir: Path, spec: JobSpec, resume: bool) -> bool:
+    """True when the folder holds an unfinished run of this same spec to continue."""
+    run = read_run(run_dir)
+    if run is None:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise StudioError("output folder is not empty and holds no run.", str(run_dir),
+                              "choose a new output_dir (the studio never writes into other files).")
+        return False
+    if run.get("status") == "completed":
+        raise StudioError("output folder already holds a completed run.", str(run_dir),
+                          "choose a new output_dir, or delete that run first.")
+    if not resume:
+        raise StudioError("output folder holds an unfinished run.", str(run_dir),
+                          "resume it, or choose a new output_dir.")
+    old, new = dict(run.get("spec") or {}), spec.resolved()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise StudioError(f"the run in this folder was started with a different spec (differs in: {', '.join(diff)}).",
+                          str(run_dir), "resume with the same spec, or choose a new output_dir.")
+    return True
+
+
+def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
+          progress: ProgressFn | None = None) -> dict:
+    world = distributed.setup()
+    t = spec.training
+    run_dir = Path(spec.output_dir)
+    method, mcfg = spec.method_config()
+    rule, rcfg = spec.optimizer_config()
+    check_combination(spec)
+    device = pick_device(world)
+    dtype = pick_precision(t.precision, device)
+
+    # 1. Data first: a bad file must fail before minutes of model loading, and leave nothing behind.
+    src = models.resolve(spec.model)
+    tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
+    data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
+    continuing = check_run_folder(run_dir, spec, resume)
+
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        update_run(run_dir, status="running", error=None, spec=spec.resolved(), started_at=now(),
+                   finished_at=None, model_source={"kind": src.kind, "path": src.path, "gguf_file": src.gguf_file},
+                   data={"format": data.format, "train_rows": data.train_rows, "eval_rows": data.eval_rows},
+                   world_size=world.size, device=str(device), dtype=str(dtype).removeprefix("torch."))
+    try:
+        result = _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
+                        continuing, stop, progress)
+    except BaseException as e:
+        if world.main:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            message = e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
+            update_run(run_dir, status=status, error=message, finished_at=now())
+        raise
+    finally:
+        distributed.teardown()
+    return result
+
+
+def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
+           continuing, stop, progress) -> dict:
+    t = spec.training
+    # 2. Model, method, update rule. Frozen base weights may live in the compute dtype;
+    # trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning keeps fp32 masters).
+    load_dtype = dtype if (dtype != torch.float32 and method.name != "full") else torch.float32
+    model = models.load_model(src, load_dtype, spec.trust_remote_code).to(device)
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ctx = Context(spec=spec, device=device, dtype=dtype, tokenizer=tokenizer,
+                  all_reduce_grads=_sum_grads, all_reduce_mean=distributed.all_reduce_mean)
+    _seed_everything(t.seed)
+    model = method.apply(model, mcfg, ctx).to(device)
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise StudioError(f"method {method.name!r} left no parameter to train.", "method",
+                          "check the method's target modules / patterns.")
+    stepper = rule.build(trainable, rcfg, ctx)
+    n_trainable = sum(p.numel() for _, p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+
+    # The micro-batch stream: a pure function of (seed, epoch), so resume replays it exactly.
+    lengths = [len(e.input_ids) for e in data.train]
+    trained_counts = [sum(1 for y in e.labels[1:] if y != -100) for e in data.train]
+    global_mb = t.batch_size * world.size
+    per_epoch = len(plan_batches(lengths, global_mb, t.seed, 0))
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
+    plans: dict[int, list[list[int]]] = {}
+
+    def step_rows(step: int) -> list[list[int]]:
+        rows = []
+        for j in range(t.grad_accum):
+            epoch, idx = divmod(step * t.grad_accum + j, per_epoch)
+            if epoch not in plans:
+                plans.clear()
+                plans[epoch] = plan_batches(lengths, global_mb, t.seed, epoch)
+            rows.append(plans[epoch][idx])
+        return rows
+
+    def to_batch(rows: list[int]) -> dict:
+        return {k: v.to(device) for k, v in collate([data.train[i] for i in rows], tokenizer.pad_token_id).items()}
+
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+
+    # 3. Resume.
+    step, tokens_seen, trained_seen, train_seconds = 0, 0, 0, 0.0
+    ckpt = checkpoint.latest_valid(run_dir) if continuing else None
+    if ckpt is not None:
+        saved, opt_state, state = checkpoint.load(ckpt)
+        params = dict(trainable)
+        missing = set(params) - set(saved)
+        if missing:
+            raise StudioError(f"checkpoint {ckpt.name} lacks trained tensors ({sorted(missing)[:3]}...).", str(ckpt),
+                              "retry the job from scratch.")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name].to(p.dtype))
+        stepper.load_state_dict(opt_state)
+        step, tokens_seen, trained_seen = state["step"], state["tokens_seen"], state["trained_seen"]
+        train_seconds = state["train_seconds"]
+        _restore_rng(state.get("rng"))
+        if world.main:
+            truncate_metrics(run_dir, step)
+            append_metrics(run_dir, {"event": "resumed", "step": step, "checkpoint": ckpt.name, "time": now()})
+
+    def save_checkpoint() -> None:
+        if world.main:
+            checkpoint.save(run_dir, step, {n: p for n, p in trainable}, stepper.state_dict(),
+                            {"tokens_seen": tokens_seen, "trained_seen": trained_seen,
+                             "train_seconds": train_seconds, "rng": _rng_state()}, keep=t.keep_checkpoints)
+        distributed.barrier()
+
+    def run_eval() -> dict:
+        metrics = {}
+        if world.main:
+            metrics = evaluate(model, tokenizer, data.eval, lambda ex: collate(ex, tokenizer.pad_token_id),
+                               spec, device, autocast)
+            append_metrics(run_dir, {"step": step, **metrics, "time": now()})
+        distributed.barrier()
+        return metrics
+
+    if world.main:
+        update_run(run_dir, step=step, max_steps=max_steps,
+                   metrics={"trainable_params": n_trainable, "total_params": n_total})
+
+    # 4. The loop.
+    last_loss = None
+    stopped = False
+    while step < max_steps:
+        if _should_stop(stop):
+            stopped = True
+            break
+        started = time.perf_counter()
+        global_rows = step_rows(step)
+        step_trained = sum(trained_counts[i] for rows in global_rows for i in rows)
+        step_tokens = sum(lengths[i] for rows in global_rows for i in rows)
+        local = [rows[world.rank::world.size] for rows in global_rows]
+        micro = [to_batch(rows) for rows in local if rows]
+
+        def loss_fn(batch: dict) -> torch.Tensor:
+            with autocast():
+                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens)
+            return total / max(step_trained, 1)
+
+        lr = lr_at(step, rcfg.lr, max_steps, t.warmup_steps, t.lr_schedule)
+        local_loss = stepper.step(micro, loss_fn, lr)
+        loss = float(_sum_scalar(local_loss))
+        if not math.isfinite(loss):
+            raise StudioError(f"the loss became {loss} at step {step + 1}.", "optimizer.lr",
+                              "lower the learning rate, or use fp32 / bf16 instead of fp16.")
+        elapsed = time.perf_counter() - started
+        step += 1
+        train_seconds += elapsed
+        tokens_seen += step_tokens
+        trained_seen += step_trained
+        last_loss = loss
+        if world.main and (step % t.log_every == 0 or step == max_steps):
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": step_tokens, "trained_tokens": step_trained,
+                      "tokens_per_second": step_tokens / max(elapsed, 1e-9),
+                      "trained_tokens_per_second": step_trained / max(elapsed, 1e-9),
+                      "epoch": step * t.grad_accum / per_epoch, "time": now()}
+            append_metrics(run_dir, record)
+            update_run(run_dir, step=step, metrics={"train_loss": loss, "train_seconds": train_seconds,
+                                                    "steps": step})
+            if progress:
+                progress({**record, "max_steps": max_steps})
+        if t.eval_every and step % t.eval_every == 0 and step < max_steps:
+            run_eval()
+        if t.save_every and step % t.save_every == 0 and step < max_steps:
+            save_checkpoint()
+
+    # 5. Results.
+    save_checkpoint()
+    if stopped:
+        if world.main:
+            update_run(run_dir, status="cancelled", finished_at=now(), step=step)
+        return read_run(run_dir) or {}
+    final = run_eval()
+    if world.main:
+        _save_adapter(method, model, tokenizer, run_dir)
+        metrics = {"train_loss": last_loss, "steps": step, "train_seconds": train_seconds,
+                   "tokens_seen": tokens_seen, "trained_tokens": trained_seen,
+                   "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+                   "trained_tokens_per_second": trained_seen / max(train_seconds, 1e-9),
+                   "trainable_params": n_trainable, "total_params": n_total,
+                   **{k: v for k, v in final.items() if k != "samples"}, **peak_memory(device)}
+        if progress:
+            progress({"event": "done", **metrics})
+        return update_run(run_dir, status="completed", error=None, finished_at=now(), step=step, metrics=metrics,
+                          samples=final.get("samples", []))
+    return {}
+
+
+def _save_adapter(method, model, tokenizer, run_dir: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run_dir))
+    try:
+        method.save(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir_atomic(tmp, run_dir / "adapter")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sum_grads(params: list[torch.nn.Parameter]) -> None:
+    if not torch.distributed.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:  # a rank with no rows this step still joins the collective
+            p.grad = torch.zeros_like(p)
+    distributed.all_reduce_sum([p.grad for p in params])
+
+
+def _sum_scalar(value: float) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    distributed.all_reduce_sum([tensor])
+    return float(tensor)
+
+
+def _should_stop(stop: StopFn | None) -> bool:
+    flag = bool(stop and stop())
+    if torch.distributed.is_initialized():  # every rank must stop at the same step
+        tensor = torch.tensor([1.0 if flag else 0.0])
+        distributed.all_reduce_sum([tensor])
+        flag = float(tensor) > 0
+    return flag
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def _restore_rng(state: dict | None) -> None:
+    if not state:
+        return
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
