@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from jobs.errors import StudioError
-from jobs.home import runs_dir, store_path
+from jobs.home import runs_dir, store_path, studio_home
 
 
 class Status(StrEnum):
@@ -97,8 +97,8 @@ class Job:
 class JobStore:
     """Jobs persisted in ``<home>/jobs.sqlite``; cheap to create, one per caller is fine."""
 
-    def __init__(self, home: Path):
-        self.home = Path(home)
+    def __init__(self, home: str | Path | None = None):
+        self.home = studio_home(home)
         self.path = store_path(self.home)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file

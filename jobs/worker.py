@@ -1,0 +1,246 @@
+"""One job, one OS process: ``python -m jobs.worker HOME JOB_ID``.
+
+The scheduler starts this in its own process session with stdout and stderr going to
+``<run>/log.txt``, so a crash, an out-of-memory kill or a segfault takes down only the
+job. The process:
+
+- touches ``<run>/heartbeat`` every few seconds from a thread, so the scheduler can tell
+  a live job from a hung or vanished one;
+- turns SIGTERM (or a cancel request found in the store) into a graceful stop at the
+  next step boundary, where the training loop writes a checkpoint;
+- runs the training loop itself, or, for a job asking for N devices, ``torchrun`` with
+  N processes that each run ``python -m jobs.worker --rank HOME JOB_ID``;
+- writes the outcome from ``run.json`` back to the store.
+
+Heavy imports (torch, the training loop) happen after the heartbeat starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from jobs.errors import StudioError
+from jobs.home import ENV_VAR
+from jobs.store import Job, JobStore, Status
+
+LOG_FILE = "log.txt"
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
+
+# Multi-node launch settings used when the spec does not carry them (one node).
+NODE_DEFAULTS = {"nnodes": 1, "node_rank": 0, "rdzv_endpoint": None}
+
+
+class StopRequest:
+    """Set by SIGTERM or a cancel request; polled by the training loop at step boundaries."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.reason: str | None = None
+        self.children: list[subprocess.Popen] = []
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+        for child in self.children:  # torchrun passes SIGTERM on to its ranks
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+class Heartbeat(threading.Thread):
+    """Touches the heartbeat file and notices cancel requests made through the store."""
+
+    def __init__(self, store: JobStore, job: Job, stop: StopRequest):
+        super().__init__(name="heartbeat", daemon=True)
+        self.store, self.job, self.stop_request = store, job, stop
+        self.path = Path(job.run_dir) / HEARTBEAT_FILE
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"{os.getpid()} {time.time():.3f}\n")
+            try:
+                if self.store.get(self.job.id).cancel_requested:
+                    self.stop_request.set("cancel requested")
+            except Exception:  # a busy or vanished store must not kill the job
+                pass
+            self.done.wait(HEARTBEAT_EVERY)
+
+
+def heartbeat_age(run_dir: str | Path) -> float | None:
+    """Seconds since the job last beat, or None when it never did."""
+    try:
+        return max(0.0, time.time() - (Path(run_dir) / HEARTBEAT_FILE).stat().st_mtime)
+    except FileNotFoundError:
+        return None
+
+
+def progress(run_dir: str | Path) -> dict:
+    """How far a job has got, from its run folder (empty before it starts)."""
+    from jobs.runfolder import read_run
+
+    try:
+        run = read_run(run_dir) or {}
+    except ValueError:
+        run = {}
+    metrics = run.get("metrics") or {}
+    out = {"step": run.get("step"), "max_steps": run.get("max_steps"), "run_status": run.get("status"),
+           "heartbeat_age": heartbeat_age(run_dir)}
+    out.update({k: metrics[k] for k in ("train_loss", "eval_loss", "exact_match", "tokens_per_second")
+                if k in metrics})
+    return out
+
+
+def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
+    """Start the job's process: own session, output appended to ``<run>/log.txt``."""
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOG_FILE, "ab") as log:
+        log.write(f"--- job {job.id} attempt {job.attempt} started {time.ctime()} ---\n".encode())
+        log.flush()
+        # The job's process imports this same source tree, whatever folder it runs in.
+        code_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
+        return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env, ENV_VAR: str(home), "PYTHONPATH": path},
+                                start_new_session=True, cwd=run_dir)
+
+
+def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
+    """Run a claimed job in this process and record its outcome in the store."""
+    store = JobStore(home)
+    job = store.get(job_id)
+    store.set_pid(job.id, os.getpid())
+    stop = StopRequest()
+    if install_signals:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
+    beat = Heartbeat(store, job, stop)
+    beat.start()
+    try:
+        if job.nprocs > 1:
+            _run_distributed(home, job, stop)
+        else:
+            _run_here(job, stop)
+        status, error = outcome(job, store, stop)
+    except StudioError as e:
+        status, error = Status.FAILED, e.message
+    except KeyboardInterrupt:
+        status, error = Status.INTERRUPTED, "interrupted from the keyboard; resume to continue"
+    except BaseException as e:  # the job's own failure, never the scheduler's
+        traceback.print_exc()
+        status, error = Status.FAILED, f"{type(e).__name__}: {e}"
+    finally:
+        beat.done.set()
+        beat.join()
+    store.finish(job.id, status, error, pid=os.getpid())
+    print(f"--- job {job.id} {status}{': ' + error if error else ''} ---", flush=True)
+    return status
+
+
+def _run_here(job: Job, stop: StopRequest) -> None:
+    _limit_threads()
+    from jobs.spec import parse_spec
+    from jobs.train import train
+
+    train(parse_spec(job.spec, where=f"job {job.id}"), resume=True, stop=stop)
+
+
+def _run_distributed(home: Path, job: Job, stop: StopRequest) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.nprocs}",
+           *node_args(job.spec, job.id), "-m", "jobs.worker", "--rank", str(home), str(job.id)]
+    print("launching:", " ".join(cmd), flush=True)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    stop.children.append(child)
+    if stop():  # a stop that arrived while launching
+        stop.set(stop.reason or "SIGTERM")
+    code = child.wait()
+    if code != 0 and not stop():
+        raise RuntimeError(f"torchrun exited with code {code}; the ranks' errors are above in this log")
+
+
+def node_args(spec: dict, job_id: int) -> list[str]:
+    """torchrun options for the job's node layout; one node uses a private local rendezvous."""
+    training = spec.get("training", {})
+    opts = {k: training.get(k, v) for k, v in NODE_DEFAULTS.items()}
+    if opts["nnodes"] <= 1:
+        return ["--standalone", "--nnodes=1"]
+    if not opts["rdzv_endpoint"]:
+        raise StudioError("a multi-node job needs a rendezvous endpoint.", "training.rdzv_endpoint",
+                          "set it to host:port of node 0, reachable from every node.")
+    return [f"--nnodes={opts['nnodes']}", f"--node-rank={opts['node_rank']}", "--rdzv-backend=static",
+            f"--rdzv-endpoint={opts['rdzv_endpoint']}", f"--rdzv-id=studio-job-{job_id}"]
+
+
+def outcome(job: Job, store: JobStore, stop: StopRequest) -> tuple[Status, str | None]:
+    """The job's final status, from the training loop's own record in run.json."""
+    from jobs.runfolder import read_run
+
+    run = read_run(job.run_dir) or {}
+    state = run.get("status")
+    if state == "completed":
+        return Status.COMPLETED, None
+    if state == "cancelled" or (stop() and state in (None, "running")):
+        if store.get(job.id).cancel_requested:
+            return Status.CANCELLED, f"cancelled at step {run.get('step', 0)}; resume to continue"
+        return Status.INTERRUPTED, f"stopped by {stop.reason or 'a signal'} at step {run.get('step', 0)}; resume to continue"
+    if state in ("failed", "interrupted"):
+        return Status(state), run.get("error") or f"training {state}"
+    return Status.FAILED, "training ended without recording a final status in run.json"
+
+
+def _limit_threads() -> None:
+    # The scheduler sets OMP_NUM_THREADS to this job's share of the cores; torch reads
+    # it at import, set it again in case torch was imported first (inline runs).
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop this child when its parent dies, so no rank outlives
+    a killed job (torchrun starts each rank in a session of its own)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def rank_main(home: Path, job_id: int) -> None:
+    """One data-parallel rank under torchrun: train with the others until done or stopped."""
+    _die_with_parent()
+    if os.getppid() == 1:  # torchrun already gone before the line above took effect
+        sys.exit("parent launcher exited")
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
+    _run_here(JobStore(home).get(job_id), stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobs.worker", description="Run one queued job (started by the scheduler).")
+    parser.add_argument("--rank", action="store_true", help="run as one rank under torchrun")
+    parser.add_argument("home", type=Path)
+    parser.add_argument("job_id", type=int)
+    args = parser.parse_args(argv)
+    if args.rank:
+        rank_main(args.home, args.job_id)
+    else:
+        execute(args.home, args.job_id)
+
+
+if __name__ == "__main__":
+    main()
