@@ -42,6 +42,8 @@ class Method(Protocol):
     merge_tolerance: float
     # Why this method cannot be merged, or None when it can.
     merge_blocker: str | None
+    # A good AdamW peak learning rate on a real model (the UI's default for this method).
+    suggested_lr: float
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations with the rest of the spec that make no sense."""

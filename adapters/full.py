@@ -22,6 +22,7 @@ class FullMethod:
     Config: type[Params] = FullParams
     merge_tolerance: float = 0.0
     merge_blocker: str | None = None
+    suggested_lr: float = 2e-5
 
     def check(self, cfg: Params, spec: Any) -> None:
         pass

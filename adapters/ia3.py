@@ -27,4 +27,5 @@ METHODS.register(PeftMethod(
     summary="Learned scaling vectors on keys, values and MLP inputs; merges exactly.",
     Config=Ia3Params,
     to_peft_config=ia3_peft_config,
+    suggested_lr=3e-3,
 ))

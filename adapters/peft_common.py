@@ -22,6 +22,7 @@ class PeftMethod:
     Config: type[Params]
     to_peft_config: Callable[[Params], Any]
     merge_tolerance: float = 1e-4
+    suggested_lr: float = 2e-4
     merge_blocker: str | None = None
     checks: tuple[Callable[[Params, Any], None], ...] = ()
     # Initialisation peft cannot do on its own (e.g. from our tokenizer), run after wrapping.

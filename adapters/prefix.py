@@ -26,6 +26,7 @@ METHODS.register(PeftMethod(
     summary="Trained key/value prefix in every layer.",
     Config=PrefixParams,
     to_peft_config=prefix_peft_config,
+    suggested_lr=3e-3,
     merge_blocker=("prefix tuning adds key/value vectors to every attention layer at run time; "
                    "there is no weight they could be folded into."),
     checks=(no_gradient_checkpointing(

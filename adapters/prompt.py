@@ -47,6 +47,7 @@ METHODS.register(PeftMethod(
     summary="Trained soft-prompt embeddings before the input.",
     Config=PromptParams,
     to_peft_config=prompt_peft_config,
+    suggested_lr=1e-2,
     after_apply=init_from_text,
     merge_blocker=("prompt tuning prepends learned embeddings that are not tokens of the vocabulary; "
                    "no weight of the model can stand in for them."),

@@ -118,6 +118,11 @@ def cache_converted(src: ModelSource, model) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    # transformers marks GGUF-loaded models as quantized and refuses to save them, but after
+    # dequantization the weights are ordinary tensors: save them as a plain model.
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(src).save_pretrained(tmp)
@@ -126,6 +131,10 @@ def cache_converted(src: ModelSource, model) -> None:
         # Another process may have won the race, or the disk is full: the cache is an
         # optimisation, so loading goes on either way.
         shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        model.hf_quantizer = quantizer
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
 
 
 def _load_error(src: ModelSource, e: Exception) -> StudioError:

