@@ -138,12 +138,9 @@ class Scheduler:
     def reconcile(self) -> None:
         """Settle what an earlier scheduler left behind."""
         for job in self.store.list((Status.RUNNING,)):
-            if job.pid is None:
-                self._settle(job, "the scheduler stopped before the job's process started")
-            elif self._alive(job):
+            if job.pid is not None and self._alive(job):
                 log.info("job %s: re-attached to running process %s", job.id, job.pid)
-            else:
-                self._settle(job, _gone_reason(job))
+            self._watch(job)
 
     def tick(self) -> None:
         for job in self.store.list((Status.RUNNING,)):
@@ -163,7 +160,10 @@ class Scheduler:
             log.info("scheduler on %s: %s", self.home,
                      f"GPUs {','.join(self.gpus)}" if self.gpus else f"{self.cpu_slots} CPU slot(s)")
             while not stop.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:  # e.g. a full disk or a locked store: retry, never give up the queue
+                    log.exception("scheduler tick failed; retrying")
                 stop.wait(self.poll_interval)
 
     def run_until_idle(self, timeout: float = 600.0) -> None:
@@ -179,7 +179,7 @@ class Scheduler:
 
     def _start(self, place: Placement) -> None:
         job = place.job
-        if not self.store.claim(job.id, place.devices or CPU):
+        if not self.store.claim(job.id, place.devices or "-"):
             return  # cancelled or taken meanwhile
         if place.devices is None:
             self.store.finish(job.id, Status.FAILED, place.error)
@@ -210,12 +210,17 @@ class Scheduler:
                 del self.children[job.id]
                 self._settle(job, _exit_reason(job, code))
                 return
-        elif job.pid is None or not self._alive(job):
-            if job.pid is not None or time.time() - (job.started_at or 0) > PID_REUSE_MARGIN:
-                self._settle(job, _gone_reason(job))
+        elif job.pid is None:
+            if time.time() - (job.started_at or 0) > PID_REUSE_MARGIN:
+                self._settle(job, "the job's process never started (the scheduler stopped while starting it)")
             return
+        elif not self._alive(job):
+            self._settle(job, _gone_reason(job))
+            return
+        # A heartbeat older than this start is a previous attempt's (resume reuses the folder).
         age = heartbeat_age(job.run_dir)
-        silent = age if age is not None else time.time() - (job.started_at or time.time())
+        since_start = time.time() - (job.started_at or time.time())
+        silent = since_start if age is None else min(age, since_start)
         if silent > self.heartbeat_timeout:
             _kill_tree(job.pid)
             self._settle(job, f"no heartbeat for {silent:.0f} s (hung or frozen); the process was killed")

@@ -58,7 +58,7 @@ def home(tmp_path):
 def scheduler(home):
     """A scheduler serving ``home`` from a thread; job processes left over are killed."""
     stop = threading.Event()
-    sched = Scheduler(home, cpu_slots=1, gpus=[], poll_interval=0.1, cancel_timeout=20, heartbeat_timeout=3)
+    sched = Scheduler(home, cpu_slots=1, gpus=[], poll_interval=0.1, cancel_timeout=20, heartbeat_timeout=8)
     thread = threading.Thread(target=sched.serve, args=(stop,), daemon=True)
     thread.start()
     yield sched
@@ -130,6 +130,8 @@ def test_kill_9_interrupts_and_resume_continues_the_step_count(home, scheduler, 
     interrupted = wait_until(lambda: job(home, jid).status == Status.INTERRUPTED and job(home, jid), timeout=20)
     assert "killed by SIGKILL" in interrupted.error and "resume" in interrupted.error
     killed_at = checkpoint_steps(run_dir)[-1]
+    hour_ago = time.time() - 3600  # resumed much later: the old heartbeat must not count against it
+    os.utime(Path(run_dir) / "heartbeat", (hour_ago, hour_ago))
 
     JobStore(home).resume(jid)
     done = wait_until(lambda: job(home, jid).finished and job(home, jid), timeout=60, every=0.2)
@@ -176,7 +178,7 @@ def test_a_frozen_job_is_caught_by_its_heartbeat(home, scheduler, tiny_model, to
     pid = job(home, jid).pid
     os.kill(pid, signal.SIGSTOP)  # alive, but silent: the scheduler must not wait forever
     try:
-        done = wait_until(lambda: job(home, jid).finished and job(home, jid), timeout=20, every=0.2)
+        done = wait_until(lambda: job(home, jid).finished and job(home, jid), timeout=30, every=0.2)
     finally:
         _kill_tree(pid)
     assert done.status == Status.INTERRUPTED and "no heartbeat" in done.error
