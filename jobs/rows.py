@@ -41,10 +41,10 @@ class Row(dict):
 
 def read_rows(ds: DatasetSpec, seed: int = 0) -> tuple[list[dict], list[dict], str]:
     """Read and validate train and eval rows; hold out ``eval_fraction`` when no eval_path."""
-    train, held = _load(ds.path)
+    train, held = _load(ds.path, "dataset.path")
     fmt = _check_rows(train, ds.format, ds.path)
     if ds.eval_path:
-        evals = _load(ds.eval_path)[0]
+        evals = _load(ds.eval_path, "dataset.eval_path")[0]
         _check_rows(evals, fmt, ds.eval_path)
         return train, evals[:ds.max_eval_rows], fmt
     if held:  # a saved DatasetDict with its own validation split
@@ -67,11 +67,11 @@ def read_rows(ds: DatasetSpec, seed: int = 0) -> tuple[list[dict], list[dict], s
             [train[i] for i in sorted(held_out)], fmt)
 
 
-def _load(path: str) -> tuple[list[Row], list[Row]]:
+def _load(path: str, field: str) -> tuple[list[Row], list[Row]]:
     """Rows of a file or saved folder (and a saved folder's validation split, if any)."""
     p = Path(path)
     if not p.exists():
-        raise StudioError("dataset file not found.", path, "check dataset.path (relative paths start at "
+        raise StudioError("dataset file not found.", path, f"check {field} (relative paths start at "
                           "the directory you run from).")
     if p.is_dir():
         rows, held = _load_saved(p)
@@ -84,7 +84,7 @@ def _load(path: str) -> tuple[list[Row], list[Row]]:
                               "use .jsonl, .json, .csv, .parquet or a folder saved with datasets' save_to_disk.")
         rows, held = readers[suffix](p), []
     if not rows:
-        raise StudioError("the dataset has no rows.", path, "add rows, or point dataset.path at the right file.")
+        raise StudioError("the dataset has no rows.", path, f"add rows, or point {field} at the right file.")
     return rows, held
 
 
@@ -212,11 +212,12 @@ def _check_rows(rows: list[Row], fmt: str, path: str) -> str:
         if missing:
             other = detect_format(row)
             if other and row is not first:
-                what = (f"mixed schemas: this row has the columns of {other} {_cols(row)}, "
-                        f"but {first.where} is {fmt}.")
-            else:
-                what = f"missing field {missing[0]!r} for the {fmt} format (columns found: {_cols(row)})."
-            raise StudioError(what, f"{path}, {row.where}", f"give every row the same columns; formats: {FORMAT_HELP}.")
+                raise StudioError(f"mixed schemas: this row has the columns of {other} ({_cols(row)}), "
+                                  f"but {first.where} is {fmt}.", f"{path}, {row.where}",
+                                  "give every row the columns of one format.")
+            raise StudioError(f"missing field {missing[0]!r} for the {fmt} format (columns found: {_cols(row)}).",
+                              f"{path}, {row.where}", f"add {missing[0]!r} to every row, or set dataset.format "
+                              f"to the format of the columns: {FORMAT_HELP}.")
         _check_fields(row, fmt, f"{path}, {row.where}")
     return fmt
 
@@ -234,7 +235,7 @@ def _need_text(row: dict, field: str, where: str, optional: bool = False) -> Non
                           f"{where}, field {field!r}", "quote the value so it is a string.")
     if not optional and not value.strip():
         raise StudioError(f"{field!r} is empty.", f"{where}, field {field!r}",
-                          "fill it in or remove the row (an empty response teaches nothing).")
+                          "fill it in or remove the row.")
 
 
 def _check_fields(row: Row, fmt: str, where: str) -> None:
@@ -257,12 +258,11 @@ def _check_messages(row: Row, where: str) -> None:
             msgs = row["messages"] = json.loads(msgs)
         except json.JSONDecodeError:
             pass
-    where = f"{where}, field 'messages'"
     if not isinstance(msgs, list) or not msgs:
         raise StudioError(f"'messages' must be a non-empty list of {{role, content}} objects, got "
-                          f"{type(msgs).__name__}.", where, 'write [{"role": "user", "content": "..."}, ...].')
+                          f"{type(msgs).__name__}.", f"{where}, field 'messages'", 'write [{"role": "user", "content": "..."}, ...].')
     for i, m in enumerate(msgs, 1):
-        at = f"{where}[{i}]"
+        at = f"{where}, message {i}"
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise StudioError("each message needs 'role' and 'content'.", at, 'write {"role": "user", "content": "..."}.')
         if m["role"] not in ROLES:
