@@ -184,9 +184,9 @@ class Scheduler:
         if place.devices is None:
             self.store.finish(job.id, Status.FAILED, place.error)
             return
-        env = {"OMP_NUM_THREADS": str(self._threads(job))}
-        if place.devices != CPU:
-            env["CUDA_VISIBLE_DEVICES"] = place.devices
+        # A CPU job sees no GPU at all, so it cannot touch one another job holds.
+        env = {"OMP_NUM_THREADS": str(self._threads(job)),
+               "CUDA_VISIBLE_DEVICES": "" if place.devices == CPU else place.devices}
         try:
             proc = spawn(self.home, job, env)
         except OSError as e:

@@ -115,7 +115,9 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
         path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
         return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env, ENV_VAR: str(home), "PYTHONPATH": path},
+                                # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
+                                env={**os.environ, **env, ENV_VAR: str(home), "PYTHONPATH": path,
+                                     "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True, cwd=run_dir)
 
 
@@ -129,6 +131,9 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
         signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
     beat = Heartbeat(store, job, stop)
     beat.start()
+    print(f"job {job.id} ({job.name}): pid {os.getpid()}, {job.nprocs} process(es), devices {job.devices}, "
+          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", flush=True)
     try:
         if job.nprocs > 1:
             _run_distributed(home, job, stop)
@@ -145,8 +150,9 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
     finally:
         beat.done.set()
         beat.join()
-    store.finish(job.id, status, error, pid=os.getpid())
+    # Log first: a reader following the log stops once the store says the job ended.
     print(f"--- job {job.id} {status}{': ' + error if error else ''} ---", flush=True)
+    store.finish(job.id, status, error, pid=os.getpid())
     return status
 
 

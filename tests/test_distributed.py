@@ -111,7 +111,8 @@ def test_cancel_stops_every_rank_and_a_killed_job_leaves_no_rank_behind(schedule
     assert lost.status == Status.INTERRUPTED and "SIGKILL" in lost.error
 
 
-def test_a_distributed_job_runs_inline_too(tmp_path, tiny_model, toy_dataset):
+def test_a_distributed_job_runs_inline_too(tmp_path, tiny_model, toy_dataset, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on the CPU even where GPUs exist
     home = tmp_path / "home"
     jid = submit_job(home, job_spec(tiny_model, toy_dataset, batch_size=2, max_steps=2), devices=2).id
     done = run_inline(home, jid)

@@ -122,10 +122,25 @@ def test_two_jobs_with_one_slot_run_one_after_the_other(home, scheduler, tiny_mo
     assert (Path(second.run_dir) / "log.txt").read_text().count("completed") == 1
 
 
+def test_each_job_gets_its_own_gpu_and_a_third_waits(home, tiny_model, toy_dataset):
+    # GPU ids are only handed out here; on a machine without them the jobs train on the CPU.
+    ids = [submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=4), name=n).id for n in "abc"]
+    with Scheduler(home, gpus=["0", "1"], poll_interval=0.1) as sched:
+        sched.tick()
+        first, second, third = (job(home, i) for i in ids)
+        assert (first.devices, second.devices, third.status) == ("0", "1", Status.QUEUED)
+        sched.run_until_idle(timeout=120)
+    done = [job(home, i) for i in ids]
+    assert all(j.status == Status.COMPLETED for j in done), [j.error for j in done]
+    assert done[2].started_at >= min(done[0].finished_at, done[1].finished_at)
+    for j in done:
+        assert f"CUDA_VISIBLE_DEVICES={j.devices}," in (Path(j.run_dir) / "log.txt").read_text()
+
+
 def test_kill_9_interrupts_and_resume_continues_the_step_count(home, scheduler, tiny_model, toy_dataset):
-    jid = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=40, save_every=5)).id
+    jid = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=24, save_every=4)).id
     run_dir = job(home, jid).run_dir
-    wait_until(lambda: 10 in checkpoint_steps(run_dir) and last_step(run_dir) < 40, timeout=60)
+    wait_until(lambda: 8 in checkpoint_steps(run_dir) and last_step(run_dir) < 24, timeout=60)
     os.kill(job(home, jid).pid, signal.SIGKILL)
     interrupted = wait_until(lambda: job(home, jid).status == Status.INTERRUPTED and job(home, jid), timeout=20)
     assert "killed by SIGKILL" in interrupted.error and "resume" in interrupted.error
@@ -139,8 +154,8 @@ def test_kill_9_interrupts_and_resume_continues_the_step_count(home, scheduler, 
     resumed = [r for r in read_metrics(run_dir) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [killed_at]
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-    assert steps == list(range(1, 41))  # continued, not restarted, and no step twice
-    assert read_run(run_dir)["step"] == 40
+    assert steps == list(range(1, 25))  # continued, not restarted, and no step twice
+    assert read_run(run_dir)["step"] == 24
 
 
 def test_cancel_stops_at_a_step_with_a_checkpoint(home, scheduler, tiny_model, toy_dataset):
@@ -156,9 +171,9 @@ def test_cancel_stops_at_a_step_with_a_checkpoint(home, scheduler, tiny_model, t
 
 
 def test_corrupt_last_checkpoint_resumes_from_the_one_before(home, scheduler, tiny_model, toy_dataset):
-    jid = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=40, save_every=5, keep_checkpoints=3)).id
+    jid = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=24, save_every=4, keep_checkpoints=3)).id
     run_dir = job(home, jid).run_dir
-    wait_until(lambda: len(checkpoint_steps(run_dir)) >= 2 and last_step(run_dir) < 40, timeout=60)
+    wait_until(lambda: len(checkpoint_steps(run_dir)) >= 2 and last_step(run_dir) < 24, timeout=60)
     os.kill(job(home, jid).pid, signal.SIGKILL)
     wait_until(lambda: job(home, jid).status == Status.INTERRUPTED, timeout=20)
     *_, before, newest = checkpoint_steps(run_dir)
