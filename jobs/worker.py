@@ -45,13 +45,22 @@ class StopRequest:
         self.event = threading.Event()
         self.reason: str | None = None
         self.children: list[subprocess.Popen] = []
+        self._told: set[int] = set()
 
     def set(self, reason: str) -> None:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
-        for child in self.children:  # torchrun passes SIGTERM on to its ranks
-            if child.poll() is None:
+        self.forward()
+
+    def forward(self) -> None:
+        """Pass the stop on to launched children once each (torchrun hands it to its ranks;
+        a second SIGTERM would cut its graceful shutdown short)."""
+        if not self.event.is_set():
+            return
+        for child in self.children:
+            if child.pid not in self._told and child.poll() is None:
+                self._told.add(child.pid)
                 child.send_signal(signal.SIGTERM)
 
     def __call__(self) -> bool:
@@ -170,8 +179,7 @@ def _run_distributed(home: Path, job: Job, stop: StopRequest) -> None:
     print("launching:", " ".join(cmd), flush=True)
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     stop.children.append(child)
-    if stop():  # a stop that arrived while launching
-        stop.set(stop.reason or "SIGTERM")
+    stop.forward()  # a stop that arrived while launching
     code = child.wait()
     if code != 0 and not stop():
         raise RuntimeError(f"torchrun exited with code {code}; the ranks' errors are above in this log")
