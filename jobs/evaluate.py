@@ -37,7 +37,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=sorted(stop))
+                             pad_token_id=pad, eos_token_id=sorted(stop),
+                             use_cache=True)  # training turned the config's cache off
         for row in out[:, width:]:
             outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outs
