@@ -1,0 +1,152 @@
+"""MeZO (Malladi et al., 2023): zeroth-order SGD with the memory of inference.
+
+One step, for a step seed s and the trained parameters theta:
+1. theta += eps * z(s);  L+ = loss          (forward only, under no_grad)
+2. theta -= 2 eps * z(s); L- = loss
+3. theta += eps * z(s)                      (back where we started)
+4. g = (L+ - L-) / (2 eps), the slope of the loss along z
+5. theta -= lr * g * z(s)
+
+z is never stored: each use regenerates it from the seed, one slice of a parameter at a
+time, so the extra memory is one slice of noise. Works on whatever requires grad after the
+method's ``apply`` (all weights, LoRA, prefixes, ...). Both forward passes see the same
+dropout masks, otherwise g would measure the masks' difference instead of the slope.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from pydantic import Field
+
+from adapters.base import Context, LossFn, Params
+from adapters.lomo import RngReplay
+from adapters.registry import UPDATE_RULES
+from jobs.errors import StudioError
+
+# Elements of noise drawn at once: 4 MB in fp32, whatever the size of the largest tensor
+# (SmolLM2's embedding would otherwise need 113 MB of noise beside it).
+NOISE_SLICE = 1 << 20
+
+
+class MezoParams(Params):
+    lr: float = Field(1e-6, gt=0, le=1.0,
+                      description="Step along the noise (paper: 1e-7..1e-6 for all weights, 1e-5..1e-4 for LoRA/prefix).")
+    eps: float = Field(1e-3, gt=0, le=1.0, description="Perturbation size for the two loss measurements.")
+    weight_decay: float = Field(0.0, ge=0, description="Decay on matrices (never on biases or norms).")
+
+
+def step_seed(base: int, step: int) -> int:
+    """A distinct, reproducible seed per step (a large odd multiplier keeps runs with nearby
+    base seeds from sharing steps' noise)."""
+    return (base * 1_000_003 + step * 7_919 + 12_345) % (2 ** 63)
+
+
+def seeded_noise(params: list[torch.nn.Parameter], seed: int,
+                 slice_size: int = NOISE_SLICE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(slice of a parameter's storage, its noise), in the same order and with the same values
+    on every call with the same seed."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for p in params:
+        gen = generators.get(p.device)
+        if gen is None:
+            gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        data = p.data
+        flat = data.view(-1) if data.is_contiguous() else None
+        if flat is None:  # rare (a transposed view): draw the noise for the whole tensor
+            yield data, torch.randn(data.shape, generator=gen, device=data.device, dtype=data.dtype)
+            continue
+        for start in range(0, flat.numel(), slice_size):
+            part = flat[start:start + slice_size]
+            yield part, torch.randn(part.shape, generator=gen, device=part.device, dtype=part.dtype)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class MezoStepper:
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], cfg: MezoParams, ctx: Context, seed: int):
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        self.cfg, self.ctx, self.base_seed = cfg, ctx, seed
+        self.steps = 0
+        self.last_seed: int | None = None
+        self.last_projected_grad: float | None = None
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        for part, z in seeded_noise(self.params, seed):
+            part.add_(z, alpha=scale)
+
+    def _losses(self, micro_batches: list[dict], loss_fn: LossFn) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in micro_batches:
+            total += float(loss_fn(batch))
+        return total
+
+    @torch.no_grad()
+    def step(self, micro_batches: list[dict], loss_fn: LossFn, lr: float) -> float:
+        eps = self.cfg.eps
+        seed = step_seed(self.base_seed, self.steps)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        rng = RngReplay(device)
+        self._perturb(seed, eps)
+        plus = self._losses(micro_batches, loss_fn)
+        self._perturb(seed, -2 * eps)
+        rng.replay()
+        minus = self._losses(micro_batches, loss_fn)
+        self._perturb(seed, eps)
+        # Each rank's losses are its share of the global per-token mean: the global loss
+        # difference is their sum, i.e. the mean times the number of ranks. Every rank joins
+        # the collective, also one that had no rows this step.
+        local = ((plus - minus) / (2 * eps)).to(device=device, dtype=torch.float32).reshape(1)
+        g = float(self.ctx.all_reduce_mean(local)) * _world_size()
+        if not math.isfinite(g):
+            raise StudioError(f"MeZO's loss difference became {g} at step {self.steps + 1}.", "optimizer.eps",
+                              "lower optimizer.lr, or raise optimizer.eps if the losses are in fp16/bf16.")
+        wd = self.cfg.weight_decay
+        if wd:
+            for p in self.params:
+                if p.ndim >= 2:
+                    p.mul_(1.0 - lr * wd)
+        for part, z in seeded_noise(self.params, seed):
+            part.add_(z, alpha=-lr * g)
+        self.steps += 1
+        self.last_seed, self.last_projected_grad = seed, g
+        return float((plus + minus) / 2)
+
+    def state_dict(self) -> dict:
+        return {"base_seed": self.base_seed, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_seed, self.steps = int(state["base_seed"]), int(state["steps"])
+
+
+@dataclass(frozen=True)
+class MezoRule:
+    name: str = "mezo"
+    summary: str = "Zeroth-order SGD from two forward passes (MeZO): inference memory, no gradients, no state."
+    Config: type[Params] = MezoParams
+
+    def check(self, cfg: Params, spec: Any) -> None:
+        t = spec.training
+        if t.grad_accum > 1:
+            raise StudioError(
+                f"mezo keeps no gradients, so there is nothing to accumulate (grad_accum is {t.grad_accum}); "
+                "its memory is that of inference, so a larger batch costs only activations.", "training.grad_accum",
+                f"set grad_accum to 1 and batch_size to {t.batch_size * t.grad_accum} for the same rows per step.")
+        if t.gradient_checkpointing:
+            raise StudioError(
+                "mezo runs no backward pass, so gradient checkpointing has no activations to recompute and saves "
+                "nothing.", "training.gradient_checkpointing", "set gradient_checkpointing to false.")
+
+    def build(self, params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Any, ctx: Context) -> MezoStepper:
+        spec = getattr(ctx, "spec", None)
+        seed = int(getattr(getattr(spec, "training", None), "seed", 0) or 0)
+        return MezoStepper(list(params), cfg, ctx, seed)
+
+
+UPDATE_RULES.register(MezoRule())
