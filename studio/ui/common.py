@@ -1,0 +1,186 @@
+"""What every tab shares: the studio's folders, job summaries read from the run folders,
+and the two ways an error a user caused reaches them (a message in the page, or a clean
+API error), never a traceback."""
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from jobs.errors import StudioError
+from jobs.home import studio_home
+from jobs.store import Job, JobStore, Status
+from studio.datasets_store import DatasetStore
+
+log = logging.getLogger("studio.ui")
+LOG_TAIL_BYTES = 12_000
+
+
+@dataclass
+class Studio:
+    """One studio instance: its home folder and the defaults its forms start from."""
+
+    home: Path
+    default_model: str
+
+    @classmethod
+    def at(cls, home: str | Path | None = None, default_model: str | None = None) -> "Studio":
+        from jobs.spec import DEFAULT_MODEL
+
+        return cls(studio_home(home), default_model or DEFAULT_MODEL)
+
+    @property
+    def jobs(self) -> JobStore:
+        return JobStore(self.home)
+
+    @property
+    def datasets(self) -> DatasetStore:
+        return DatasetStore(self.home)
+
+    @property
+    def exports(self) -> Path:
+        folder = self.home / "exports"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+# -- errors ---------------------------------------------------------------------------
+
+def message_html(text: str, kind: str = "ok") -> str:
+    """A status line in the page; ``kind`` is ok, error or info (styled by studio.css)."""
+    return f'<div class="studio-msg studio-msg-{kind}">{html.escape(text)}</div>'
+
+
+def for_api(fn: Callable) -> Callable:
+    """An endpoint: a StudioError becomes a gr.Error with its message, nothing more."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as e:
+            raise gr.Error(e.message, print_exception=False) from None
+    return wrapper
+
+
+def describe_failure(e: BaseException) -> str:
+    """The message for the page: a StudioError as written, anything else in one line."""
+    if isinstance(e, StudioError):
+        return e.message
+    log.exception("unexpected error in a UI handler")
+    return f"unexpected {type(e).__name__}: {e}"
+
+
+# -- jobs ------------------------------------------------------------------------------
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """A job as the tabs and the API show it: store row plus progress from its run folder."""
+    from jobs.runfolder import read_run
+    from jobs.worker import heartbeat_age
+
+    try:
+        run = read_run(job.run_dir) or {}
+    except ValueError:  # run.json is replaced atomically, but an old copy may be damaged
+        run = {}
+    metrics = run.get("metrics") or {}
+    step, total = run.get("step"), run.get("max_steps")
+    fraction = None
+    if job.status == Status.COMPLETED:
+        fraction = 1.0
+    elif step is not None and total:
+        fraction = min(step / total, 1.0)
+    eta = None
+    if job.status == Status.RUNNING and step and total and metrics.get("train_seconds"):
+        eta = metrics["train_seconds"] / step * max(total - step, 0)
+    return {
+        "id": job.id, "name": job.name, "status": job.status.value, "attempt": job.attempt,
+        "method": job.spec.get("method", {}).get("name"), "optimizer": job.spec.get("optimizer", {}).get("name"),
+        "model": job.spec.get("model"), "step": step, "max_steps": total, "progress": fraction,
+        "eta_seconds": eta, "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
+        "exact_match": metrics.get("exact_match"), "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at, "devices": job.devices, "error": job.error,
+        "cancel_requested": job.cancel_requested, "run_dir": job.run_dir,
+        "heartbeat_age": heartbeat_age(job.run_dir) if job.status == Status.RUNNING else None,
+    }
+
+
+def job_label(job: Job) -> str:
+    return f"#{job.id} {job.name} ({job.status.value})"
+
+
+def job_choices(studio: Studio, completed_only: bool = False) -> list[tuple[str, str]]:
+    """Dropdown choices, newest first; values are job ids as text."""
+    jobs = studio.jobs.list((Status.COMPLETED,) if completed_only else None)
+    return [(job_label(j), str(j.id)) for j in reversed(jobs)]
+
+
+def log_tail(run_dir: str, limit: int = LOG_TAIL_BYTES) -> str:
+    from jobs.worker import LOG_FILE
+
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - limit))
+        text = f.read().decode("utf-8", errors="replace")
+    return text if len(text) < limit else text.split("\n", 1)[-1]
+
+
+def completed_run(studio: Studio, job_id: int | str) -> Job:
+    job = studio.jobs.get(job_id)
+    if job.status != Status.COMPLETED:
+        raise StudioError(f"job {job.id} is {job.status.value}; only completed jobs have a result.",
+                          f"job {job.id}", "wait for it to finish, or resume it.")
+    return job
+
+
+def parse_ids(values: Any) -> list[int]:
+    """Job ids from a dropdown or an API call: ints, "3", "#3" or labels like "#3 name"."""
+    from jobs.store import parse_id
+
+    if values is None:
+        return []
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    return [parse_id(str(v).split()[0]) for v in values if str(v).strip()]
+
+
+# -- formatting ------------------------------------------------------------------------
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def fmt_num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def fmt_when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    day = datetime.fromtimestamp(ts)
+    return day.strftime("%H:%M:%S") if time.time() - ts < 86_400 else day.strftime("%Y-%m-%d %H:%M")

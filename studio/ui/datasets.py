@@ -1,0 +1,202 @@
+"""The Datasets tab: upload (validated by the engine), list, rename, delete, and a preview
+of rows exactly as the model will see them, with trained tokens told apart from the prompt."""
+from __future__ import annotations
+
+import html
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from jobs.errors import StudioError
+from studio.ui.common import Studio, describe_failure, for_api, message_html
+
+PREVIEW_ROWS = 3
+LENGTH_SAMPLE = 2000  # rows tokenized for the histogram; enough for its shape, quick on any file
+COLUMNS = ["Name", "Format", "Rows", "Eval rows", "Source"]
+_tokenizer_lock = threading.Lock()
+
+
+# -- the work, shared by the page and the API ------------------------------------------------
+
+def upload(studio: Studio, path: str, name: str | None = None, original_name: str | None = None) -> dict:
+    return studio.datasets.add(path, name or None, original_name).to_dict()
+
+
+def list_all(studio: Studio) -> list[dict]:
+    return [e.to_dict() for e in studio.datasets.list()]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(ref: str):
+    from jobs import models
+
+    return models.load_tokenizer(models.resolve(ref))
+
+
+def tokenizer_for(ref: str):
+    with _tokenizer_lock:  # loading one tokenizer twice at once only wastes the CPU
+        return _tokenizer(ref)
+
+
+def preview(studio: Studio, key: str, model_ref: str, max_seq_len: int) -> dict:
+    """The first rows as token spans (trained or prompt) and the token lengths of up to LENGTH_SAMPLE rows."""
+    from jobs.data import encode, render_preview
+    from jobs.rows import read_rows
+    from jobs.spec import DatasetSpec
+
+    entry = studio.datasets.get(key)
+    rows, _, fmt = read_rows(DatasetSpec(path=entry.file, eval_fraction=0.0))
+    tok = tokenizer_for(model_ref or studio.default_model)
+    shown = []
+    for example in encode(rows[:PREVIEW_ROWS], fmt, tok, int(max_seq_len), entry.name):
+        trained = sum(1 for lab in example.labels if lab != -100)
+        shown.append({"tokens": len(example.input_ids), "trained_tokens": trained,
+                      "spans": render_preview(example, tok)})
+    # Lengths without truncation, so the histogram shows what max_seq_len would cut.
+    lengths = [len(e.input_ids) for e in encode(rows[:LENGTH_SAMPLE], fmt, tok, 10**9, entry.name)]
+    return {"dataset": entry.to_dict(), "format": fmt, "rows": shown, "lengths": lengths,
+            "sampled": len(lengths), "over_max_seq_len": sum(n > max_seq_len for n in lengths)}
+
+
+def preview_html(data: dict) -> str:
+    parts = []
+    for i, row in enumerate(data["rows"], 1):
+        spans = "".join(f'<span class="{"tok-trained" if trained else "tok-prompt"}">{html.escape(text)}</span>'
+                        for text, trained in row["spans"])
+        parts.append(f'<div class="ds-row"><div class="ds-row-head">row {i} &middot; {row["tokens"]} tokens, '
+                     f'{row["trained_tokens"]} trained</div><pre class="ds-text">{spans}</pre></div>')
+    legend = ('<div class="ds-legend"><span class="tok-prompt">prompt (no loss)</span>'
+              '<span class="tok-trained">trained tokens</span></div>')
+    return f'<div class="ds-preview">{legend}{"".join(parts)}</div>'
+
+
+def stats_markdown(data: dict, max_seq_len: int) -> str:
+    entry, lengths = data["dataset"], data["lengths"]
+    lines = [f"**{entry['name']}** &middot; format **{data['format']}** &middot; {entry['rows']} rows"
+             + (f" + {entry['eval_rows']} eval rows" if entry.get("eval_rows") else "")]
+    if lengths:
+        ordered = sorted(lengths)
+        median = ordered[len(ordered) // 2]
+        sample = f" (first {data['sampled']} rows)" if data["sampled"] < entry["rows"] else ""
+        lines.append(f"tokens per row{sample}: min {ordered[0]}, median {median}, max {ordered[-1]}")
+        if data["over_max_seq_len"]:
+            lines.append(f"{data['over_max_seq_len']} row(s) are longer than max_seq_len={max_seq_len} "
+                         "and will be truncated.")
+    return "  \n".join(lines)
+
+
+def histogram(lengths: list[int]):
+    import pandas as pd
+
+    return pd.DataFrame({"tokens": lengths, "rows": [1] * len(lengths)})
+
+
+def table(studio: Studio) -> list[list[Any]]:
+    return [[e.name, e.format, e.rows, e.eval_rows if e.eval_rows is not None else "-",
+             "bundled" if e.bundled else (e.original_name or "upload")] for e in studio.datasets.list()]
+
+
+def choices(studio: Studio) -> list[tuple[str, str]]:
+    return [(e.name, e.id) for e in studio.datasets.list()]
+
+
+# -- the page --------------------------------------------------------------------------------
+
+def build(studio: Studio) -> dict:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            name = gr.Textbox(label="Name", placeholder="defaults to the file name", max_lines=1,
+                              elem_id="datasets.name")
+            file = gr.File(label="Upload JSONL, JSON, CSV or Parquet", type="filepath", elem_id="datasets.upload",
+                           height=140)
+            status = gr.HTML(elem_id="datasets.status")
+        with gr.Column(scale=2, min_width=400):
+            listing = gr.Dataframe(headers=COLUMNS, value=lambda: table(studio), interactive=False,
+                                   label="Datasets", elem_id="datasets.table", wrap=True)
+    with gr.Row(equal_height=True):
+        choice = gr.Dropdown(label="Dataset", choices=choices(studio), value=None, elem_id="datasets.choice",
+                             scale=2)
+        model = gr.Textbox(label="Tokenizer (base model) for the preview", value=studio.default_model,
+                           max_lines=1, elem_id="datasets.preview_model", scale=2)
+        max_len = gr.Number(label="max_seq_len", value=512, precision=0, elem_id="datasets.max_seq_len", scale=1)
+    with gr.Row(equal_height=False, elem_classes=["studio-actions"]):
+        new_name = gr.Textbox(label="New name", max_lines=1, elem_id="datasets.new_name", scale=3)
+        rename_btn = gr.Button("Rename", elem_id="datasets.rename", scale=0, min_width=140)
+        delete_btn = gr.Button("Delete", variant="stop", elem_id="datasets.delete", scale=0, min_width=140)
+    stats = gr.Markdown(elem_id="datasets.stats")
+    with gr.Row(equal_height=False):
+        shown = gr.HTML(elem_id="datasets.preview")
+        hist = gr.BarPlot(x="tokens", y="rows", x_bin=16, y_aggregate="sum", label="Token length per row",
+                          elem_id="datasets.histogram", height=260, y_title="rows")
+
+    def refreshed(selected: str | None) -> tuple:
+        return table(studio), gr.update(choices=choices(studio), value=selected)
+
+    def on_upload(path: str | None, label: str):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        try:
+            entry = upload(studio, path, label, Path(path).name)
+        except Exception as e:  # shown in the page; nothing was stored
+            return message_html(describe_failure(e), "error"), *refreshed(gr.skip()), None
+        text = f"Stored {entry['name']!r}: {entry['rows']} rows, format {entry['format']}."
+        return message_html(text), *refreshed(entry["id"]), None
+
+    def on_preview(key: str | None, ref: str, limit):
+        if not key:
+            return "", "", None
+        try:
+            limit = int(limit or 512)
+            data = preview(studio, key, ref, limit)
+        except Exception as e:
+            return "", message_html(describe_failure(e), "error"), None
+        return preview_html(data), stats_markdown(data, limit), histogram(data["lengths"])
+
+    def on_rename(key: str | None, label: str):
+        try:
+            entry = studio.datasets.rename(key or "", label)
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), gr.skip(), gr.skip()
+        return message_html(f"Renamed to {entry.name!r}."), *refreshed(entry.id)
+
+    def on_delete(key: str | None):
+        try:
+            entry = studio.datasets.delete(key or "")
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), gr.skip(), gr.skip()
+        return message_html(f"Deleted {entry.name!r}."), *refreshed(None)
+
+    private = {"api_visibility": "private"}
+    file.upload(on_upload, [file, name], [status, listing, choice, file], **private)
+    for trigger in (choice.change, model.submit, max_len.submit):
+        trigger(on_preview, [choice, model, max_len], [shown, stats, hist], **private)
+    rename_btn.click(on_rename, [choice, new_name], [status, listing, choice], **private)
+    delete_btn.click(on_delete, [choice], [status, listing, choice], **private)
+    return {"listing": listing, "choice": choice}
+
+
+def register_api(studio: Studio) -> None:
+    @for_api
+    def upload_dataset(file: FileData, name: str = "") -> dict:
+        """Validate and store a dataset file; returns its entry (id, name, format, rows, path)."""
+        from gradio.utils import get_upload_folder, is_in_or_equal
+
+        data = file if isinstance(file, dict) else file.model_dump()
+        path = data.get("path") or ""
+        # Only files that came in through Gradio's upload route, never arbitrary server paths.
+        if not path or not is_in_or_equal(path, get_upload_folder()):
+            raise StudioError("the file was not uploaded through this studio.", "file",
+                              "send it with gradio_client's handle_file(path).")
+        return upload(studio, path, name, data.get("orig_name") or Path(path).name)
+
+    @for_api
+    def list_datasets() -> list[dict]:
+        """Every dataset: the bundled demo and the uploads, with format and row counts."""
+        return list_all(studio)
+
+    gr.api(upload_dataset, api_name="upload_dataset")
+    gr.api(list_datasets, api_name="list_datasets")

@@ -1,0 +1,128 @@
+"""The Export tab: a completed run's merged model, or its adapter alone, as a zip download.
+
+Archives are written inside the studio home (``exports/``) and reused while the run is
+unchanged, so downloading twice exports once. A method that cannot merge says why.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from jobs.errors import StudioError
+from studio.datasets_store import slug
+from studio.ui.common import Studio, completed_run, describe_failure, for_api, job_choices, message_html
+
+KINDS = ("merged", "adapter")
+_lock = threading.Lock()  # one export at a time: each loads a whole model
+
+
+def archive_path(studio: Studio, job, kind: str) -> Path:
+    return studio.exports / f"{slug(job.name)}-run{Path(job.run_dir).name}-{kind}.zip"
+
+
+def export(studio: Studio, job_id: int | str, kind: str) -> tuple[Path, dict]:
+    """Write (or reuse) the zip of a run's merged model or adapter; returns its path and the report."""
+    from jobs.export import export_adapter, export_merged
+
+    if kind not in KINDS:
+        raise StudioError(f"unknown export kind {kind!r}.", "kind", f"use one of: {', '.join(KINDS)}.")
+    job = completed_run(studio, job_id)
+    target = archive_path(studio, job, kind)
+    run_json = Path(job.run_dir) / "run.json"
+    with _lock:
+        if target.is_file() and target.stat().st_mtime >= run_json.stat().st_mtime:
+            with zipfile.ZipFile(target) as z:
+                return target, json.loads(z.read(f"{target.stem}/export.json"))
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=studio.exports))
+        try:
+            folder = work / target.stem
+            report = (export_merged if kind == "merged" else export_adapter)(job.run_dir, folder)
+            report = {**report, "path": target.name, "job": job.id, "run_dir": job.run_dir, "kind": kind}
+            (folder / "export.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            partial = work / target.name
+            with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(folder.rglob("*")):
+                    if f.is_file():
+                        z.write(f, f.relative_to(work).as_posix())
+            os.replace(partial, target)  # a download never sees half an archive
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return target, report
+
+
+def describe(studio: Studio, job_id: int | str) -> tuple[str, bool]:
+    """What the chosen run will export, and whether it can merge."""
+    from adapters import METHODS
+
+    job = completed_run(studio, job_id)
+    name = job.spec["method"]["name"]
+    blocker = getattr(METHODS.get(name), "merge_blocker", None) if name in METHODS else None
+    base = html.escape(str(job.spec.get("model")))
+    if blocker:
+        return message_html(f"{name} cannot be merged into the base model: {blocker} "
+                            "Download the adapter instead; load it on top of the base model.", "warn"), False
+    return (f'<div class="studio-msg studio-msg-info">Method <b>{html.escape(name)}</b> on <b>{base}</b>: the merged '
+            'model is a standalone safetensors folder that plain transformers loads '
+            '(<code>AutoModelForCausalLM.from_pretrained</code>); the adapter needs the base model.</div>'), True
+
+
+def build(studio: Studio) -> dict:
+    with gr.Row(equal_height=False, elem_classes=["studio-actions"]):
+        choice = gr.Dropdown(label="Completed run", choices=[], value=None, scale=3, elem_id="export.run")
+        merged_btn = gr.Button("Merged model (zip)", variant="primary", scale=1, elem_id="export.merged")
+        adapter_btn = gr.Button("Adapter only (zip)", scale=1, elem_id="export.adapter")
+    info = gr.HTML(elem_id="export.info")
+    note = gr.HTML(elem_id="export.status")
+    download = gr.File(label="Download", interactive=False, elem_id="export.file")
+
+    def on_choose(selected):
+        if not selected:
+            return "", gr.update(interactive=True)
+        try:
+            text, can_merge = describe(studio, selected)
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), gr.update(interactive=True)
+        return text, gr.update(interactive=can_merge)
+
+    def on_export(kind: str):
+        def run(selected):
+            try:
+                if not selected:
+                    raise StudioError("no run chosen.", "run", "choose a completed run.")
+                path, report = export(studio, selected, kind)
+            except Exception as e:
+                return message_html(describe_failure(e), "error"), None
+            extra = (f"; merged and unmerged logits differ by at most {report['max_abs_logit_diff']:.2g}"
+                     if "max_abs_logit_diff" in report else "")
+            return message_html(f"Wrote {path.name} ({path.stat().st_size / 2**20:.1f} MB){extra}."), str(path)
+        return run
+
+    private = {"api_visibility": "private"}
+    choice.change(on_choose, choice, [info, merged_btn], **private)
+    merged_btn.click(on_export("merged"), choice, [note, download], **private)
+    adapter_btn.click(on_export("adapter"), choice, [note, download], **private)
+    return {"choice": choice, "choices": lambda: job_choices(studio, completed_only=True)}
+
+
+def register_api(studio: Studio) -> None:
+    @for_api
+    def export_merged(job_id: int) -> FileData:
+        """Zip of the run's merged model: a safetensors folder that plain transformers loads."""
+        return FileData(path=str(export(studio, job_id, "merged")[0]))
+
+    @for_api
+    def export_adapter(job_id: int) -> FileData:
+        """Zip of the run's trained adapter alone (load it on top of the base model)."""
+        return FileData(path=str(export(studio, job_id, "adapter")[0]))
+
+    gr.api(export_merged, api_name="export_merged")
+    gr.api(export_adapter, api_name="export_adapter")

@@ -1,0 +1,107 @@
+"""The Playground tab: one prompt, the base model's answer beside those of chosen runs.
+
+Loaded models stay in a small cache, so trying prompt after prompt loads each model once.
+Generation is inference only; nothing trains in the UI process.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from collections import OrderedDict
+
+import gradio as gr
+
+from jobs.errors import StudioError
+from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
+                              parse_ids)
+
+CACHED_MODELS = 3
+_cache: OrderedDict[str, object] = OrderedDict()
+_lock = threading.Lock()
+
+
+def loaded(ref: str):
+    """A model (run folder or base reference), loaded once and kept while recently used."""
+    from jobs.inference import load_any
+
+    with _lock:  # one load at a time: two at once only double the memory peak
+        if ref in _cache:
+            _cache.move_to_end(ref)
+            return _cache[ref]
+        model = load_any(ref)
+        _cache[ref] = model
+        while len(_cache) > CACHED_MODELS:
+            _cache.popitem(last=False)
+        return model
+
+
+def generate(studio: Studio, prompt: str, job_ids: list, include_base: bool = True, base_model: str = "",
+             max_new_tokens: int = 64, temperature: float = 0.0) -> list[dict]:
+    from jobs.inference import generate_text
+
+    if not (prompt or "").strip():
+        raise StudioError("the prompt is empty.", "prompt", "type a prompt.")
+    if not 1 <= int(max_new_tokens) <= 2048:
+        raise StudioError(f"max_new_tokens is {max_new_tokens}.", "max_new_tokens", "use 1 to 2048.")
+    if not 0 <= float(temperature) <= 5:
+        raise StudioError(f"temperature is {temperature}.", "temperature", "use 0 (greedy) to 5.")
+    jobs = [completed_run(studio, jid) for jid in parse_ids(job_ids)]
+    targets = []
+    if include_base:
+        base = (base_model or "").strip() or (jobs[0].spec["model"] if jobs else studio.default_model)
+        targets.append((f"base: {base}", base))
+    targets += [(f"#{j.id} {j.name}", j.run_dir) for j in jobs]
+    if not targets:
+        raise StudioError("nothing to generate with.", "runs", "choose runs, or include the base model.")
+    out = []
+    for label, ref in targets:
+        started = time.perf_counter()
+        text = generate_text(loaded(ref), prompt, int(max_new_tokens), float(temperature))
+        out.append({"label": label, "ref": ref, "output": text, "seconds": time.perf_counter() - started})
+    return out
+
+
+def cards_html(results: list[dict]) -> str:
+    cards = "".join(f'<div class="gen-card"><div class="gen-label">{html.escape(r["label"])}</div>'
+                    f'<pre class="gen-text">{html.escape(r["output"]) or "<i>(empty)</i>"}</pre>'
+                    f'<div class="gen-time">{r["seconds"]:.1f} s</div></div>' for r in results)
+    return f'<div class="gen-grid">{cards}</div>'
+
+
+def build(studio: Studio) -> dict:
+    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="playground.prompt",
+                        placeholder="Spell out this date.\n\n2024-03-15")
+    with gr.Row(equal_height=True):
+        runs = gr.Dropdown(label="Runs", choices=[], value=[], multiselect=True, scale=3, elem_id="playground.runs")
+        base = gr.Textbox(label="Base model", placeholder="default: the first run's base model", max_lines=1,
+                          scale=2, elem_id="playground.base_model")
+        include_base = gr.Checkbox(label="include the base model", value=True, scale=1,
+                                   elem_id="playground.include_base")
+    with gr.Row(equal_height=False, elem_classes=["studio-actions"]):
+        max_new = gr.Number(label="max_new_tokens", value=64, precision=0, elem_id="playground.max_new_tokens")
+        temperature = gr.Number(label="temperature (0: greedy)", value=0.0, elem_id="playground.temperature")
+        go = gr.Button("Generate", variant="primary", elem_id="playground.generate")
+    note = gr.HTML(elem_id="playground.status")
+    shown = gr.HTML(elem_id="playground.outputs")
+
+    def on_generate(text, chosen, base_ref, with_base, n, temp):
+        try:
+            results = generate(studio, text, chosen or [], with_base, base_ref, n or 64, temp or 0.0)
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), gr.skip()
+        return "", cards_html(results)
+
+    go.click(on_generate, [prompt, runs, base, include_base, max_new, temperature], [note, shown],
+             api_visibility="private")
+    return {"choice": runs, "choices": lambda: job_choices(studio, completed_only=True)}
+
+
+def register_api(studio: Studio) -> None:
+    @for_api
+    def generate_side_by_side(prompt: str, job_ids: list[int], include_base: bool = True, base_model: str = "",
+                              max_new_tokens: int = 64, temperature: float = 0.0) -> list[dict]:
+        """Generations for one prompt from the base model and from each chosen completed run."""
+        return generate(studio, prompt, job_ids, include_base, base_model, max_new_tokens, temperature)
+
+    gr.api(generate_side_by_side, api_name="generate")
