@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
+# Written by the job runner before training starts; they do not make a folder "another run".
+LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"
+RUNNER_FILES = (LOG_FILE, HEARTBEAT_FILE)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

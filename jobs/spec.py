@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs.errors import StudioError
 
@@ -55,7 +55,19 @@ class TrainingSpec(Section):
     max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and exact match.")
     loss_chunk_tokens: int = Field(
         512, ge=16, description="Trained positions per chunk of the vocabulary projection (bounds logits memory).")
-    devices: int = Field(1, ge=1, description="Data-parallel processes (GPUs, or CPU processes on gloo).")
+    devices: int = Field(1, ge=1, description="Data-parallel processes per machine (GPUs, or CPU processes on gloo).")
+    nnodes: int = Field(1, ge=1, description="Machines taking part; world size is nnodes x devices.")
+    node_rank: int = Field(0, ge=0, description="This machine's index; node 0 hosts the rendezvous.")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port on node 0 that every node reaches; required when nnodes > 1.")
+
+    @model_validator(mode="after")
+    def _multi_node(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (host:port on node 0)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        return self
 
 
 class JobSpec(Section):

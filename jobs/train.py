@@ -32,7 +32,8 @@ from jobs.errors import StudioError
 from jobs.evaluate import evaluate
 from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory
-from jobs.runfolder import append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run
+from jobs.runfolder import (RUNNER_FILES, append_metrics, read_run, replace_dir_atomic, truncate_metrics,
+                            update_run)
 from jobs.spec import JobSpec, check_combination
 
 StopFn = Callable[[], bool]
@@ -73,7 +74,7 @@ def check_run_folder(run_dir: Path, spec: JobSpec, resume: bool) -> bool:
     """True when the folder holds an unfinished run of this same spec to continue."""
     run = read_run(run_dir)
     if run is None:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(p.name not in RUNNER_FILES for p in run_dir.iterdir()):
             raise StudioError("output folder is not empty and holds no run.", str(run_dir),
                               "choose a new output_dir (the studio never writes into other files).")
         return False

@@ -28,10 +28,9 @@ from pathlib import Path
 
 from jobs.errors import StudioError
 from jobs.home import ENV_VAR
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE
 from jobs.store import Job, JobStore, Status
 
-LOG_FILE = "log.txt"
-HEARTBEAT_FILE = "heartbeat"
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
 
 # Multi-node launch settings used when the spec does not carry them (one node).

@@ -10,14 +10,15 @@ import time
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The same switches as transformers' set_verbosity_error / disable_progress_bar, set
+    # through the environment so that commands that never load a model (studio jobs list)
+    # do not pay for importing transformers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 class ProgressBar:
@@ -62,12 +63,15 @@ def _summary(run_dir: str, run: dict) -> int:
 
 
 def cmd_export(args) -> int:
-    from jobs.export import export_adapter, export_merged
+    from jobs.export import export_adapter, export_merged, export_quantized
 
-    if bool(args.merged) == bool(args.adapter):
-        print("error: give exactly one of --merged OUT or --adapter OUT", file=sys.stderr)
+    chosen = [(fn, out) for fn, out in ((export_merged, args.merged), (export_adapter, args.adapter),
+                                        (export_quantized, args.quantized)) if out]
+    if len(chosen) != 1:
+        print("error: give exactly one of --merged OUT, --adapter OUT or --quantized OUT", file=sys.stderr)
         return 2
-    report = export_merged(args.run, args.merged) if args.merged else export_adapter(args.run, args.adapter)
+    fn, out = chosen[0]
+    report = fn(args.run, out)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -108,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--merged", metavar="OUT", help="standalone model folder loadable by plain transformers")
     e.add_argument("--adapter", metavar="OUT", help="the trained adapter alone")
+    e.add_argument("--quantized", metavar="OUT",
+                   help="the integer-quantized model (codes + scales + zeros), for qalora and peqa runs")
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate from a run folder, a model folder, a .gguf file or a Hub id")
