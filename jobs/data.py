@@ -80,14 +80,16 @@ def _render(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, list[tuple
             continue
         # The generation prompt marks where the answer starts; templates that rewrite earlier
         # turns (or inject text) only shift the search start, the content itself must appear.
+        # Some templates trim messages, so look for the answer without its outer whitespace.
         prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-        start = full.find(m["content"], len(prompt) if full.startswith(prompt) and len(prompt) >= cursor else cursor)
+        answer = m["content"].strip()
+        start = full.find(answer, len(prompt) if full.startswith(prompt) and len(prompt) >= cursor else cursor)
         if start < 0:
             raise StudioError("the model's chat template changes the assistant text, so the answer "
                               "cannot be located for the loss mask.", where,
                               "use format: text, or a model whose template keeps messages verbatim.")
-        spans.append((start, start + len(m["content"])))
-        cursor = start + len(m["content"])
+        spans.append((start, start + len(answer)))
+        cursor = start + len(answer)
     return full, spans, True
 
 
@@ -150,10 +152,12 @@ def _encode_row(row: dict, fmt: str, tokenizer, max_seq_len: int, where: str) ->
     if fmt == "text":
         return Example(ids, labels, None, None)
     prompt_ids = list(enc["input_ids"][:first_of_last]) if first_of_last is not None else None
-    return Example(ids, labels, prompt_ids, _messages(row, fmt)[-1]["content"])
+    # Compared with the generated text after stripping both, so outer whitespace never decides a match.
+    return Example(ids, labels, prompt_ids, _messages(row, fmt)[-1]["content"].strip())
 
 
 def prepare(ds: DatasetSpec, tokenizer, max_seq_len: int, seed: int) -> Prepared:
+    """Read, validate, split (seeded) and tokenize both splits."""
     train_rows, eval_rows, fmt = read_rows(ds, seed)
     train = encode(train_rows, fmt, tokenizer, max_seq_len, ds.path)
     evals = encode(eval_rows, fmt, tokenizer, max_seq_len, ds.eval_path or ds.path)

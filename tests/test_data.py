@@ -121,7 +121,7 @@ def test_chat_trains_every_assistant_turn(tok):
 
 def test_prompt_completion_uses_user_and_assistant_turns(tok):
     ex = encode(ROWS["prompt_completion"][:1], "prompt_completion", tok, 512, "mem")[0]
-    assert trained_text(ex, tok) == [" blue.<|im_end|>"]
+    assert trained_text(ex, tok) == [" blue.<|im_end|>"] and ex.target == "blue."
     assert "<|im_start|>user\nThe sky is<|im_end|>" in tok.decode(ex.prompt_ids)
 
 
@@ -212,3 +212,18 @@ def test_render_preview_covers_the_whole_row(tok):
     spans = render_preview(ex, tok)
     assert "".join(text for text, _ in spans) == tok.decode(ex.input_ids)
     assert [flag for _, flag in spans] == [False, True, False, True]
+
+
+def test_demo_dataset_is_reproducible_and_correct(tmp_path):
+    import datetime as dt
+
+    from jobs.demo import DEMO_DIR, write_demo
+    write_demo(tmp_path)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DEMO_DIR / name).read_bytes(), f"{name} is stale: python -m jobs.demo"
+    train, evals, fmt = read_rows(DatasetSpec(path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl")))
+    assert fmt == "instruction" and (len(train), len(evals)) == (500, 80)
+    assert {r["input"] for r in train}.isdisjoint({r["input"] for r in evals})
+    for r in train + evals:
+        day = dt.date.fromisoformat(r["input"])
+        assert r["output"] == f"{day.day} {day.strftime('%B')} {day.year}"  # C locale: English names
