@@ -73,9 +73,11 @@ SUFFIX = {"jsonl": ".jsonl", "json": ".json", "json_data": ".json", "csv": ".csv
 @pytest.mark.parametrize("fmt", list(ROWS))
 def test_detects_format_in_every_file_type(tmp_path, fmt, kind):
     path = write(tmp_path / f"d{SUFFIX[kind]}", ROWS[fmt], kind)
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     train, evals, detected = read_rows(DatasetSpec(path=str(path), eval_fraction=0))
     assert detected == fmt and evals == []
     assert [dict(r) for r in train] == ROWS[fmt]
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before  # reading writes nothing
 
 
 def test_format_override_and_csv_keeps_strings(tmp_path):
@@ -140,6 +142,23 @@ def test_template_without_end_of_turn_token_gets_eos(tok):
                           "{% if add_generation_prompt %}assistant: {% endif %}")
     ex = encode(ROWS["instruction"][:1], "instruction", bare, 512, "mem")[0]
     assert trained_text(ex, bare) == ["4 July 2021" + bare.eos_token]
+
+
+def test_template_that_trims_messages_still_masks_the_answer(tok):
+    trims = copy.deepcopy(tok)
+    trims.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    row = {"instruction": "Write the date in words.", "input": "2021-07-04", "output": "  4 July 2021 \n"}
+    ex = encode([row], "instruction", trims, 512, "mem")[0]
+    assert trained_text(ex, trims) == ["4 July 2021<|im_end|>"] and ex.target == "4 July 2021"
+
+
+def test_template_errors_become_studio_errors(tok):
+    strict = copy.deepcopy(tok)
+    strict.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(StudioError, match="chat template rejects.*roles must alternate") as err:
+        encode(ROWS["chat"][:1], "chat", strict, 512, "chats.jsonl")
+    assert str(err.value).startswith("chats.jsonl, row 1:")
 
 
 def test_plain_text_trains_every_token(tok):
