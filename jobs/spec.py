@@ -74,13 +74,23 @@ class JobSpec(Section):
     model: str = Field(DEFAULT_MODEL, description="Hub id, local Hugging Face folder, or .gguf file.")
     dataset: DatasetSpec
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "lora"},
-                                   description="Fine-tuning method: name and its parameters.")
+                                   description="Fine-tuning method: name and its parameters (or just the name).")
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw"},
-                                      description="Update rule: name and its parameters.")
+                                      description="Update rule: name and its parameters (or just the name).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output_dir: str = Field(description="Run folder to write (created; must not hold another run). "
                                         "Spec files may leave it out: a new folder under the studio home's runs/.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or the Hub.")
+
+    @field_validator("method", "optimizer", mode="before")
+    @classmethod
+    def _name_alone(cls, value, info):
+        if isinstance(value, str):
+            return {"name": value}  # `method: lora` means lora with its defaults
+        if not isinstance(value, dict):
+            raise ValueError(f"needs a 'name' and the parameters, e.g. {{name: lora, r: 8}}, or just a name; "
+                             f"got a {type(value).__name__}")
+        return value
 
     # Replace the loose dicts by their validated, defaults-filled form.
     @field_validator("method")
