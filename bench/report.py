@@ -1,0 +1,284 @@
+"""The Markdown report (results/REPORT.md) and its PNG plots, from the JSON files in results/.
+
+Only the JSON files are read, so the report can be rewritten at any time
+(``python -m bench --only report``). Each section says when, on which machine and with
+which command its numbers were measured. Plots need matplotlib; without it the report is
+written with tables only and says so.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bench.common
+
+ORDER = ("speed", "memory", "quality", "efficiency")
+TITLES = {"speed": "Speed against transformers.Trainer", "memory": "Memory ladder", "quality": "Quality ladder",
+          "efficiency": "Efficiency"}
+
+
+def load_results(results_dir: Path | None = None) -> dict[str, dict]:
+    results_dir = results_dir or bench.common.RESULTS
+    found = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            found[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def write_report(results: dict[str, dict] | None = None, results_dir: Path | None = None) -> Path:
+    results_dir = results_dir or bench.common.RESULTS
+    results = load_results(results_dir) if results is None else results
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+    lines = ["# Benchmark report", ""]
+    if not results:
+        lines += ["No results yet: run `make bench` (or `python -m bench`).", ""]
+    else:
+        lines += _machine_section(results)
+    if plt is None:
+        lines += ["> matplotlib is not installed, so this report has tables only "
+                  "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
+    sections = {"speed": _speed, "quality": _quality, "efficiency": _efficiency}
+    for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
+        if name not in results:
+            continue
+        data = results[name]
+        lines += [f"## {TITLES.get(name, name.capitalize())}", "", _provenance(data), ""]
+        body, plot = sections.get(name, _generic)(data)
+        lines += body
+        if plt is not None and plot is not None:
+            image = results_dir / f"{name}.png"
+            plot(plt, image)
+            lines += [f"![{name}]({image.name})", ""]
+    path = results_dir / "REPORT.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- sections
+
+def _machine_section(results: dict) -> list[str]:
+    machine = max((r.get("machine") or {} for r in results.values()), key=lambda m: m.get("date", ""))
+    v = machine.get("versions") or {}
+    gpus = ", ".join(machine.get("gpus") or []) or "none"
+    return ["Latest machine:", "",
+            table(["CPU", "cores", "RAM", "GPU", "torch", "transformers", "peft", "bitsandbytes"],
+                  [[machine.get("cpu"), machine.get("usable_cores"), fmt_bytes(machine.get("ram_bytes")), gpus,
+                    v.get("torch"), v.get("transformers"), v.get("peft"), v.get("bitsandbytes")]]), ""]
+
+
+def _provenance(data: dict) -> str:
+    m = data.get("machine") or {}
+    device = data.get("device")
+    load = m.get("load_average")
+    parts = [f"Measured {m.get('date', '?')} on {m.get('cpu', '?')} ({m.get('usable_cores', '?')} cores"
+             + (f", GPU: {', '.join(m['gpus'])}" if m.get("gpus") else "") + ")",
+             f"device {device} ({data.get('device_name')}, {data.get('dtype')})" if device else None,
+             f"load average {load[0]:.1f}" if load else None,
+             f"command `{m['command']}`" if m.get("command") else None]
+    return "_" + "; ".join(p for p in parts if p) + "._"
+
+
+def _speed(data: dict):
+    s = data.get("settings") or {}
+    spec = s.get("spec") or {}
+    t = spec.get("training") or {}
+    lines = []
+    if data.get("speedup_vs_trainer") is None:
+        lines += ["No ratio: a run failed.", ""]
+    else:
+        lines += [f"- **speedup_vs_trainer: {data['speedup_vs_trainer']:.2f}x** trained tokens per second "
+                  f"(target >= {data['speedup_target']}x: {_verdict(data['meets_speed_target'])})",
+                  f"- **memory_ratio_vs_trainer: {data['memory_ratio_vs_trainer']:.2f}x** peak memory "
+                  f"({data['memory_kind']}; target <= {data['memory_target']}x: "
+                  f"{_verdict(data['meets_memory_target'])})",
+                  f"- per CPU-second of each process: {data['cpu_time_speedup_vs_trainer']:.2f}x", ""]
+    lines += [f"LoRA ({_method_text(spec.get('method'))}) on `{spec.get('model')}`, {s.get('steps')} steps of "
+              f"{t.get('batch_size')} rows x {t.get('grad_accum', 1)} accumulation, sequences capped at "
+              f"{t.get('max_seq_len')} tokens, {s.get('repeats')} runs of each system in alternating order, each "
+              "its own process. Throughput counts trained tokens from the end of step 1 to the end of the last "
+              "step; peak memory is the whole process's.", ""]
+    runs = data.get("runs") or []
+    lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "train loss"],
+                    [[r["system"], r["repeat"], *(["failed: " + r["error"], "", "", ""] if "error" in r else
+                      [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
+                       fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("train_loss"), 3)])] for r in runs]), ""]
+    if s.get("trainer_arguments"):
+        args = ", ".join(f"`{k}={v}`" for k, v in s["trainer_arguments"].items())
+        lines += [f"Trainer settings: {args}. Rows come from the same `jobs.data.prepare` call as ours and are "
+                  "padded by `DataCollatorForSeq2Seq`.", ""]
+
+    def plot(plt, path):
+        ok = [r for r in runs if "error" not in r]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for ax, key, label, scale in ((axes[0], "trained_tokens_per_second", "trained tokens / s", 1),
+                                      (axes[1], "peak_memory_bytes", "peak memory (MiB)", 2 ** 20)):
+            systems = ["ours", "trainer"]
+            values = [[r[key] / scale for r in ok if r["system"] == name] for name in systems]
+            ax.bar(systems, [sum(v) / len(v) if v else 0 for v in values], color=["#2b7bba", "#999999"])
+            for i, v in enumerate(values):
+                ax.scatter([i] * len(v), v, color="black", s=12, zorder=3)
+            ax.set_ylabel(label)
+        fig.suptitle("LoRA on the same data: ours vs transformers.Trainer (dots: single runs)")
+        _save(fig, path)
+    return lines, (plot if runs else None)
+
+
+def _quality(data: dict):
+    s = data.get("settings") or {}
+    rows = data.get("rows") or []
+    lines = [f"Every registered method, {s.get('steps')} AdamW steps on the demo task, evaluated on "
+             f"{s.get('eval_rows')} held-out rows (loss per trained token; greedy exact match). Learning rate: "
+             f"the method's suggested rate x {s.get('lr_scale', 0):g} (the demo spec's rate over "
+             f"{s.get('lr_reference')}'s suggested rate).", ""]
+    lines += [table(["method", "lr", "trained params", "eval loss", "exact match", "train s", "peak memory"],
+                    [[r["method"], fmt(r.get("lr"), 2), *(["failed: " + str(r.get("error")), "", "", "", ""]
+                      if r["status"] == "failed" else
+                      [fmt_count(r.get("trainable_params")), fmt(r.get("eval_loss"), 3), fmt_pct(r.get("exact_match")),
+                       fmt(r.get("train_seconds"), 1), fmt_bytes(r.get("peak_memory_bytes"))])] for r in rows]), ""]
+    if data.get("failed"):
+        lines += [f"Failed: {', '.join(data['failed'])} (messages above; logs in results/raw/).", ""]
+
+    def plot(plt, path):
+        ok = [r for r in rows if r["status"] == "ok" and r.get("eval_loss") is not None]
+        names = [r["method"] for r in ok]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(ok) + 1.6), sharey=True)
+        axes[0].barh(names, [r["eval_loss"] for r in ok], color="#2b7bba")
+        axes[0].set_xlabel("held-out loss (lower is better)")
+        axes[1].barh(names, [100 * (r.get("exact_match") or 0) for r in ok], color="#3a9d5d")
+        axes[1].set_xlabel("exact match % (higher is better)")
+        axes[0].invert_yaxis()
+        fig.suptitle(f"Quality at {s.get('steps')} steps")
+        _save(fig, path)
+    return lines, (plot if rows else None)
+
+
+def _efficiency(data: dict):
+    peak = data.get("matmul") or {}
+    rows = data.get("rows") or []
+    lines = []
+    if "error" in peak:
+        lines += [f"Matmul measurement failed: {peak['error']}", ""]
+    else:
+        lines += [f"Measured matmul rate ({peak.get('size')}x{peak.get('size')} `torch.mm`, "
+                  f"{peak.get('threads')} threads on {peak.get('device_name')}):", "",
+                  table(["dtype", "best GFLOP/s", "median GFLOP/s"],
+                        [[k, fmt(v["best_flops_per_second"] / 1e9), fmt(v["median_flops_per_second"] / 1e9)]
+                         for k, v in (peak.get("rates") or {}).items()]), ""]
+    lines += [table(["method", "model GFLOP/s", "of best matmul rate", "6NT GFLOP/s", "tokens/s", "peak memory"],
+                    [[r["method"], *(["failed: " + r["error"], "", "", "", ""] if "error" in r else
+                      [fmt(r["model_flops_per_second"] / 1e9), fmt_pct(r.get("fraction_of_peak"), 1),
+                       fmt(r["flops_6nt_per_second"] / 1e9), fmt(r["tokens_per_second"]),
+                       fmt_bytes(r["peak_memory_bytes"])])] for r in rows]), "",
+              "Model FLOPs per step (T real tokens, P trained positions, L mean row length; recomputation not "
+              "counted): full `6·N_body·T + 6·N_head·P + 6·layers·d·L·T`; LoRA `4·N_body·T + 4·N_head·P + "
+              "6·N_adapter·T + 6·layers·d·L·T` (frozen weights need no weight gradient; our loss projects only "
+              "trained positions onto the vocabulary). 6NT is the conventional `6 x all parameters x tokens`.", ""]
+
+    def plot(plt, path):
+        ok = [r for r in rows if "error" not in r and r.get("peak_flops_per_second")]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar([r["method"] for r in ok], [r["model_flops_per_second"] / 1e9 for r in ok], color="#2b7bba",
+               label="achieved (model FLOPs)")
+        if ok:
+            ax.axhline(ok[0]["peak_flops_per_second"] / 1e9, color="#c0392b", linestyle="--",
+                       label=f"measured {ok[0]['dtype']} matmul rate")
+        ax.set_ylabel("GFLOP/s")
+        ax.legend(loc="center right", fontsize=8)
+        ax.set_title("Training FLOP/s against the machine's matmul rate")
+        _save(fig, path)
+    return lines, (plot if rows and "error" not in peak else None)
+
+
+def _generic(data: dict):
+    """A result this module has no section for (e.g. the memory ladder): its scalars and its rows."""
+    scalars = {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) and k != "benchmark"}
+    lines = [f"- {k}: {fmt_value(k, v)}" for k, v in scalars.items()]
+    rows = next((v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)), [])
+    if rows:
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+                if all(isinstance(r.get(k), (int, float, str, bool, type(None))) for r in rows)]
+        lines += ["", table(keys, [[fmt_value(k, r.get(k)) for k in keys] for r in rows])]
+    name_key = next((k for k in ("method", "name", "label", "run") if rows and k in rows[0]), None)
+    byte_keys = [k for k in (rows[0] if rows else {}) if k.endswith("_bytes")]
+
+    def plot(plt, path):
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.6))
+        height = 0.8 / len(byte_keys)
+        for i, key in enumerate(byte_keys):
+            ax.barh([j + i * height for j in range(len(rows))], [(r.get(key) or 0) / 2 ** 20 for r in rows],
+                    height=height, label=key)
+        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(rows))], [str(r[name_key]) for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("MiB")
+        ax.legend(fontsize=8)
+        _save(fig, path)
+    return lines + [""], (plot if name_key and byte_keys else None)
+
+
+# ---------------------------------------------------------------- formatting
+
+def table(headers: list, rows: list[list]) -> str:
+    cells = [[("" if c is None else str(c)).replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
+    out = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(out)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and (abs(value) >= 1e5 or (0 < abs(value) < 10 ** -digits)):
+        return f"{value:.{max(digits, 1)}g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def fmt_bytes(value) -> str:
+    if not value:
+        return "-"
+    return f"{value / 2 ** 30:.2f} GiB" if value >= 2 ** 30 else f"{value / 2 ** 20:.0f} MiB"
+
+
+def fmt_count(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value:,}"
+
+
+def fmt_pct(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def fmt_value(key: str, value) -> str:
+    if key.endswith("_bytes") and isinstance(value, (int, float)):
+        return fmt_bytes(value)
+    return fmt(value, 3) if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _method_text(method: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (method or {}).items() if k != "name")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+    plt.close(fig)

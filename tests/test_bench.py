@@ -1,0 +1,182 @@
+"""Smoke tests of the benchmark code paths on a tiny model: they run, count alike and write their files.
+
+No assertion here depends on how fast this machine is.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import bench.common
+from bench import efficiency, quality, speed
+from bench.__main__ import main
+from bench.report import write_report
+from conftest import ROOT, toy_rows, write_jsonl
+
+
+@pytest.fixture()
+def results(tmp_path, monkeypatch):
+    """Results and worker logs go to a temporary folder, never into bench/results."""
+    folder = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", folder)
+    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
+    return folder
+
+
+@pytest.fixture()
+def tiny_spec(tiny_model, tmp_path) -> dict:
+    rows = toy_rows(40)
+    return {"model": str(tiny_model),
+            "dataset": {"path": str(write_jsonl(tmp_path / "train.jsonl", rows[:32])),
+                        "eval_path": str(write_jsonl(tmp_path / "eval.jsonl", rows[32:]))},
+            "method": {"name": "lora", "r": 4}, "optimizer": {"name": "adamw", "lr": 1e-2, "max_grad_norm": 1.0},
+            "training": {"batch_size": 4, "max_seq_len": 64, "max_steps": 8, "warmup_steps": 2,
+                         "max_new_tokens": 8},
+            "output_dir": "unused"}
+
+
+def test_speed_runs_both_systems_and_counts_trained_tokens_alike(tiny_spec, results):
+    # 32 rows in batches of 4: 8 steps are exactly one epoch, so both systems see every row once.
+    out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results)
+    runs = {r["system"]: r for r in out["runs"]}
+    assert set(runs) == {"ours", "trainer"} and not out["failures"]
+    assert runs["ours"]["trained_tokens"] == runs["trainer"]["trained_tokens"] > 0
+    assert runs["ours"]["tokens"] == runs["trainer"]["tokens"]
+    for r in runs.values():
+        assert r["steps"] == 8 and r["measured_steps"] == 7 and r["peak_memory_bytes"] > 0
+    assert out["speedup_vs_trainer"] > 0 and out["memory_ratio_vs_trainer"] > 0
+    args = out["settings"]["trainer_arguments"]
+    assert args["per_device_train_batch_size"] == 4 and args["max_steps"] == 8 and args["learning_rate"] == 1e-2
+    assert args["save_strategy"] == "no" and args["logging_strategy"] == "no"
+    saved = json.loads((results / "speed.json").read_text())
+    assert saved["benchmark"] == "speed" and saved["machine"]["versions"]["torch"]
+    assert saved["speedup_vs_trainer"] == out["speedup_vs_trainer"]
+
+
+def test_speed_summary_is_a_ratio_of_medians_and_survives_failures():
+    def r(system, tps, peak, repeat=1):
+        return {"system": system, "repeat": repeat, "trained_tokens_per_second": tps, "tokens_per_second": tps,
+                "trained_tokens_per_cpu_second": tps, "peak_memory_bytes": peak, "device": "cpu",
+                "device_name": "x", "dtype": "float32", "memory_kind": "cpu_peak_rss"}
+
+    s = speed.summarise([r("ours", 30, 50), r("trainer", 20, 100), r("ours", 60, 70, 2), r("trainer", 10, 100, 2),
+                         {"system": "ours", "repeat": 3, "error": "boom"}])
+    assert s["speedup_vs_trainer"] == pytest.approx(45 / 15) and s["meets_speed_target"]
+    assert s["memory_ratio_vs_trainer"] == pytest.approx(0.6) and s["meets_memory_target"]
+    assert s["failures"] == ["ours #3: boom"]
+    none = speed.summarise([r("ours", 30, 50), {"system": "trainer", "repeat": 1, "error": "out of memory"}])
+    assert none["speedup_vs_trainer"] is None and none["failures"] == ["trainer #1: out of memory"]
+
+
+def test_quality_ladder_has_the_base_floor_and_each_method(tiny_spec, results):
+    out = quality.run(spec=tiny_spec, steps=2, eval_rows=3, methods=["lora", "ia3"], results_dir=results)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert list(rows) == [quality.BASE, "lora", "ia3"]
+    assert all(r["status"] == "ok" and r["eval_loss"] > 0 and 0 <= r["exact_match"] <= 1 for r in rows.values())
+    assert rows[quality.BASE]["trainable_params"] == 0 and rows["lora"]["trainable_params"] > 0
+    # Each method's rate is its suggested rate times the one factor taken from the spec.
+    assert out["settings"]["lr_scale"] == pytest.approx(1e-2 / 2e-4)
+    assert rows["lora"]["lr"] == pytest.approx(1e-2)
+    assert json.loads((results / "quality.json").read_text())["rows"][0]["method"] == quality.BASE
+    with pytest.raises(ValueError, match="no_such_method"):
+        quality.run(spec=tiny_spec, steps=1, methods=["no_such_method"], results_dir=results)
+
+
+def test_a_failing_run_is_reported_with_its_error_and_log(results):
+    failed = bench.common.run_isolated("bench.quality", "train", {"spec": {"model": "x"}}, "broken")
+    assert "error" in failed and (results / "raw" / "broken.log").is_file()
+    assert quality._row(failed)["status"] == "failed"
+
+
+def test_efficiency_counts_model_flops_and_measures_matmul(tiny_spec, results):
+    out = efficiency.run(spec=tiny_spec, steps=3, matmul_size=128, results_dir=results)
+    assert out["matmul"]["rates"]["float32"]["best_flops_per_second"] > 0
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"full", "lora"}
+    for r in rows.values():
+        assert r["model_flops"] > 0 and 0 < r["fraction_of_peak"] and r["measured_steps"] == 2
+    counts = rows["full"]["counts"]
+    assert counts["adapter"] == 0 and rows["lora"]["counts"]["adapter"] == rows["lora"]["trainable_params"] > 0
+    assert counts["body"] + counts["head"] <= counts["all"]
+
+
+def test_training_flops_follow_the_documented_formula():
+    counts = {"body": 100, "head": 10, "adapter": 5, "layers": 2, "attention_width": 4}
+    attention = 6 * 2 * 4 * (20 / 2) * 20  # 20 tokens in 2 rows: mean length 10
+    assert efficiency.training_flops("full", counts, 20, 3, 2) == 6 * 100 * 20 + 6 * 10 * 3 + attention
+    assert efficiency.training_flops("lora", counts, 20, 3, 2) == 4 * 100 * 20 + 4 * 10 * 3 + 6 * 5 * 20 + attention
+
+
+def fake_results() -> dict:
+    machine = {"cpu": "Test CPU", "usable_cores": 2, "ram_bytes": 8 * 2 ** 30, "gpus": [], "date": "2025-01-01",
+               "versions": {"torch": "2.x"}, "command": "python -m bench", "load_average": [1.0, 1.0, 1.0]}
+    run = {"trained_tokens_per_second": 10.0, "tokens_per_second": 50.0, "peak_memory_bytes": 2 ** 30,
+           "train_loss": 1.0}
+    return {
+        "speed": {"machine": machine, "device": "cpu", "device_name": "Test CPU", "dtype": "float32",
+                  "speedup_vs_trainer": 1.5, "memory_ratio_vs_trainer": 0.7, "cpu_time_speedup_vs_trainer": 1.4,
+                  "speedup_target": 1.3, "memory_target": 0.6, "meets_speed_target": True,
+                  "meets_memory_target": False, "memory_kind": "cpu_peak_rss",
+                  "settings": {"steps": 4, "repeats": 1, "spec": {"model": "m", "method": {"name": "lora", "r": 8},
+                                                                  "training": {"batch_size": 8}},
+                               "trainer_arguments": {"save_strategy": "no"}},
+                  "runs": [{"system": "ours", "repeat": 1, **run}, {"system": "trainer", "repeat": 1, **run}]},
+        "quality": {"machine": machine, "settings": {"steps": 4, "eval_rows": 8, "lr_scale": 5.0,
+                                                     "lr_reference": "lora"},
+                    "rows": [{"method": quality.BASE, "status": "ok", "eval_loss": 3.0, "exact_match": 0.0},
+                             {"method": "lora", "lr": 1e-3, "status": "ok", "eval_loss": 0.5, "exact_match": 0.75,
+                              "trainable_params": 2_000_000, "train_seconds": 12.0, "peak_memory_bytes": 2 ** 31},
+                             {"method": "prefix", "lr": 1e-2, "status": "failed", "error": "loss became nan"}],
+                    "failed": ["prefix"]},
+        "efficiency": {"machine": machine, "matmul": {"size": 64, "threads": 2, "device_name": "Test CPU",
+                                                      "rates": {"float32": {"best_flops_per_second": 1e11,
+                                                                            "median_flops_per_second": 8e10}}},
+                       "rows": [{"method": "full", "model_flops_per_second": 2e10, "fraction_of_peak": 0.2,
+                                 "peak_flops_per_second": 1e11, "dtype": "float32", "flops_6nt_per_second": 3e10,
+                                 "tokens_per_second": 40.0, "peak_memory_bytes": 3 * 2 ** 30}]},
+        "memory": {"machine": machine, "rows": [{"method": "lora", "peak_memory_bytes": 2 ** 30,
+                                                 "predicted_bytes": 2 ** 29, "error": 0.5}]},
+    }
+
+
+def test_report_from_fake_results(tmp_path):
+    path = write_report(fake_results(), tmp_path)
+    text = path.read_text()
+    for expected in ("speedup_vs_trainer: 1.50x", "memory_ratio_vs_trainer: 0.70x", "**not met**",
+                     "| lora | 0.001 | 2.00 M | 0.500 | 75% |", "failed: loss became nan", "20.0%",
+                     "## Memory ladder", "Measured 2025-01-01 on Test CPU", "`save_strategy=no`"):
+        assert expected in text, expected
+    assert text.index("## Speed") < text.index("## Memory") < text.index("## Quality") < text.index("## Efficiency")
+    pytest.importorskip("matplotlib")
+    for name in ("speed", "quality", "efficiency", "memory"):
+        assert f"![{name}]({name}.png)" in text and (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("bench.report._pyplot", lambda: None)
+    text = write_report(fake_results(), tmp_path).read_text()
+    assert "matplotlib is not installed" in text and not list(tmp_path.glob("*.png"))
+
+
+def test_runner_keeps_going_after_a_crash_and_writes_the_report(results, monkeypatch):
+    calls = []
+
+    def crash(full):
+        raise RuntimeError("no model")
+
+    monkeypatch.setattr(speed, "run", crash)
+    monkeypatch.setattr(efficiency, "run", lambda full: calls.append(full))
+    assert main(["--only", "speed", "--only", "efficiency", "--full"]) == 1
+    assert calls == [True] and (results / "REPORT.md").is_file()
+    assert main(["--only", "report"]) == 0
+
+
+def test_peak_memory_is_the_worker_own_not_its_parent(tmp_path):
+    ballast = bytearray(512 * 2 ** 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident, not just reserved
+    code = "import json; from bench.common import process_peak_memory; print(json.dumps(process_peak_memory('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert 0 < json.loads(out.stdout)["peak_memory_bytes"] < len(ballast)
