@@ -120,4 +120,4 @@ def test_merge_equivalence_fp32(name, setting):
 
 
 def test_every_update_rule_is_registered():
-    assert {"adamw", "sgd", "adamw_8bit", "paged_adamw_8bit"} <= set(UPDATE_RULES.names())
+    assert {"adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"} <= set(UPDATE_RULES.names())
