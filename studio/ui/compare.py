@@ -9,7 +9,8 @@ import gradio as gr
 from jobs.errors import StudioError
 from jobs.runfolder import read_run
 from studio.ui.common import Studio, describe_failure, fmt_bytes, fmt_num, fmt_seconds, for_api, message_html, parse_ids
-from studio.ui.jobs import curve_frame, curve_points
+from studio.ui.charts import loss_chart
+from studio.ui.jobs import curve_points
 
 COLUMNS = ["Run", "Status", "Method", "Update rule", "Trainable params", "Peak memory", "Tokens/s", "Train time",
            "Train loss", "Eval loss", "Exact match"]
@@ -93,7 +94,7 @@ def build(studio: Studio) -> dict:
         go = gr.Button("Compare", variant="primary", scale=1, elem_id="compare.go")
     note = gr.HTML(elem_id="compare.status")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Runs", elem_id="compare.table", wrap=True)
-    plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss curves", height=320, elem_id="compare.loss")
+    plot = gr.HTML(elem_id="compare.loss")
     diff = gr.Dataframe(interactive=False, label="Spec differences", elem_id="compare.diff", wrap=True)
 
     def on_compare(chosen: list):
@@ -101,7 +102,7 @@ def build(studio: Studio) -> dict:
             data = compare(studio, chosen or [])
         except Exception as e:
             return message_html(describe_failure(e), "error"), gr.skip(), gr.skip(), gr.skip()
-        return "", runs_table(data["runs"]), curve_frame(data["curves"]), diff_table(data["spec_diff"])
+        return "", runs_table(data["runs"]), loss_chart(data["curves"]), diff_table(data["spec_diff"])
 
     go.click(on_compare, choice, [note, table, plot, diff], api_visibility="private")
     return {"choice": choice}

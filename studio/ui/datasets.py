@@ -12,6 +12,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from jobs.errors import StudioError
+from studio.ui.charts import length_histogram
 from studio.ui.common import Studio, describe_failure, for_api, message_html
 
 PREVIEW_ROWS = 3
@@ -89,12 +90,6 @@ def stats_markdown(data: dict, max_seq_len: int) -> str:
     return "  \n".join(lines)
 
 
-def histogram(lengths: list[int]):
-    import pandas as pd
-
-    return pd.DataFrame({"tokens": lengths, "rows": [1] * len(lengths)})
-
-
 def table(studio: Studio) -> list[list[Any]]:
     return [[e.name, e.format, e.rows, e.eval_rows if e.eval_rows is not None else "-",
              "bundled" if e.bundled else (e.original_name or "upload")] for e in studio.datasets.list()]
@@ -111,8 +106,7 @@ def build(studio: Studio) -> dict:
         with gr.Column(scale=1, min_width=300):
             name = gr.Textbox(label="Name", placeholder="defaults to the file name", max_lines=1,
                               elem_id="datasets.name")
-            file = gr.File(label="Upload JSONL, JSON, CSV or Parquet", type="filepath", elem_id="datasets.upload",
-                           height=140)
+            file = gr.File(label="Upload JSONL, JSON, CSV or Parquet", type="filepath", elem_id="datasets.upload")
             status = gr.HTML(elem_id="datasets.status")
         with gr.Column(scale=2, min_width=400):
             listing = gr.Dataframe(headers=COLUMNS, value=lambda: table(studio), interactive=False,
@@ -130,10 +124,13 @@ def build(studio: Studio) -> dict:
     stats = gr.Markdown(elem_id="datasets.stats")
     with gr.Row(equal_height=False):
         shown = gr.HTML(elem_id="datasets.preview")
-        hist = gr.BarPlot(x="tokens", y="rows", x_bin=16, y_aggregate="sum", label="Token length per row",
-                          elem_id="datasets.histogram", height=260, y_title="rows")
+        hist = gr.HTML(elem_id="datasets.histogram")
 
-    def refreshed(selected: str | None) -> tuple:
+    keep = object()
+
+    def refreshed(selected: Any = keep) -> tuple:
+        if selected is keep:
+            return table(studio), gr.update(choices=choices(studio))
         return table(studio), gr.update(choices=choices(studio), value=selected)
 
     def on_upload(path: str | None, label: str):
@@ -142,19 +139,19 @@ def build(studio: Studio) -> dict:
         try:
             entry = upload(studio, path, label, Path(path).name)
         except Exception as e:  # shown in the page; nothing was stored
-            return message_html(describe_failure(e), "error"), *refreshed(gr.skip()), None
+            return message_html(describe_failure(e), "error"), *refreshed(), None
         text = f"Stored {entry['name']!r}: {entry['rows']} rows, format {entry['format']}."
         return message_html(text), *refreshed(entry["id"]), None
 
     def on_preview(key: str | None, ref: str, limit):
         if not key:
-            return "", "", None
+            return "", "", ""
         try:
             limit = int(limit or 512)
             data = preview(studio, key, ref, limit)
         except Exception as e:
-            return "", message_html(describe_failure(e), "error"), None
-        return preview_html(data), stats_markdown(data, limit), histogram(data["lengths"])
+            return "", message_html(describe_failure(e), "error"), ""
+        return preview_html(data), stats_markdown(data, limit), length_histogram(data["lengths"], limit)
 
     def on_rename(key: str | None, label: str):
         try:

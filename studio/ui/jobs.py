@@ -14,6 +14,7 @@ import yaml
 
 from jobs.runfolder import read_metrics, read_run
 from jobs.store import Status
+from studio.ui.charts import loss_chart
 from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, job_choices,
                               job_summary, log_tail, message_html)
 
@@ -81,15 +82,16 @@ def progress_text(r: dict) -> str:
 def header_html(s: dict) -> str:
     pct = int(round((s["progress"] or 0) * 100))
     where = f" on {s['devices']}" if s["devices"] and s["status"] == "running" else ""
-    bits = [f"step {progress_text(s)}"]
+    bits = ["waiting for a free device" if s["status"] == "queued" else f"step {progress_text(s)}"]
     if s["status"] == "running":
         bits.append(f"ETA {fmt_seconds(s['eta_seconds'])}" if s["eta_seconds"] is not None else "ETA after the first step")
     if s["cancel_requested"] and s["status"] == "running":
         bits.append("stop requested")
     metrics = s.get("metrics") or {}
     done = [f"{label} {fmt_num(metrics.get(key))}" for key, label in
-            (("train_loss", "train loss"), ("eval_loss", "eval loss"), ("exact_match", "exact match"))
-            if metrics.get(key) is not None]
+            (("train_loss", "train loss"), ("eval_loss", "eval loss")) if metrics.get(key) is not None]
+    if metrics.get("exact_match") is not None:
+        done.append(f"exact match {metrics['exact_match']:.1%}")
     if metrics.get("tokens_per_second"):
         done.append(f"{metrics['tokens_per_second']:.0f} tokens/s")
     error = f'<div class="studio-msg studio-msg-error">{html.escape(s["error"])}</div>' if s["error"] else ""
@@ -100,15 +102,6 @@ def header_html(s: dict) -> str:
             f'<div class="job-progress"><div class="job-bar bar-{s["status"]}" style="width:{pct}%"></div></div>'
             f'<div class="job-progress-text">{pct}% &middot; {" &middot; ".join(bits)}</div>'
             + (f'<div class="job-metrics">{" &middot; ".join(done)}</div>' if done else "") + error)
-
-
-def curve_frame(points: list[dict], label: str | None = None):
-    import pandas as pd
-
-    frame = pd.DataFrame(points or [], columns=["step", "loss", "series"])
-    if label is not None:
-        frame["series"] = [f"{label} {s}" for s in frame["series"]]
-    return frame
 
 
 def samples_text(samples: list[dict]) -> str:
@@ -140,8 +133,8 @@ def build(studio: Studio) -> dict:
     action = gr.HTML(elem_id="jobs.action")
     head = gr.HTML(elem_id="jobs.status")
     with gr.Row(equal_height=False):
-        plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="jobs.loss", height=300,
-                           scale=3, color_map={"train": "#2563eb", "eval": "#f97316"})
+        with gr.Column(scale=3):
+            plot = gr.HTML(loss_chart([]), label="Loss", elem_id="jobs.loss")
         samples = gr.Textbox(label="Sample generations (last evaluation)", lines=10, max_lines=14, scale=2,
                              elem_id="jobs.samples", interactive=False)
     log_box = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="jobs.log",
@@ -154,7 +147,7 @@ def build(studio: Studio) -> dict:
         rows = list_rows(studio)
         out = {listing: table(rows), choice: gr.update(choices=job_choices(studio))}
         if not selected:
-            return {**out, head: "", plot: curve_frame([]), samples: "", log_box: "", shown: None}
+            return {**out, head: "", plot: loss_chart([]), samples: "", log_box: "", shown: None}
         try:
             s = status(studio, selected)
         except Exception as e:  # deleted meanwhile
@@ -163,7 +156,7 @@ def build(studio: Studio) -> dict:
         out[head] = header_html(s)
         if key == last:
             return out
-        return {**out, plot: curve_frame(s["curve"]), samples: samples_text(s["samples"]), log_box: s["log"],
+        return {**out, plot: loss_chart(s["curve"]), samples: samples_text(s["samples"]), log_box: s["log"],
                 shown: key}
 
     def restore(saved: Any):
