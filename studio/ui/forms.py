@@ -72,8 +72,6 @@ def build_form(model: type[BaseModel], prefix: str, *, elem_prefix: str, exclude
                 info = model.model_fields[name]
                 default = (defaults or {}).get(name, info.get_default(call_default_factory=True))
                 form.widgets[name] = widget_for(name, info, default, f"{elem_prefix}.{name}")
-            for _ in range(columns - len(names[start:start + columns])):
-                gr.HTML(min_width=180, elem_classes=["form-filler"])  # keeps the last row's widgets as wide as the others
     return form
 
 

@@ -7,6 +7,9 @@ one hidden group of widgets per registry entry, the chosen one shown.
 from __future__ import annotations
 
 import html
+import inspect
+import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ MAIN_TRAINING = ("max_steps", "epochs", "batch_size", "grad_accum", "max_seq_len
                  "eval_every")
 FITS, TIGHT = 0.8, 1.0  # share of the device's memory: below FITS fits, up to TIGHT is tight
 PLACEHOLDER_DIR = "<home>/runs/<id>"
+PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training"}
 
 
 # -- the work, shared by the page and the API ------------------------------------------------
@@ -67,8 +71,8 @@ def device_choices() -> list[tuple[str, str]]:
     return out
 
 
-def device_capacity(device: str) -> tuple[str, int]:
-    """What the estimate is compared with: a GPU's total memory, or the RAM available now."""
+def device_capacity(device: str) -> tuple[str, int, str]:
+    """What the estimate is compared with (a GPU's total memory, or the RAM available now), and the device."""
     import psutil
     import torch
 
@@ -79,10 +83,10 @@ def device_capacity(device: str) -> tuple[str, int]:
         if index >= torch.cuda.device_count():
             raise StudioError(f"there is no GPU {index} on this machine.", "device", "choose cpu or an existing GPU.")
         props = torch.cuda.get_device_properties(index)
-        return f"GPU {index} ({props.name})", int(props.total_memory)
+        return f"GPU {index} ({props.name})", int(props.total_memory), f"cuda:{index}"
     if device != "cpu":
         raise StudioError(f"unknown device {device!r}.", "device", "use cpu, cuda:N or auto.")
-    return "CPU RAM available", int(psutil.virtual_memory().available)
+    return "CPU RAM available", int(psutil.virtual_memory().available), "cpu"
 
 
 def check(studio: Studio, data: dict, device: str = "auto") -> dict:
@@ -92,21 +96,32 @@ def check(studio: Studio, data: dict, device: str = "auto") -> dict:
     data = resolve_dataset(studio, data)
     spec = parse_spec({**data, "output_dir": data.get("output_dir") or PLACEHOLDER_DIR}, "spec")
     check_combination(spec, "spec")
-    where, capacity = device_capacity(device)
+    where, capacity, device = device_capacity(device)
     out: dict[str, Any] = {"valid": True, "device": where, "device_bytes": capacity}
     try:
-        from jobs.estimate import estimate
+        result = estimate_cached(spec.model_dump_json(), device)
     except ImportError:
         return {**out, "available": False, "reason": "the memory estimator is not installed"}
-    try:
-        result = estimate(spec)
     except Exception as e:  # the estimate is advice; a failure must not block launching
         return {**out, "available": False, "reason": describe_failure(e)}
     total = int(result["total_bytes"])
     share = total / capacity if capacity else float("inf")
     verdict = "fits" if share < FITS else "tight" if share <= TIGHT else "does not fit"
     return {**out, "available": True, "total_bytes": total, "breakdown": result.get("breakdown", {}),
+            "peak_phase": result.get("peak_phase"), "assumptions": result.get("assumptions", []),
             "share": share, "verdict": verdict}
+
+
+@lru_cache(maxsize=64)
+def estimate_cached(spec_json: str, device: str) -> dict:
+    """The estimator probes a small copy of the model (seconds of CPU): each spec once per process."""
+    from jobs.estimate import estimate
+    from jobs.spec import parse_spec
+
+    spec = parse_spec(json.loads(spec_json))
+    if "device" in inspect.signature(estimate).parameters:
+        return estimate(spec, device=device)
+    return estimate(spec)
 
 
 def launch(studio: Studio, data: dict, name: str = "", priority: int = 0) -> dict:
@@ -124,10 +139,15 @@ def check_html(result: dict) -> str:
     parts = ", ".join(f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in result["breakdown"].items()
                       if isinstance(v, (int, float)))
     kind = {"fits": "ok", "tight": "warn", "does not fit": "error"}[result["verdict"]]
+    peak = result.get("peak_phase")
+    phase = f", highest while {html.escape(PHASES.get(peak, str(peak)))}" if peak else ""
+    notes = "".join(f"<li>{html.escape(str(a))}</li>" for a in result.get("assumptions") or [])
     return (f'<div class="studio-msg studio-msg-{kind}"><b>{html.escape(result["verdict"])}</b>: about '
             f'{fmt_bytes(result["total_bytes"])} of {fmt_bytes(result["device_bytes"])} '
-            f'({html.escape(result["device"])}, {result["share"]:.0%})'
-            + (f'<div class="estimate-parts">{html.escape(parts)}</div>' if parts else "") + "</div>")
+            f'({html.escape(result["device"])}, {result["share"]:.0%}){phase}'
+            + (f'<div class="estimate-parts">{html.escape(parts)}</div>' if parts else "")
+            + (f'<details class="estimate-parts"><summary>assumptions</summary><ul>{notes}</ul></details>'
+               if notes else "") + "</div>")
 
 
 # -- the page --------------------------------------------------------------------------------
