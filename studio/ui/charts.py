@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 
 WIDTH, HEIGHT = 900, 300
+HIST_WIDTH = 560  # drawn half as wide on the page as the loss charts
 LEFT, RIGHT, TOP, BOTTOM = 56, 16, 12, 36
 PALETTE = ("#4f46e5", "#f97316", "#10b981", "#e11d48", "#0ea5e9", "#a855f7", "#84cc16", "#f59e0b")
 
@@ -92,15 +93,16 @@ def length_histogram(lengths: list[int], limit: int | None = None, bins: int = 2
     if limit is not None and limit < x_hi:
         x_hi = max(x_hi, limit + 1)
     top = max(counts)
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    width_px = HIST_WIDTH
+    plot_w, plot_h = width_px - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
     def sx(x: float) -> float:
         return LEFT + (x - x_lo) / max(x_hi - x_lo, 1) * plot_w
 
-    parts = [f'<svg class="loss-chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="token lengths">']
+    parts = [f'<svg class="loss-chart" viewBox="0 0 {width_px} {HEIGHT}" role="img" aria-label="token lengths">']
     for t in nice_ticks(0, top, 4):
         y = TOP + plot_h - t / top * plot_h
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+        parts.append(f'<line class="grid" x1="{LEFT}" x2="{width_px - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
                      f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{t:g}</text>')
     for i, c in enumerate(counts):
         if c:
@@ -109,12 +111,12 @@ def length_histogram(lengths: list[int], limit: int | None = None, bins: int = 2
             parts.append(f'<rect class="bar" x="{x0 + 1:.1f}" y="{TOP + plot_h - h:.1f}" width="{max(x1 - x0 - 2, 1):.1f}" '
                          f'height="{h:.1f}"><title>{lo + i * width}-{lo + (i + 1) * width - 1} tokens: {c} rows'
                          f'</title></rect>')
-    for t in nice_ticks(x_lo, x_hi, 6):
+    for t in (t for t in nice_ticks(x_lo, x_hi, 5) if float(t).is_integer()):  # lengths are whole tokens
         parts.append(f'<text class="tick" x="{sx(t):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{t:g}</text>')
     if limit is not None and x_lo <= limit <= x_hi:
         x = sx(limit)
         parts.append(f'<line class="limit" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
                      f'<text class="tick" x="{x - 4:.1f}" y="{TOP + 12}" text-anchor="end">max_seq_len {limit}</text>')
-    parts.append(f'<text class="axis" x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 4}" text-anchor="middle">'
+    parts.append(f'<text class="axis" x="{(LEFT + width_px - RIGHT) / 2}" y="{HEIGHT - 4}" text-anchor="middle">'
                  'tokens per row</text></svg>')
     return f'<div class="chart">{"".join(parts)}</div>'
