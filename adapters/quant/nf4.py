@@ -1,0 +1,161 @@
+"""bitsandbytes 4-bit (NF4/FP4) and 8-bit base layers: build, dequantize, save and restore.
+
+The same quantizer serves QLoRA (quantize the loaded base) and LoftQ (quantize residuals
+inside its alternating loop), so the base LoftQ optimises against is exactly the one that
+trains. Everything here works on whatever device the weights are on (bitsandbytes >= 0.50
+runs NF4 and int8 on the CPU).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from adapters.quant.targets import is_conv1d, linear_weight, plain_linear, set_module
+
+# bitsandbytes' own default: one absmax per 64 weights (QLoRA paper).
+BLOCKSIZE = 64
+
+
+def _bnb():
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def quantize(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True):
+    """Quantize a (out, in) weight; returns the bitsandbytes Params4bit (packed codes + quant state)."""
+    bnb = _bnb()
+    packed, state = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=BLOCKSIZE,
+                                                 compress_statistics=double_quant, quant_type=quant_type)
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
+                             compress_statistics=double_quant, quant_type=quant_type, bnb_quantized=True)
+
+
+def dequantize(param) -> torch.Tensor:
+    """The fp32 weight a 4-bit parameter stands for (exactly what its forward pass multiplies by)."""
+    return _bnb().functional.dequantize_4bit(param.data, param.quant_state).float()
+
+
+def linear4bit(param, bias: torch.Tensor | None, compute_dtype: torch.dtype, from_conv1d: bool = False) -> nn.Module:
+    bnb = _bnb()
+    out_features, in_features = param.quant_state.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=param.compress_statistics, quant_type=param.quant_type,
+                              device="meta")
+    # bitsandbytes repacks CPU weights into a bf16 kernel layout at the first eval-mode forward; that
+    # mutates the frozen weight and computes in bf16, so fp32 runs would no longer match training.
+    layer.support_avx512bf16_for_cpu = False
+    param.module = layer
+    layer.weight = param
+    layer.quant_state = param.quant_state
+    layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    layer.from_conv1d = from_conv1d  # so merging restores the layout the model expects
+    return layer.to(param.device)
+
+
+@functools.cache
+def _int8_linear_class() -> type:
+    bnb = _bnb()
+
+    class Int8Linear(bnb.nn.Linear8bitLt):
+        """bitsandbytes' int8 layer, computing on the CPU as it trains there in eval mode too.
+
+        On the CPU bitsandbytes trains with the dequantized int8 weight but, in eval mode,
+        switches to int8 activations cast through fp16: evaluation and export would then
+        measure a different model from the one that trained. On a GPU both modes use LLM.int8.
+        """
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu" or self.training:
+                return super().forward(x)
+            self.training = True  # selects bitsandbytes' dequantize-then-matmul path
+            try:
+                return super().forward(x)
+            finally:
+                self.training = False
+
+    return Int8Linear
+
+
+def linear8bit(module: nn.Module) -> nn.Module:
+    """LLM.int8 row-wise weight quantization; threshold 0: no fp16 outlier columns, all weights int8."""
+    bnb = _bnb()
+    weight = linear_weight(module)
+    out_features, in_features = weight.shape
+    layer = _int8_linear_class()(in_features, out_features, bias=module.bias is not None,
+                                 has_fp16_weights=False, threshold=0.0, device="meta")
+    layer.weight = bnb.nn.Int8Params(weight.contiguous().clone(), requires_grad=False, has_fp16_weights=False)
+    layer.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    layer.from_conv1d = is_conv1d(module)
+    return layer.to(weight.device)  # moving an Int8Params quantizes it
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    try:
+        bnb = _bnb()
+    except ImportError:
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 (out, in) weight a bitsandbytes layer multiplies by."""
+    bnb = _bnb()
+    if isinstance(module, bnb.nn.Linear4bit):
+        return dequantize(module.weight)
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return module.weight.data.float() * scb.float()[:, None] / 127.0
+    raise TypeError(f"not a bitsandbytes layer: {type(module).__name__}")
+
+
+def dequantize_linear(module: nn.Module, delta: torch.Tensor | None = None) -> nn.Module:
+    """A plain fp32 layer computing what a bitsandbytes layer computes, plus an optional (out, in) update."""
+    weight = dequantized_weight(module)
+    if delta is not None:
+        weight = weight + delta.float()
+    return plain_linear(weight, module.bias, getattr(module, "from_conv1d", False))
+
+
+def quantize_linears(model: nn.Module, linears: list[tuple[str, nn.Module]], bits: int,
+                     compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True) -> None:
+    """Replace each listed layer by its 4-bit or 8-bit bitsandbytes counterpart, in place."""
+    for name, module in linears:
+        if bits == 8:
+            new = linear8bit(module)
+        else:
+            new = linear4bit(quantize(linear_weight(module), quant_type, double_quant), module.bias, compute_dtype,
+                             is_conv1d(module))
+        set_module(model, name, new)
+    # peft picks its bitsandbytes-aware LoRA layers only for models flagged as loaded this way.
+    setattr(model, "is_loaded_in_4bit" if bits == 4 else "is_loaded_in_8bit", True)
+
+
+def dequantize_all(model: nn.Module) -> nn.Module:
+    """Swap every bitsandbytes layer left in ``model`` for its fp32 equivalent, in place."""
+    for name, module in [(n, m) for n, m in model.named_modules() if is_bnb_linear(m)]:
+        set_module(model, name, dequantize_linear(module))
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
+    return model
+
+
+def state_of(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that rebuild a 4-bit layer's weight bit for bit (packed codes + quant state)."""
+    return {"weight": layer.weight.data.contiguous(),
+            **{k: v.contiguous() for k, v in layer.weight.quant_state.as_dict(packed=True).items()}}
+
+
+def from_state(tensors: dict[str, torch.Tensor], like: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """The 4-bit layer saved by ``state_of``, in place of the fp layer ``like`` (whose bias it keeps)."""
+    bnb = _bnb()
+    stats = {k: v for k, v in tensors.items() if k != "weight"}
+    param = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                device=like.weight.device)
+    if tuple(param.quant_state.shape) != tuple(linear_weight(like).shape):
+        raise ValueError(f"saved 4-bit weight has shape {tuple(param.quant_state.shape)}, "
+                         f"the base layer {tuple(linear_weight(like).shape)}")
+    return linear4bit(param, like.bias, compute_dtype, is_conv1d(like))
