@@ -97,3 +97,17 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"path": str(out), "method": spec.method_name}
+
+
+def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
+    """The run's quantized model (integer codes + scales + zeros), for methods whose result is one."""
+    run_dir = Path(run_dir)
+    method, _ = run_spec(run_dir).method_config()
+    export = getattr(method, "export_quantized", None)
+    if export is None:
+        from adapters import METHODS
+
+        able = [name for name, m in METHODS.items() if hasattr(m, "export_quantized")]
+        raise StudioError(f"method {method.name} has no quantized form to export.", f"{run_dir} (method {method.name})",
+                          f"use --merged or --adapter instead; quantized export exists for: {', '.join(able)}.")
+    return export(run_dir, Path(out))

@@ -1,0 +1,122 @@
+"""The quantized form of a run (integer codes + scales + zeros) as a folder, and its loader.
+
+A run whose result is an integer-grid model (PEQA, or QA-LoRA after folding its adapter
+into the zero points) can be exported as that model: ``config.json``, the tokenizer,
+``quantized_model.safetensors`` (every weight of the model; grid layers as packed codes,
+scales and zeros) and ``quantization.json`` (which layers are grids and how to read them).
+The weights file is not named ``model.safetensors`` on purpose: plain transformers would
+load it with the grid layers missing and silently random-initialise them. Load it with
+``load_quantized(folder)``.
+
+Before anything is written, the quantized model's logits are compared with the run's
+unmerged model on a few rows of its data, against the method's own merge tolerance
+(relative to the largest logit, as for merged exports).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.quant.intgrid import GridLinear
+from adapters.quant.targets import outermost, set_module
+from jobs.errors import StudioError
+
+WEIGHTS = "quantized_model.safetensors"
+INDEX = "quantization.json"
+FORMAT = "studio-intgrid-v1"
+
+
+def save_quantized(model: nn.Module, out: Path, tokenizer=None, method: str | None = None) -> None:
+    """Write a model whose quantized layers are GridLinear into the (new or empty) folder ``out``."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    grids = outermost(model, (GridLinear,))
+    if not grids:
+        raise ValueError("the model holds no integer-grid layer to export")
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_model(model, str(out / WEIGHTS))  # shares tied embeddings instead of failing on them
+    index = {
+        "format": FORMAT, "method": method,
+        "dequantize": "weight[o, i] = scales[o, i // group_size] * (codes[o, i] - zeros[o, i // group_size]); "
+                      "codes of <= 4 bits are packed two per byte in qweight (low nibble first)",
+        "loader": "adapters.quant.export.load_quantized",
+        "layers": {name: {"in_features": g.in_features, "out_features": g.out_features, "bits": g.bits,
+                          "group_size": g.group_size, "bias": g.bias is not None, "from_conv1d": g.from_conv1d}
+                   for name, g in grids.items()},
+    }
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild an exported quantized model: the architecture from config.json, grid layers in place."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        raise StudioError(f"not a quantized export (no {INDEX}).", str(folder),
+                          "pass a folder written by studio export --quantized.")
+    index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT:
+        raise StudioError(f"unknown quantized format {index.get('format')!r}.", str(folder / INDEX),
+                          f"this studio reads {FORMAT}.")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    for name, layer in index["layers"].items():
+        set_module(model, name, GridLinear(layer["in_features"], layer["out_features"], layer["bits"],
+                                           layer["group_size"], bias=layer["bias"],
+                                           from_conv1d=layer.get("from_conv1d", False)))
+    load_model(model, str(folder / WEIGHTS), strict=True)
+    return model.requires_grad_(False).to(device).eval()
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=b, attention_mask=torch.ones_like(b)).logits.float() for b in batches]
+
+
+def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
+    """Write the run's quantized model to ``out``, after checking it matches the trained model."""
+    from jobs.export import probe_batches
+    from jobs.inference import load_run
+    from jobs.runfolder import replace_dir_atomic
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise StudioError("export folder exists and is not empty.", str(out), "choose a new folder or empty it.")
+    loaded = load_run(run_dir)
+    method = loaded.method
+    probes = probe_batches(loaded)
+    before = _logits(loaded.model, probes)
+    quantized = method.to_quantized(loaded.model)
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, _logits(quantized, probes)))
+    # As for merged exports: fp32 rounding grows with the logits, so the tolerance is per unit of the largest.
+    scale = max(1.0, max(float(b.abs().max()) for b in before))
+    allowed = method.merge_tolerance * scale
+    if diff > allowed:
+        raise StudioError(f"the quantized model's logits differ from the trained model's by {diff:.3g}, more than "
+                          f"{method.name}'s tolerance {method.merge_tolerance:g} x largest logit {scale:.3g}; "
+                          "nothing was written.", str(run_dir),
+                          "export the dequantized model (--merged) or the adapter instead, and report this run.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_quantized(quantized, tmp, loaded.tokenizer, method.name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        replace_dir_atomic(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    grids = outermost(quantized, (GridLinear,))
+    return {"path": str(out), "method": method.name, "max_abs_logit_diff": diff, "max_abs_logit": scale,
+            "allowed_diff": allowed, "probe_rows": len(probes), "quantized_layers": len(grids),
+            "bits": next(iter(grids.values())).bits}

@@ -1,0 +1,317 @@
+"""Quantized fine-tuning: quantizers, QLoRA, LoftQ, QA-LoRA, PEQA and the quantized export.
+
+The method contract (train, save/load, merge) runs for these methods in test_methods.py;
+here are the properties that make each of them what it is.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapters import METHODS
+from adapters.base import Context
+from adapters.quant import intgrid, nf4
+from adapters.quant.export import load_quantized, save_quantized
+from adapters.quant.intgrid import GridLinear
+from adapters.quant.targets import held_bytes
+from jobs import models
+from jobs.errors import StudioError
+from jobs.spec import parse_spec
+from conftest import make_spec, toy_rows
+
+# Merges here differ only by fp32 rounding; on tiny models (logits below 1) that stays far under this.
+EXACT = 1e-5
+
+
+def method_config(name: str, **params):
+    spec = parse_spec(make_spec("unused", "unused.jsonl", "unused", method={"name": name, **params}))
+    return spec.method_config()[1], Context(spec=spec, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def apply(name: str, model: nn.Module, seed: int = 0, **params) -> nn.Module:
+    cfg, ctx = method_config(name, **params)
+    torch.manual_seed(seed)
+    return METHODS.get(name).apply(model, cfg, ctx)
+
+
+def wider_llama(hidden: int = 128, seed: int = 0) -> nn.Module:
+    """Layers wide enough that bitsandbytes' per-layer code books (about 1 KB) stop dominating the count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def toy_batch(src) -> dict:
+    from jobs.data import collate, encode
+
+    tok = models.load_tokenizer(src)
+    return collate(encode(toy_rows(8), "instruction", tok, 64, "toy"), tok.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    src = models.resolve(str(tiny_model))
+    return src, toy_batch(src)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def randomize_trainables(model: nn.Module, std: float = 0.05) -> None:
+    """Give adapters non-trivial values, so merging has something to fold in."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+# Quantizers.
+
+def test_nf4_round_trip_stays_within_half_a_code_gap():
+    w = torch.randn(96, 128) * 0.02
+    param = nf4.quantize(w)
+    deq = nf4.dequantize(param)
+    code = param.quant_state.code.sort().values
+    half_gap = float((code[1:] - code[:-1]).max()) / 2
+    block_absmax = w.reshape(-1, nf4.BLOCKSIZE).abs().amax(1, keepdim=True)
+    err = (deq - w).reshape(-1, nf4.BLOCKSIZE).abs()
+    # Double quantization stores each block's absmax in 8 bits: allow 1% on top of the grid error.
+    assert (err <= block_absmax * (half_gap + 0.01)).all()
+    assert 0.03 < float((deq - w).norm() / w.norm()) < 0.15
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_grid_round_trip_stays_within_half_a_step(bits, group_size):
+    w = torch.randn(24, 64)
+    codes, scales, zeros = intgrid.quantize_grid(w, bits, group_size)
+    assert int(codes.max()) <= 2 ** bits - 1
+    assert torch.equal(intgrid.unpack(intgrid.pack(codes, bits), 64), codes)
+    step = scales.repeat_interleave(64 // scales.shape[1], dim=1)
+    assert ((intgrid.dequantize_grid(codes, scales, zeros) - w).abs() <= step * 0.5001).all()
+
+
+def test_grid_errors_shrink_with_bits_and_groups():
+    w = torch.randn(32, 128)
+
+    def error(bits, group_size=None):
+        return float((intgrid.dequantize_grid(*intgrid.quantize_grid(w, bits, group_size)) - w).norm())
+    assert error(3) > error(4) > error(8)
+    assert error(4, 16) < error(4)
+    with pytest.raises(ValueError, match="2-bit"):
+        intgrid.quantize_grid(w, 2)
+
+
+def test_grid_layer_gradients_match_autograd_on_the_dequantized_weight():
+    layer = GridLinear.quantize(nn.Linear(64, 24), 4, 16)
+    layer.scales.requires_grad_(True)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    (layer(x) ** 2).sum().backward()
+    scales = layer.scales.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    weight = intgrid.dequantize_grid(layer.codes(), scales, layer.zeros)
+    (nn.functional.linear(x2, weight, layer.bias) ** 2).sum().backward()
+    torch.testing.assert_close(layer.scales.grad, scales.grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+# QLoRA.
+
+def test_qlora_base_is_nf4_and_holds_a_fraction_of_loras_base_bytes():
+    import bitsandbytes as bnb
+
+    lora = apply("lora", wider_llama())
+    qlora = apply("qlora", wider_llama())
+    q_layers = [m.get_base_layer() for m in qlora.modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+    assert q_layers and all(isinstance(m, bnb.nn.Linear4bit) for m in q_layers)
+    assert all(m.weight.quant_state.nested and m.weight.quant_type == "nf4" for m in q_layers)
+    assert type(qlora.get_base_model().lm_head) is nn.Linear  # the output head stays full precision
+    l_layers = [m.get_base_layer() for m in lora.modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+    ratio = sum(map(held_bytes, q_layers)) / sum(map(held_bytes, l_layers))
+    assert ratio <= 0.35, ratio
+    assert all(".lora_A." in n or ".lora_B." in n for n, p in qlora.named_parameters() if p.requires_grad)
+
+
+def test_qlora_8bit_base_trains_and_merges(tiny):
+    import bitsandbytes as bnb
+
+    src, batch = tiny
+    model = apply("qlora", models.load_model(src), bits=8)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    randomize_trainables(model)
+    expected = logits(model.eval(), batch)
+    merged = METHODS.get("qlora").merge(model)
+    assert not any(nf4.is_bnb_linear(m) for m in merged.modules())
+    assert float((logits(merged, batch) - expected).abs().max()) < EXACT
+
+
+# LoftQ.
+
+def loftq_errors(w: torch.Tensor, iterations: int) -> list[float]:
+    from adapters.loftq import loftq_init
+
+    start = loftq_init(w, r=8, scaling=2.0, iterations=iterations)
+    # The returned adapter really reproduces the last error it reports.
+    rebuilt = nf4.dequantize(start.base) + 2.0 * start.lora_B @ start.lora_A
+    assert abs(float((rebuilt - w).norm() / w.norm()) - start.errors[-1]) < 1e-4
+    return start.errors
+
+
+def test_loftq_init_beats_plain_nf4_and_improves_with_iterations():
+    torch.manual_seed(0)
+    # A weight with some low-rank structure, as trained weights have, plus noise.
+    w = torch.randn(64, 8) @ torch.randn(8, 128) * 0.01 + torch.randn(64, 128) * 0.02
+    plain = float((nf4.dequantize(nf4.quantize(w)) - w).norm() / w.norm())
+    errors = loftq_errors(w, iterations=5)
+    assert errors[0] < plain
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
+
+
+def test_loftq_model_starts_closer_to_full_precision_and_keeps_its_base(tiny, tmp_path):
+    src, batch = tiny
+    full = logits(models.load_model(src), batch)
+    qlora_gap = (logits(apply("qlora", models.load_model(src)).eval(), batch) - full).norm()
+    model = apply("loftq", models.load_model(src), iterations=3).eval()
+    assert (logits(model, batch) - full).norm() < qlora_gap
+
+    # Loading restores the LoftQ base from the adapter folder, not a fresh quantization of the base.
+    cfg, ctx = method_config("loftq", iterations=3)
+    method = METHODS.get("loftq")
+    method.save(model, tmp_path)
+    reloaded = method.load(models.load_model(src), tmp_path, cfg, ctx).eval()
+    name = "model.layers.0.self_attn.q_proj"
+    trained = nf4.dequantize(model.get_base_model().get_submodule(name).get_base_layer().weight)
+    restored = nf4.dequantize(reloaded.get_base_model().get_submodule(name).get_base_layer().weight)
+    fresh = nf4.dequantize(nf4.quantize(models.load_model(src).get_submodule(name).weight))
+    assert torch.equal(restored, trained) and not torch.equal(restored, fresh)
+    torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=1e-6)
+
+
+# QA-LoRA.
+
+def test_qalora_merges_exactly_into_the_zero_points(tiny, tmp_path):
+    from adapters.qalora import QaLoraLinear, merge_into_grids
+
+    src, batch = tiny
+    model = apply("qalora", models.load_model(src), group_size=16)
+    randomize_trainables(model, std=0.2)
+    unmerged = logits(model.eval(), batch)
+    grids = {n: (m.base.qweight.clone(), m.base.scales.detach().clone(), m.base.zeros.clone())
+             for n, m in model.named_modules() if isinstance(m, QaLoraLinear)}
+    quantized = merge_into_grids(model)
+    assert not any(isinstance(m, QaLoraLinear) for m in quantized.modules())
+    for name, (qweight, scales, zeros) in grids.items():
+        layer = quantized.get_submodule(name)
+        assert torch.equal(layer.qweight, qweight) and torch.equal(layer.scales, scales)
+        assert not torch.equal(layer.zeros, zeros)  # the adapter went into the zeros, nowhere else
+    assert float((logits(quantized, batch) - unmerged).abs().max()) < EXACT
+
+    # The quantized model written to disk loads back with the same outputs ...
+    save_quantized(quantized, tmp_path / "q")
+    assert float((logits(load_quantized(tmp_path / "q"), batch) - unmerged).abs().max()) < EXACT
+    # ... and dequantizing it gives the full-precision merged model.
+    plain = intgrid.dequantize_grids(quantized)
+    assert not any(isinstance(m, GridLinear) for m in plain.modules())
+    assert float((logits(plain, batch) - unmerged).abs().max()) < EXACT
+
+
+def test_bad_grid_configs_say_what_to_change(tiny):
+    src, _ = tiny
+    with pytest.raises(StudioError, match="2-bit integer grids are not supported"):
+        method_config("peqa", bits=2)
+    with pytest.raises(StudioError, match=r"group_size 24 does not divide .* layer model\.layers\.0\."):
+        apply("qalora", models.load_model(src), group_size=24)
+    with pytest.raises(StudioError, match="input should be 4 or 8|Input should be 4 or 8"):
+        method_config("qlora", bits=3)
+
+
+@pytest.mark.parametrize("name", ["qlora", "loftq", "qalora", "peqa"])
+def test_gpt2_conv1d_layers_quantize_and_merge_back_to_conv1d(name):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    batch = {"input_ids": torch.randint(0, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    model = apply(name, model)
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    randomize_trainables(model, std=0.01)
+    expected = logits(model.eval(), batch)
+    merged = METHODS.get(name).merge(model)
+    assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)  # the layout GPT-2 checkpoints use
+    assert float((logits(merged, batch) - expected).abs().max()) < EXACT
+
+
+# PEQA.
+
+@pytest.mark.parametrize("bits,group_size", [(4, None), (3, None), (4, 16)])
+def test_peqa_trains_only_the_scales(tiny, bits, group_size):
+    from jobs.loss import token_loss_sum
+
+    src, batch = tiny
+    model = apply("peqa", models.load_model(src), bits=bits, group_size=group_size).train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grids = [m for m in model.modules() if isinstance(m, GridLinear)]
+    assert trainable and all(n.endswith(".scales") for n, _ in trainable)
+    assert len(trainable) == len(grids) == 14 and all(g.bits == bits for g in grids)
+    frozen = {n: t.clone() for n, t in list(model.named_buffers()) + list(model.named_parameters())
+              if not n.endswith(".scales")}
+    scales = {n: p.detach().clone() for n, p in trainable}
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        total, n = token_loss_sum(model, batch, 64)
+        (total / n).backward()
+        opt.step()
+    for n, t in list(model.named_buffers()) + list(model.named_parameters()):
+        if n in frozen:
+            assert torch.equal(t, frozen[n]), f"{n} changed"
+    assert all(not torch.equal(p, scales[n]) for n, p in trainable)
+
+
+# Export, from a real run folder.
+
+@pytest.mark.parametrize("name", ["qlora", "loftq", "qalora", "peqa"])
+def test_exports_of_a_trained_run_match_it(name, tiny_model, toy_dataset, tmp_path, studio_home):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.export import export_merged
+    from jobs.inference import load_run
+    from jobs.train import train
+    from studio.cli import main
+
+    method, run_dir = METHODS.get(name), tmp_path / "run"
+    train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, method={"name": name}, max_steps=2,
+                               optimizer={"name": "adamw", "lr": method.suggested_lr * 30},
+                               eval_samples=0, exact_match_rows=0)))
+    batch = toy_batch(models.resolve(str(tiny_model)))
+    expected = logits(load_run(run_dir).model, batch)
+    export_merged(run_dir, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert float((logits(plain, batch) - expected).abs().max()) < EXACT
+
+    if not hasattr(method, "export_quantized"):
+        assert main(["export", str(run_dir), "--quantized", str(tmp_path / "q")]) == 2
+        assert not (tmp_path / "q").exists()
+        return
+    assert main(["export", str(run_dir), "--quantized", str(tmp_path / "q")]) == 0
+    got = logits(load_quantized(tmp_path / "q"), batch)
+    assert float((got - expected).abs().max()) < EXACT
+    assert not (tmp_path / "q" / "model.safetensors").exists()  # plain transformers must not half-load it
+
+
+def test_export_quantized_names_the_methods_that_have_one(tiny_model, toy_dataset, tmp_path, studio_home):
+    from jobs.export import export_quantized
+    from jobs.train import train
+
+    run_dir = tmp_path / "run"
+    train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, max_steps=1, eval_samples=0, exact_match_rows=0)))
+    with pytest.raises(StudioError, match="lora has no quantized form.*peqa, qalora"):
+        export_quantized(run_dir, tmp_path / "out")
