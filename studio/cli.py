@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_jobs_commands(sub)
+    try:
+        from studio.estimate_cli import add_estimate_command
+    except ImportError:
+        pass
+    else:
+        add_estimate_command(sub)
     return p
 
 

@@ -1,0 +1,210 @@
+"""Predict a run's peak memory from the model config and the spec, without loading weights.
+
+The peak is the largest of three phases (bytes; the README's "Memory" section explains it):
+
+  load   process + the base being read (a GGUF file is dequantized into new tensors)
+  apply  process + the base + what the method makes from it (a quantized copy is built
+         while the base it reads is still held)
+  train  process + weights + trainable + gradients + optimizer state + activations
+         + logits + allocator slack
+
+``jobs.footprint`` supplies the counts (meta device) and the activations (a two-block
+probe); this module turns them into bytes for the chosen update rule and device.
+``jobs.memory`` says what is measured: the allocator's peak on a GPU, the training
+process's peak resident memory on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from jobs.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
+                            load_dtype, probe_saved, read_config, training_activations)
+from jobs.spec import JobSpec, check_combination
+
+# The training process before it touches a weight, measured on the CPU (Linux x86-64, Python
+# 3.11, torch 2.13, transformers 5) as the resident memory of `bench/_run_one.py`'s processes.
+PROCESS_BYTES = 370 << 20      # interpreter, torch, transformers, the studio's modules, model code
+TOKENIZER_BYTES = 100 << 20    # a fast tokenizer with a ~50k vocabulary, and the tokenized rows
+PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
+# glibc keeps the memory that one step's activations free and the next step's batch (of another
+# length) only partly fits into it; gradients allocated during backward take the rest over.
+# Fitted on SmolLM2 runs of 3 and 12 steps: 0.5-0.7 of the activations stay resident.
+CPU_ACTIVATION_SLACK = 0.6
+LOGIT_COPIES = 3               # logits, log-softmax and the logits' gradient, for one loss chunk
+NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
+
+
+@dataclass(frozen=True)
+class RuleMemory:
+    """What an update rule holds beside the weights. A rule may declare its own as ``rule.memory``."""
+
+    gradients: str                                  # "all": one per trained value; "one": a tensor at a time; "none"
+    state_bytes: Callable[[list[tuple[int, ...]], object], int]   # (trained shapes, rule config) -> bytes
+    temporaries: Callable[[int], int]               # bytes alive during an update, from the largest tensor's bytes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _eight_bit(shapes, cfg) -> int:
+    # bitsandbytes: two uint8 moments and an fp32 absmax per 256 values; tensors under 4096 values stay fp32.
+    return sum(2 * _numel(s) + 8 * math.ceil(_numel(s) / 256) if _numel(s) >= 4096 else 8 * _numel(s)
+               for s in shapes)
+
+
+def _factored(shapes, cfg) -> int:
+    # AdaLomo: a mean per row and per column of every matrix, the whole square for vectors.
+    return sum(4 * (_numel(s[:-1]) + _numel(s[:-2] + s[-1:])) if len(s) >= 2 else 4 * _numel(s) for s in shapes)
+
+
+RULES = {
+    # AdamW's step divides by sqrt(v) into a new tensor, one parameter at a time.
+    "adamw": RuleMemory("all", lambda shapes, cfg: 8 * sum(map(_numel, shapes)), lambda largest: largest),
+    "sgd": RuleMemory("all", lambda shapes, cfg: 4 * sum(map(_numel, shapes)) if cfg.momentum else 0,
+                      lambda largest: 0),
+    "adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
+    "paged_adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
+    # LOMO squares each gradient for the clipping norm; AdaLomo builds the update and a square.
+    "lomo": RuleMemory("one", lambda shapes, cfg: 0, lambda largest: largest),
+    "adalomo": RuleMemory("one", _factored, lambda largest: 2 * largest),
+    "mezo": RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, NOISE_SLICE_BYTES)),
+}
+
+
+def rule_memory(rule, notes: list[str]) -> RuleMemory:
+    declared = getattr(rule, "memory", None) or RULES.get(rule.name)
+    if declared is None:
+        notes.append(f"update rule {rule.name!r} declares no memory use: counted like AdamW.")
+        return RULES["adamw"]
+    return declared
+
+
+def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) -> dict:
+    """Predicted peak memory of ``spec``'s run, per process, on ``device`` ("cpu" or "cuda";
+    default: where the run would train). ``use_data=False`` assumes every row is max_seq_len long."""
+    device = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    check_combination(spec)
+    method, mcfg = spec.method_config()
+    rule, rcfg = spec.optimizer_config()
+    t = spec.training
+    dtype = dtype_for(t.precision, device)
+    notes: list[str] = []
+    src, config = read_config(spec)
+    batch, tokenizer = first_batch(spec, src, use_data)
+    counts = count(config, spec, method, mcfg, dtype)
+    memory = rule_memory(rule, notes)
+    act_bytes = torch.finfo(dtype).bits // 8
+    largest = max((_numel(s) for s in counts.trainable), default=0) * 4
+    backward = memory.gradients != "none"
+
+    if backward:
+        try:
+            saved = probe_saved(config, spec, method, mcfg, batch, tokenizer)
+        except Exception as e:  # noqa: BLE001 - a model the probe cannot run still gets an estimate
+            saved = guess_saved(config, batch)
+            notes.append(f"activations from a rule of thumb: the probe could not run ({type(e).__name__}: {e}).")
+        activations = training_activations(saved, counts, batch, t.gradient_checkpointing) * act_bytes // 4
+    else:
+        activations = inference_activations(config, counts, batch, act_bytes)
+    logits = min(t.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * (LOGIT_COPIES if backward else 2)
+
+    gradients = {"all": counts.trainable_bytes, "one": largest, "none": 0}[memory.gradients]
+    if backward:
+        gradients += counts.head_bytes  # a tied embedding's two gradients meet at the end of backward
+    optimizer = memory.state_bytes(counts.trainable, rcfg) + memory.temporaries(largest)
+
+    cpu = device == "cpu"
+    # On the CPU a safetensors base in the dtype it trains in is memory-mapped: every page the run
+    # reads stays resident for the whole run, also under a quantized copy of the layer.
+    mapped = cpu and src.kind in ("local", "bundled-cache", "hub") and \
+        _file_dtype(config) in (None, load_dtype(method, dtype))
+    weights = counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes if mapped \
+        else counts.frozen_bytes
+    process = PROCESS_BYTES + TOKENIZER_BYTES + (PEFT_BYTES if counts.uses_peft else 0) if cpu else 0
+    slack = max(0, int(CPU_ACTIVATION_SLACK * (activations + logits)) - gradients) if cpu and backward else 0
+    phases = {
+        "train": {"weights": weights, "trainable": counts.trainable_bytes, "gradients": gradients,
+                  "optimizer_state": optimizer, "activations": activations, "logits": logits,
+                  "framework_overhead": process + slack},
+        "apply": {"weights": counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes,
+                  "trainable": counts.trainable_bytes, "framework_overhead": process},
+        "load": {"weights": counts.base_bytes + _gguf_bytes(src), "framework_overhead": process},
+    }
+    peak = max(phases, key=lambda k: sum(phases[k].values()))
+    breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
+    notes += describe(spec, device, dtype, src, batch, counts, mapped, peak, method.name, rule.name)
+    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "peak_phase": peak,
+            "phases": {k: int(sum(v.values())) for k, v in phases.items()},
+            "phase_breakdowns": {k: {part: int(v.get(part, 0)) for part in phases["train"]} for k, v in phases.items()},
+            "batch": {"rows": batch.rows, "length": batch.length, "trained_positions": batch.trained,
+                      "source": batch.source},
+            "trainable_params": sum(map(_numel, counts.trainable)), "method": method.name, "optimizer": rule.name,
+            "assumptions": notes}
+
+
+def estimate_inference(spec: JobSpec, device: str | None = None, use_data: bool = True) -> dict:
+    """The floor the training estimates compare with: the base model in the compute dtype and the
+    loss forward over the same first batch, without gradients (``bench/_run_one.py``'s inference run)."""
+    from adapters import METHODS
+
+    device = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    dtype = dtype_for(spec.training.precision, device)
+    src, config = read_config(spec)
+    batch, _ = first_batch(spec, src, use_data)
+    full = METHODS.get("full")
+    counts = count(config, spec, full, full.Config(), dtype)
+    nbytes = torch.finfo(dtype).bits // 8
+    base = counts.base_bytes * nbytes // 4  # the meta model is built in fp32 for "full"
+    breakdown = {"weights": base, "trainable": 0, "gradients": 0, "optimizer_state": 0,
+                 "activations": inference_activations(config, counts, batch, nbytes),
+                 "logits": min(spec.training.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * 2,
+                 "framework_overhead": PROCESS_BYTES + TOKENIZER_BYTES if device == "cpu" else 0}
+    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "batch": {"rows": batch.rows, "length": batch.length}}
+
+
+def _file_dtype(config) -> torch.dtype | None:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _gguf_bytes(src) -> int:
+    # A GGUF file is read through a mapping while every tensor is dequantized into a new one.
+    if src.gguf_file and src.kind in ("gguf", "bundled"):
+        return (Path(src.path) / src.gguf_file).stat().st_size
+    return 0
+
+
+def describe(spec: JobSpec, device: str, dtype: torch.dtype, src, batch: Batch, counts: Counts, mapped: bool,
+             peak: str, method: str, rule: str) -> list[str]:
+    t = spec.training
+    notes = [("CPU: the training process's peak resident memory, as run.json records it." if device == "cpu"
+              else "GPU: the allocator's peak (tensors only; the CUDA context is not counted)."),
+             f"first batch: {batch.rows} rows x {batch.length} tokens, {batch.trained} trained positions "
+             f"({'from the dataset' if batch.source == 'dataset' else 'assumed: every row max_seq_len long'}).",
+             f"{method} trains {sum(map(_numel, counts.trainable)):,} values in {len(counts.trainable)} tensors; "
+             f"{rule} updates them."]
+    if mapped:
+        notes.append("the base is memory-mapped from its safetensors file: every weight page the run reads "
+                     "stays resident, also under a quantized copy.")
+    if src.kind in ("gguf", "bundled"):
+        notes.append("the base is a GGUF file: loading dequantizes it into new tensors "
+                     "(the bundled model is converted once, later runs load the cached copy).")
+    if t.gradient_checkpointing:
+        notes.append("gradient checkpointing: each block keeps its input; one block is recomputed at a time.")
+    if dtype != torch.float32:
+        notes.append(f"activations in {str(dtype).removeprefix('torch.')}: the fp32 probe's bytes scaled down.")
+    if t.devices > 1:
+        notes.append(f"per process: each of the {t.devices} processes holds all of this.")
+    if peak != "train":
+        notes.append(f"the peak falls in the {peak} phase, before the first step.")
+    return notes

@@ -1,0 +1,265 @@
+"""What a model holds once a method is applied, and what autograd keeps for backward.
+
+Both without the weights: parameter and quantized bytes come from the model built on the meta
+device with the method applied there (exact, including which tensors train); activations come
+from a two-block copy of the architecture with random weights, run once on the run's first
+batch with the method applied, weighing every tensor autograd saves, block by block. The
+first batch is the longest of the run: batches are grouped by length and the longest goes first.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from jobs.errors import StudioError
+from jobs.spec import JobSpec
+
+PROBE_BLOCKS = 2
+# Small enough to build in milliseconds; the vocabulary only sizes embeddings, not activations.
+PROBE_VOCAB = 1024
+# Methods that cannot be applied on the meta device (their initialisation needs real numbers,
+# e.g. an SVD), and a method holding the same tensors. A method may name its own as ``memory_twin``.
+STAND_INS = {"loftq": "qlora"}
+
+
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def load_dtype(method, dtype: torch.dtype) -> torch.dtype:
+    # As jobs.train: frozen bases load in the compute dtype, full fine-tuning keeps fp32 masters.
+    return dtype if (dtype != torch.float32 and method.name != "full") else torch.float32
+
+
+@dataclass
+class Batch:
+    rows: int
+    length: int
+    trained: int       # positions whose next token is trained (what the loss projects)
+    source: str
+
+
+@dataclass
+class Counts:
+    """Bytes and sizes of the model after the method is applied (from the meta device)."""
+
+    base_bytes: int                 # the base as loaded
+    frozen_bytes: int               # what the applied model holds that does not train
+    created_bytes: int              # frozen tensors the method made (quantized copies)
+    trainable: list[tuple[int, ...]] = field(default_factory=list)   # shape of every trained tensor
+    trainable_bytes: int = 0
+    trainable_base_bytes: int = 0   # of those, tensors of the base itself (full, selective)
+    head_bytes: int = 0             # a trained output head tied to the input embedding
+    trained_blocks: list[int] = field(default_factory=list)
+    blocks: int = 0
+    uses_peft: bool = False
+    hidden: int = 0
+    vocab: int = 0
+
+
+def dtype_for(precision: str, device: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def read_config(spec: JobSpec):
+    """The model's config from its folder, the bundled cache or a GGUF file's metadata."""
+    from transformers import AutoConfig
+
+    from jobs import models
+
+    src = models.resolve(spec.model)
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=spec.trust_remote_code, **src.kwargs())
+    except (OSError, ValueError) as e:
+        raise StudioError(f"could not read the model's config ({str(e).splitlines()[0]}).", spec.model,
+                          "point model at a folder with config.json, a .gguf file, or a reachable Hub id.") from None
+    return src, config
+
+
+def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, object]:
+    """The shape of the first micro-batch a process trains on (the longest of the run)."""
+    t = spec.training
+    rows = t.batch_size
+    if not use_data:
+        return Batch(rows, t.max_seq_len, rows * t.max_seq_len, "max_seq_len"), None
+    from jobs import models
+    from jobs.data import plan_batches, prepare
+
+    tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
+    data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
+    lengths = [len(e.input_ids) for e in data.train]
+    chosen = plan_batches(lengths, t.batch_size * t.devices, t.seed, 0)[0][::t.devices]
+    trained = sum(sum(1 for y in data.train[i].labels[1:] if y != -100) for i in chosen)
+    return Batch(len(chosen), max(lengths[i] for i in chosen), trained, "dataset"), tokenizer
+
+
+def _meta_model(config, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _apply(method, mcfg, model, spec: JobSpec, device: torch.device, dtype: torch.dtype, tokenizer=None):
+    from adapters.base import Context
+
+    ctx = Context(spec=spec, device=device, dtype=dtype, tokenizer=tokenizer)
+    try:
+        return method.apply(model, mcfg, ctx)
+    except StudioError:
+        raise
+    except Exception:
+        # A method whose initialisation needs real numbers (an SVD, ...) may name a method of
+        # the same memory shape to stand in for it on the meta device.
+        twin = _stand_in(method, mcfg)
+        if twin is None or device.type != "meta":
+            raise
+        return twin[0].apply(model, twin[1], ctx)
+
+
+def _stand_in(method, mcfg):
+    from adapters import METHODS
+
+    name = getattr(method, "memory_twin", None) or STAND_INS.get(method.name)
+    if not name:
+        return None
+    twin = METHODS.get(name)
+    fields = {k: v for k, v in mcfg.model_dump().items() if k in twin.Config.model_fields}
+    return twin, twin.Config(**fields)
+
+
+def count(config, spec: JobSpec, method, mcfg, dtype: torch.dtype) -> Counts:
+    from adapters._blocks import find_blocks
+    from adapters.quant.targets import held_bytes
+
+    model = _meta_model(config, load_dtype(method, dtype), spec.trust_remote_code)
+    base_ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    model = _apply(method, mcfg, model, spec, torch.device("meta"), dtype)
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+    trained = [t for t in tensors if t.requires_grad]
+    trainable_bytes = sum(t.numel() * t.element_size() for t in trained)
+    frozen = held_bytes(model) - trainable_bytes  # held_bytes also counts quantization state
+    kept_base = sum(t.numel() * t.element_size() for t in tensors if id(t) in base_ids and not t.requires_grad)
+    blocks = find_blocks(model)
+    trained_blocks = []
+    if blocks is not None:
+        trained_blocks = [i for i, b in enumerate(blocks.modules) if any(p.requires_grad for p in b.parameters())]
+    text = _text(config)
+    tied_and_trained = tied and head.weight.requires_grad
+    return Counts(base_bytes=base_bytes, frozen_bytes=frozen, created_bytes=frozen - kept_base,
+                  trainable=[tuple(t.shape) for t in trained], trainable_bytes=trainable_bytes,
+                  trainable_base_bytes=sum(t.numel() * t.element_size() for t in trained if id(t) in base_ids),
+                  head_bytes=head.weight.numel() * head.weight.element_size() if tied_and_trained else 0,
+                  trained_blocks=trained_blocks, blocks=len(blocks) if blocks is not None else 0,
+                  uses_peft=any(type(m).__module__.startswith("peft") for m in model.modules()),
+                  hidden=int(text.hidden_size), vocab=int(text.vocab_size))
+
+
+@dataclass
+class Saved:
+    per_block: int     # bytes one block keeps for backward
+    outside: int       # embeddings, final norm, the loss's inputs
+    upstream: bool     # the first block records though it trains nothing: something before it trains
+
+
+def _shrunk(config, blocks: int, vocab: int):
+    small = copy.deepcopy(config)
+    text = _text(small)
+    text.num_hidden_layers = blocks
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types)[:blocks]
+    text.vocab_size = vocab
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value >= vocab:
+            setattr(text, key, None)
+    return small
+
+
+def probe_saved(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer=None) -> Saved:
+    """Run the method on a two-block random copy of the model and weigh what autograd keeps."""
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(0)
+        return _probe(config, spec, method, mcfg, batch, tokenizer)
+
+
+def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Saved:
+    from transformers import AutoModelForCausalLM
+
+    from adapters._blocks import find_blocks
+    from jobs.loss import token_loss_sum
+
+    n_blocks = min(PROBE_BLOCKS, int(_text(config).num_hidden_layers))
+    model = AutoModelForCausalLM.from_config(_shrunk(config, n_blocks, PROBE_VOCAB),
+                                             trust_remote_code=spec.trust_remote_code)
+    model.config.use_cache = False
+    model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
+    model.train()
+    blocks = find_blocks(model)
+    where = ["outside"]
+    for i, block in enumerate(blocks.modules if blocks else []):
+        block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i))
+        block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "outside"))
+    held = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    kept: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held and ptr not in kept:
+            kept[ptr] = (where[0], t.untyped_storage().nbytes())
+        return t
+
+    rows, length = batch.rows, batch.length
+    ids = torch.randint(0, PROBE_VOCAB, (rows, length))
+    labels = torch.full((rows, length), -100)
+    for r in range(rows):  # spread the trained positions over the rows, at their ends
+        k = min(length - 1, batch.trained // rows + (r < batch.trained % rows))
+        if k:
+            labels[r, length - k:] = ids[r, length - k:]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_loss_sum(model, inputs, spec.training.loss_chunk_tokens)
+    by_place: dict = {}
+    for place, nbytes in kept.values():
+        by_place[place] = by_place.get(place, 0) + nbytes
+    typical = by_place.get(n_blocks - 1, 0)
+    first_trains = bool(blocks) and any(p.requires_grad for p in blocks.modules[0].parameters())
+    return Saved(per_block=max(typical, by_place.get(0, 0)), outside=by_place.get("outside", 0),
+                 upstream=by_place.get(0, 0) > 0 and not first_trains)
+
+
+def guess_saved(config, batch: Batch) -> Saved:
+    """Without a probe: a transformer block keeps ~10 hidden-sized and ~4 MLP-sized tensors per token."""
+    text = _text(config)
+    d = int(text.hidden_size)
+    inner = int(getattr(text, "intermediate_size", None) or 4 * d)
+    tokens = batch.rows * batch.length
+    return Saved(per_block=tokens * (10 * d + 4 * inner) * 4, outside=2 * tokens * d * 4, upstream=True)
+
+
+def training_activations(saved: Saved, counts: Counts, batch: Batch, checkpointing: bool) -> int:
+    """fp32 bytes autograd keeps at the end of the forward pass.
+
+    A block keeps tensors when it trains or when something before it trains (its input then
+    needs a gradient); the blocks before the first trained one keep nothing.
+    """
+    first = min(counts.trained_blocks, default=counts.blocks)
+    recording = counts.blocks if saved.upstream else counts.blocks - first
+    if checkpointing and recording:
+        return saved.outside + recording * batch.rows * batch.length * counts.hidden * 4 + saved.per_block
+    return saved.outside + recording * saved.per_block
+
+
+def inference_activations(config, counts: Counts, batch: Batch, nbytes: int) -> int:
+    """Without a graph (MeZO, evaluation) what stays is every block's output, which the loss asks
+    for (output_hidden_states), and one block's MLP intermediates."""
+    inner = int(getattr(_text(config), "intermediate_size", None) or 4 * counts.hidden)
+    tokens = batch.rows * batch.length
+    return (counts.blocks + 1) * tokens * counts.hidden * nbytes + 4 * tokens * inner * nbytes

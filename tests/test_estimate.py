@@ -1,0 +1,143 @@
+"""The memory estimator on tiny models: its parts add up, its counts are the methods' own,
+the orderings between methods and update rules hold, it stays near a measured run, and the
+CLI prints it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, _tiny_tokenizer, make_spec
+
+from adapters import METHODS
+from jobs.estimate import estimate, estimate_inference
+from jobs.spec import parse_spec
+
+PARTS = {"weights", "trainable", "gradients", "optimizer_state", "activations", "logits", "framework_overhead"}
+
+
+def spec(model: Path, dataset: Path, out: Path, method: dict | None = None, optimizer: dict | None = None,
+         **training):
+    return parse_spec(make_spec(model, dataset, out, method, optimizer, **training))
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> Path:
+    """A config and tokenizer only, no weights: big enough (31M values) that the model, not the
+    process, dominates each estimate; the estimator never needs the weights."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("wide-config")
+    tok = _tiny_tokenizer(folder)
+    LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=True).save_pretrained(folder)
+    assert not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def test_breakdown_adds_up_to_the_total(tiny_model, toy_dataset, tmp_path):
+    result = estimate(spec(tiny_model, toy_dataset, tmp_path / "run"), "cpu")
+    assert set(result["breakdown"]) == PARTS
+    assert sum(result["breakdown"].values()) == result["total_bytes"] > 0
+    assert result["total_bytes"] == max(result["phases"].values())
+    assert result["batch"]["source"] == "dataset" and result["batch"]["rows"] == 8
+    assert result["assumptions"] and all(isinstance(a, str) for a in result["assumptions"])
+    floor = estimate_inference(spec(tiny_model, toy_dataset, tmp_path / "run"), "cpu")
+    assert sum(floor["breakdown"].values()) == floor["total_bytes"] < result["total_bytes"]
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_trainable_count_is_what_the_method_trains(name, tiny_model, toy_dataset, tmp_path):
+    import torch
+
+    from adapters.base import Context
+    from jobs import models
+
+    s = spec(tiny_model, toy_dataset, tmp_path / "run", {"name": name})
+    method, cfg = s.method_config()
+    src = models.resolve(s.model)
+    tokenizer = models.load_tokenizer(src)
+    ctx = Context(spec=s, device=torch.device("cpu"), dtype=torch.float32, tokenizer=tokenizer)
+    model = method.apply(models.load_model(src), cfg, ctx)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate(s, "cpu")["trainable_params"] == trained
+
+
+def test_orderings_between_methods_and_rules(wide_model, toy_dataset, tmp_path):
+    def total(method, optimizer, **training):
+        return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": method}, {"name": optimizer},
+                             **training), "cpu")["total_bytes"]
+
+    full_adamw, full_lomo, full_mezo = total("full", "adamw"), total("full", "lomo"), total("full", "mezo")
+    assert total("lora", "adamw") < full_adamw
+    assert full_lomo < full_adamw
+    assert full_mezo < full_lomo
+    assert total("full", "adamw_8bit") < full_adamw
+    assert total("full", "adamw", gradient_checkpointing=True) < full_adamw
+
+
+def test_quantized_base_is_smaller_than_the_plain_one_on_a_gpu(wide_model, toy_dataset, tmp_path):
+    # On a GPU only what the model holds counts (no memory-mapped file pages); while the
+    # base is quantized, base and quantized copy exist together.
+    def phases(method):
+        return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": method}), "cuda")["phase_breakdowns"]
+
+    qlora, lora = phases("qlora"), phases("lora")
+    assert qlora["train"]["weights"] < 0.5 * lora["train"]["weights"]
+    assert qlora["apply"]["weights"] > lora["apply"]["weights"]
+
+
+def test_without_the_dataset_rows_are_max_seq_len_long(tiny_model, toy_dataset, tmp_path):
+    s = spec(tiny_model, toy_dataset, tmp_path / "run", max_seq_len=64)
+    guessed = estimate(s, "cpu", use_data=False)
+    assert guessed["batch"] == {"rows": 8, "length": 64, "trained_positions": 8 * 64, "source": "max_seq_len"}
+    assert guessed["breakdown"]["activations"] > estimate(s, "cpu")["breakdown"]["activations"]
+
+
+def test_estimate_is_near_a_measured_tiny_run(tiny_model, toy_dataset, tmp_path):
+    """Loose: on a tiny model the process itself is nearly all of it, and the machine is shared."""
+    data = make_spec(tiny_model, toy_dataset, tmp_path / "run", max_steps=3)
+    (tmp_path / "spec.json").write_text(json.dumps(data))
+    script = ("import json, re, sys; from pathlib import Path; from jobs.spec import parse_spec; "
+              "from jobs.train import train; train(parse_spec(json.loads(Path(sys.argv[1]).read_text())), resume=False); "
+              "print(int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1)) * 1024)")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**_env(), "STUDIO_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = int(done.stdout.split()[-1])
+    predicted = estimate(parse_spec(data), "cpu")["total_bytes"]
+    assert 0.6 < predicted / measured < 1.6, (predicted, measured)
+
+
+def test_cli_prints_the_table_and_json(tiny_model, toy_dataset, tmp_path, capsys):
+    from studio.cli import main
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(make_spec(tiny_model, toy_dataset, tmp_path / "run")))
+    assert main(["estimate", str(path), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "Predicted peak memory" in table
+    assert all(part in table for part in PARTS) and "assumptions:" in table
+    assert main(["estimate", str(path), "--json", "--set", "training.batch_size=2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch"]["rows"] == 2 and sum(result["breakdown"].values()) == result["total_bytes"]
+
+
+def test_cli_rejects_a_combination_training_would_reject(tiny_model, toy_dataset, tmp_path, capsys):
+    from studio.cli import main
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(make_spec(tiny_model, toy_dataset, tmp_path / "run", optimizer={"name": "mezo"},
+                                         grad_accum=2)))
+    assert main(["estimate", str(path)]) == 2
+    assert "grad_accum" in capsys.readouterr().err
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
