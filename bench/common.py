@@ -186,7 +186,7 @@ def train_timed(spec_data: dict, output_dir: Path) -> tuple[dict, dict]:
 
     device, _ = compute_device()
     spec = parse_spec(merge(spec_data, {"output_dir": str(output_dir)}))
-    clocks: dict[str, list] = {"marks": [], "cpu": [], "trained": [], "tokens": []}
+    clocks: dict[str, list] = {"marks": [], "cpu": [], "trained": [], "tokens": [], "loss": []}
 
     def progress(record: dict) -> None:
         if record.get("event"):
@@ -196,6 +196,7 @@ def train_timed(spec_data: dict, output_dir: Path) -> tuple[dict, dict]:
         clocks["cpu"].append(time.process_time())
         clocks["trained"].append(record["trained_tokens"])
         clocks["tokens"].append(record["tokens"])
+        clocks["loss"].append(record["loss"])
 
     return train(spec, progress=progress), clocks
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from bench.common import (compute_device, demo_spec, device_name, merge, process_peak_memory, run_isolated, say,
                           train_timed, warm_model_cache, with_budget, worker_main, write_result)
 
-DEFAULT = {"steps": 24, "eval_rows": 32}
-FULL = {"steps": None, "eval_rows": 80}  # None: the demo spec's own step count
+# The default must fit a 2-core CPU: a dozen methods x (process start, model load, steps,
+# evaluation). 12 steps show which methods learn fastest; --full gives the demo's own budget.
+DEFAULT = {"steps": 12, "eval_rows": 16, "timeout": 1800}
+FULL = {"steps": None, "eval_rows": 80, "timeout": 3600}  # None: the demo spec's own step count
 BASE = "base model (untrained)"
 
 
@@ -51,7 +53,8 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
         mspec = merge(common, {"optimizer": {"name": "adamw", "lr": lr}})
         mspec["method"] = method
         say(f"quality: {name} (lr {lr:.2g}, {steps} steps)")
-        result = run_isolated("bench.quality", "train", {"spec": mspec}, f"quality-{name}")
+        result = run_isolated("bench.quality", "train", {"spec": mspec}, f"quality-{name}",
+                              timeout=budget["timeout"])
         rows.append({"method": name, "lr": lr, "summary": registered[name]["summary"], **_row(result)})
         say("  " + (f"failed: {rows[-1]['error']}" if rows[-1]["status"] == "failed" else
                     f"eval loss {rows[-1]['eval_loss']:.3f}, exact match {rows[-1]['exact_match']:.0%}"))

@@ -46,7 +46,7 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
         if name not in results:
             continue
         data = results[name]
-        lines += [f"## {TITLES.get(name, name.capitalize())}", "", _provenance(data), ""]
+        lines += [f"## {TITLES.get(name, name.replace('_', ' ').capitalize())}", "", _provenance(data), ""]
         body, plot = sections.get(name, _generic)(data)
         lines += body
         if plt is not None and plot is not None:
@@ -95,17 +95,23 @@ def _speed(data: dict):
                   f"- **memory_ratio_vs_trainer: {data['memory_ratio_vs_trainer']:.2f}x** peak memory "
                   f"({data['memory_kind']}; target <= {data['memory_target']}x: "
                   f"{_verdict(data['meets_memory_target'])})",
-                  f"- per CPU-second of each process: {data['cpu_time_speedup_vs_trainer']:.2f}x", ""]
+                  f"- per CPU-second of each process: {data['cpu_time_speedup_vs_trainer']:.2f}x; "
+                  f"fastest steps (90th percentile of per-step rates, the least disturbed by other processes): "
+                  f"{data.get('fast_step_speedup_vs_trainer', float('nan')):.2f}x", ""]
     lines += [f"LoRA ({_method_text(spec.get('method'))}) on `{spec.get('model')}`, {s.get('steps')} steps of "
               f"{t.get('batch_size')} rows x {t.get('grad_accum', 1)} accumulation, sequences capped at "
               f"{t.get('max_seq_len')} tokens, {s.get('repeats')} runs of each system in alternating order, each "
               "its own process. Throughput counts trained tokens from the end of step 1 to the end of the last "
               "step; peak memory is the whole process's.", ""]
     runs = data.get("runs") or []
-    lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "train loss"],
-                    [[r["system"], r["repeat"], *(["failed: " + r["error"], "", "", ""] if "error" in r else
+    lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "mean train loss", "load"],
+                    [[r["system"], r["repeat"], *(["failed: " + r["error"], "", "", "", ""] if "error" in r else
                       [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
-                       fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("train_loss"), 3)])] for r in runs]), ""]
+                       fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("mean_train_loss"), 3),
+                       fmt((r.get("load_average") or [None])[0])])] for r in runs]), "",
+              "Mean train loss is the mean of the step losses (per trained token), computed alike by both; "
+              "close values show both ran the same training. Load is the machine's 1-minute load average "
+              "when the run ended.", ""]
     if s.get("trainer_arguments"):
         args = ", ".join(f"`{k}={v}`" for k, v in s["trainer_arguments"].items())
         lines += [f"Trainer settings: {args}. Rows come from the same `jobs.data.prepare` call as ours and are "

@@ -13,6 +13,7 @@ not -100. Throughput is measured from the end of step 1 to the end of the last s
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -69,12 +70,15 @@ def summarise(runs: list[dict]) -> dict:
     speedup = med("ours", "trained_tokens_per_second") / med("trainer", "trained_tokens_per_second")
     memory = med("ours", "peak_memory_bytes") / med("trainer", "peak_memory_bytes")
     cpu = med("ours", "trained_tokens_per_cpu_second") / med("trainer", "trained_tokens_per_cpu_second")
+    fast = _fast_steps(ok["ours"]) / _fast_steps(ok["trainer"])
     first = ok["ours"][0]
     return {
         "speedup_vs_trainer": speedup,
         "memory_ratio_vs_trainer": memory,
         # Per CPU-second of the process: less sensitive to other processes sharing the machine.
         "cpu_time_speedup_vs_trainer": cpu,
+        # The steps least disturbed by other processes: an estimate for a machine of one's own.
+        "fast_step_speedup_vs_trainer": fast,
         "speedup_target": SPEEDUP_TARGET, "memory_target": MEMORY_TARGET,
         "meets_speed_target": speedup >= SPEEDUP_TARGET, "meets_memory_target": memory <= MEMORY_TARGET,
         "median": {s: {k: med(s, k) for k in ("trained_tokens_per_second", "tokens_per_second",
@@ -85,14 +89,23 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def _fast_steps(runs: list[dict]) -> float:
+    """The 90th percentile of per-step trained tokens per second over all of a system's runs."""
+    rates = sorted(rate for r in runs for rate in r.get("step_rates") or [r["trained_tokens_per_second"]])
+    return rates[min(len(rates) - 1, int(0.9 * len(rates)))]
+
+
 # ---------------------------------------------------------------- workers (one run per process)
 
-def _measure(marks: list[float], cpu: list[float], trained: list[int], tokens: list[int], device: str,
-             dtype: str) -> dict:
+def _measure(marks: list[float], cpu: list[float], trained: list[int], tokens: list[int], mean_loss: float,
+             device: str, dtype: str) -> dict:
     rate, seconds, steps = steady_rate(marks, trained)
     cpu_rate, _, _ = steady_rate(cpu, trained)
     token_rate, _, _ = steady_rate(marks, tokens)
-    return {"trained_tokens_per_second": rate, "tokens_per_second": token_rate,
+    step_rates = [n / max(b - a, 1e-9) for a, b, n in zip(marks, marks[1:], trained[1:])]
+    return {"trained_tokens_per_second": rate, "tokens_per_second": token_rate, "step_rates": step_rates,
+            "mean_train_loss": mean_loss,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "trained_tokens_per_cpu_second": cpu_rate, "measured_seconds": seconds, "measured_steps": steps,
             "trained_tokens": sum(trained), "tokens": sum(tokens), "steps": len(marks),
             "device": device, "device_name": device_name(device), "dtype": dtype, **process_peak_memory(device)}
@@ -101,8 +114,9 @@ def _measure(marks: list[float], cpu: list[float], trained: list[int], tokens: l
 def _ours(params: dict) -> dict:
     device, dtype = compute_device()
     record, c = train_timed(params["spec"], Path(params["scratch"]) / "run")
-    return {**_measure(c["marks"], c["cpu"], c["trained"], c["tokens"], device, dtype),
-            "train_loss": record["metrics"]["train_loss"]}
+    losses = c["loss"]
+    return _measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
+                    device, dtype)
 
 
 class _CountingCollator:
@@ -158,6 +172,7 @@ def _trainer(params: dict) -> dict:
                               "labels": [e.labels for e in data.train]})
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype=getattr(torch, dtype), **src.kwargs())
     model.config.use_cache = False
+    torch.manual_seed(t.seed)  # the adapter starts from the same draw as in our loop
     model = get_peft_model(model, method.to_peft_config(mcfg))
     collator = _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     marks, cpu = [], []
@@ -175,7 +190,8 @@ def _trainer(params: dict) -> dict:
     accum = t.grad_accum
     trained = [sum(collator.trained[k * accum:(k + 1) * accum]) for k in range(len(marks))]
     tokens = [sum(collator.tokens[k * accum:(k + 1) * accum]) for k in range(len(marks))]
-    return {**_measure(marks, cpu, trained, tokens, device, dtype), "train_loss": output.training_loss,
+    # Trainer's training_loss is the mean of its step losses, as mean_train_loss is for ours.
+    return {**_measure(marks, cpu, trained, tokens, output.training_loss, device, dtype),
             "trainer_arguments": {**{k: v for k, v in arguments.items() if k != "output_dir"},
                                   "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim)}}
 

@@ -114,10 +114,11 @@ def fake_results() -> dict:
     machine = {"cpu": "Test CPU", "usable_cores": 2, "ram_bytes": 8 * 2 ** 30, "gpus": [], "date": "2025-01-01",
                "versions": {"torch": "2.x"}, "command": "python -m bench", "load_average": [1.0, 1.0, 1.0]}
     run = {"trained_tokens_per_second": 10.0, "tokens_per_second": 50.0, "peak_memory_bytes": 2 ** 30,
-           "train_loss": 1.0}
+           "mean_train_loss": 1.0, "load_average": [2.0, 1.0, 1.0]}
     return {
         "speed": {"machine": machine, "device": "cpu", "device_name": "Test CPU", "dtype": "float32",
                   "speedup_vs_trainer": 1.5, "memory_ratio_vs_trainer": 0.7, "cpu_time_speedup_vs_trainer": 1.4,
+                  "fast_step_speedup_vs_trainer": 1.6,
                   "speedup_target": 1.3, "memory_target": 0.6, "meets_speed_target": True,
                   "meets_memory_target": False, "memory_kind": "cpu_peak_rss",
                   "settings": {"steps": 4, "repeats": 1, "spec": {"model": "m", "method": {"name": "lora", "r": 8},
@@ -145,7 +146,7 @@ def fake_results() -> dict:
 def test_report_from_fake_results(tmp_path):
     path = write_report(fake_results(), tmp_path)
     text = path.read_text()
-    for expected in ("speedup_vs_trainer: 1.50x", "memory_ratio_vs_trainer: 0.70x", "**not met**",
+    for expected in ("speedup_vs_trainer: 1.50x", "memory_ratio_vs_trainer: 0.70x", "1.60x", "**not met**",
                      "| lora | 0.001 | 2.00 M | 0.500 | 75% |", "failed: loss became nan", "20.0%",
                      "## Memory ladder", "Measured 2025-01-01 on Test CPU", "`save_strategy=no`"):
         assert expected in text, expected
