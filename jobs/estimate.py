@@ -31,10 +31,14 @@ from jobs.spec import JobSpec, check_combination
 PROCESS_BYTES = 370 << 20      # interpreter, torch, transformers, the studio's modules, model code
 TOKENIZER_BYTES = 100 << 20    # a fast tokenizer with a ~50k vocabulary, and the tokenized rows
 PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
-# glibc keeps the memory that one step's activations free and the next step's batch (of another
-# length) only partly fits into it; gradients allocated during backward take the rest over.
-# Fitted on SmolLM2 runs of 3 and 12 steps: 0.5-0.7 of the activations stay resident.
-CPU_ACTIVATION_SLACK = 0.6
+# The CPU allocator (glibc) keeps memory a step frees and hands it out again only where the next
+# tensor fits: batches differ in length, and a quantized layer is expanded to a full-precision
+# temporary in every forward and backward. Two constants, fitted on the SmolLM2 ladder
+# (bench/memory.py; errors within 12% with them): of the activations whose size follows the
+# batch, 0.1 stays resident beyond what the gradients take over; of the full-precision size of
+# the layers a method quantized, 0.55.
+CPU_ACTIVATION_SLACK = 0.1
+CPU_DEQUANTIZE_SLACK = 0.55
 LOGIT_COPIES = 3               # logits, log-softmax and the logits' gradient, for one loss chunk
 NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
 
@@ -109,9 +113,10 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
         except Exception as e:  # noqa: BLE001 - a model the probe cannot run still gets an estimate
             saved = guess_saved(config, batch)
             notes.append(f"activations from a rule of thumb: the probe could not run ({type(e).__name__}: {e}).")
-        activations = training_activations(saved, counts, batch, t.gradient_checkpointing) * act_bytes // 4
+        activations, fixed = (n * act_bytes // 4 for n in training_activations(saved, counts, batch,
+                                                                                t.gradient_checkpointing))
     else:
-        activations = inference_activations(config, counts, batch, act_bytes)
+        activations, fixed = inference_activations(config, counts, batch, act_bytes), 0
     logits = min(t.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * (LOGIT_COPIES if backward else 2)
 
     gradients = {"all": counts.trainable_bytes, "one": largest, "none": 0}[memory.gradients]
@@ -127,7 +132,11 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     weights = counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes if mapped \
         else counts.frozen_bytes
     process = PROCESS_BYTES + TOKENIZER_BYTES + (PEFT_BYTES if counts.uses_peft else 0) if cpu else 0
-    slack = max(0, int(CPU_ACTIVATION_SLACK * (activations + logits)) - gradients) if cpu and backward else 0
+    slack = 0
+    if cpu:
+        churn = activations - fixed + logits if backward else 0  # what changes size from batch to batch
+        slack = max(0, int(CPU_ACTIVATION_SLACK * churn) - gradients) \
+            + int(CPU_DEQUANTIZE_SLACK * counts.replaced_bytes)
     phases = {
         "train": {"weights": weights, "trainable": counts.trainable_bytes, "gradients": gradients,
                   "optimizer_state": optimizer, "activations": activations, "logits": logits,
@@ -142,10 +151,13 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
             "dtype": str(dtype).removeprefix("torch."), "peak_phase": peak,
             "phases": {k: int(sum(v.values())) for k, v in phases.items()},
-            "phase_breakdowns": {k: {part: int(v.get(part, 0)) for part in phases["train"]} for k, v in phases.items()},
+            "phase_breakdowns": {k: {part: int(v.get(part, 0)) for part in phases["train"]}
+                                 for k, v in phases.items()},
             "batch": {"rows": batch.rows, "length": batch.length, "trained_positions": batch.trained,
                       "source": batch.source},
             "trainable_params": sum(map(_numel, counts.trainable)), "method": method.name, "optimizer": rule.name,
+            "details": {"process": process, "allocator_slack": slack, "activations_batch_sized": activations - fixed,
+                        "activations_fixed": fixed},
             "assumptions": notes}
 
 

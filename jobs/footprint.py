@@ -48,6 +48,7 @@ class Counts:
     base_bytes: int                 # the base as loaded
     frozen_bytes: int               # what the applied model holds that does not train
     created_bytes: int              # frozen tensors the method made (quantized copies)
+    replaced_bytes: int = 0         # base tensors the method dropped (the layers it quantized)
     trainable: list[tuple[int, ...]] = field(default_factory=list)   # shape of every trained tensor
     trainable_bytes: int = 0
     trainable_base_bytes: int = 0   # of those, tensors of the base itself (full, selective)
@@ -147,6 +148,7 @@ def count(config, spec: JobSpec, method, mcfg, dtype: torch.dtype) -> Counts:
     trainable_bytes = sum(t.numel() * t.element_size() for t in trained)
     frozen = held_bytes(model) - trainable_bytes  # held_bytes also counts quantization state
     kept_base = sum(t.numel() * t.element_size() for t in tensors if id(t) in base_ids and not t.requires_grad)
+    kept_trained = sum(t.numel() * t.element_size() for t in trained if id(t) in base_ids)
     blocks = find_blocks(model)
     trained_blocks = []
     if blocks is not None:
@@ -154,8 +156,9 @@ def count(config, spec: JobSpec, method, mcfg, dtype: torch.dtype) -> Counts:
     text = _text(config)
     tied_and_trained = tied and head.weight.requires_grad
     return Counts(base_bytes=base_bytes, frozen_bytes=frozen, created_bytes=frozen - kept_base,
+                  replaced_bytes=base_bytes - kept_base - kept_trained,
                   trainable=[tuple(t.shape) for t in trained], trainable_bytes=trainable_bytes,
-                  trainable_base_bytes=sum(t.numel() * t.element_size() for t in trained if id(t) in base_ids),
+                  trainable_base_bytes=kept_trained,
                   head_bytes=head.weight.numel() * head.weight.element_size() if tied_and_trained else 0,
                   trained_blocks=trained_blocks, blocks=len(blocks) if blocks is not None else 0,
                   uses_peft=any(type(m).__module__.startswith("peft") for m in model.modules()),
@@ -167,6 +170,8 @@ class Saved:
     per_block: int     # bytes one block keeps for backward
     outside: int       # embeddings, final norm, the loss's inputs
     upstream: bool     # the first block records though it trains nothing: something before it trains
+    fixed_per_block: int = 0   # of per_block, bytes that do not grow with the batch's tokens
+    fixed_outside: int = 0
 
 
 def _shrunk(config, blocks: int, vocab: int):
@@ -208,31 +213,48 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i))
         block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "outside"))
     held = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    kept: dict[int, tuple] = {}
 
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in held and ptr not in kept:
-            kept[ptr] = (where[0], t.untyped_storage().nbytes())
-        return t
+    def weigh(length: int) -> dict:
+        """Bytes autograd keeps per place (block index or "outside") for a batch of this length."""
+        kept: dict[int, tuple] = {}
 
-    rows, length = batch.rows, batch.length
+        def pack(t: torch.Tensor):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in held and ptr not in kept:
+                kept[ptr] = (where[0], t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained), spec.training.loss_chunk_tokens)
+        places: dict = {}
+        for place, nbytes in kept.values():
+            places[place] = places.get(place, 0) + nbytes
+        return places
+
+    full = weigh(batch.length)
+    # A second, shorter batch separates what grows with the tokens from what does not (e.g.
+    # DoRA's per-layer identity matrices), which matters for the CPU allocator's slack.
+    half = weigh(max(1, batch.length // 2)) if batch.length > 1 else full
+    last = n_blocks - 1
+    first_trains = bool(blocks) and any(p.requires_grad for p in blocks.modules[0].parameters())
+
+    def fixed(place) -> int:
+        return max(0, min(full.get(place, 0), 2 * half.get(place, 0) - full.get(place, 0)))
+
+    return Saved(per_block=max(full.get(last, 0), full.get(0, 0)), outside=full.get("outside", 0),
+                 upstream=full.get(0, 0) > 0 and not first_trains,
+                 fixed_per_block=fixed(last), fixed_outside=fixed("outside"))
+
+
+def _probe_batch(rows: int, length: int, trained: int) -> dict:
+    """Random tokens; the trained positions spread over the rows, at their ends."""
     ids = torch.randint(0, PROBE_VOCAB, (rows, length))
     labels = torch.full((rows, length), -100)
-    for r in range(rows):  # spread the trained positions over the rows, at their ends
-        k = min(length - 1, batch.trained // rows + (r < batch.trained % rows))
+    for r in range(rows):
+        k = min(length - 1, trained // rows + (r < trained % rows))
         if k:
             labels[r, length - k:] = ids[r, length - k:]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_loss_sum(model, inputs, spec.training.loss_chunk_tokens)
-    by_place: dict = {}
-    for place, nbytes in kept.values():
-        by_place[place] = by_place.get(place, 0) + nbytes
-    typical = by_place.get(n_blocks - 1, 0)
-    first_trains = bool(blocks) and any(p.requires_grad for p in blocks.modules[0].parameters())
-    return Saved(per_block=max(typical, by_place.get(0, 0)), outside=by_place.get("outside", 0),
-                 upstream=by_place.get(0, 0) > 0 and not first_trains)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def guess_saved(config, batch: Batch) -> Saved:
@@ -244,8 +266,9 @@ def guess_saved(config, batch: Batch) -> Saved:
     return Saved(per_block=tokens * (10 * d + 4 * inner) * 4, outside=2 * tokens * d * 4, upstream=True)
 
 
-def training_activations(saved: Saved, counts: Counts, batch: Batch, checkpointing: bool) -> int:
-    """fp32 bytes autograd keeps at the end of the forward pass.
+def training_activations(saved: Saved, counts: Counts, batch: Batch, checkpointing: bool) -> tuple[int, int]:
+    """fp32 bytes autograd keeps at the end of the forward pass, and the part of them that does
+    not grow with the batch's tokens.
 
     A block keeps tensors when it trains or when something before it trains (its input then
     needs a gradient); the blocks before the first trained one keep nothing.
@@ -253,8 +276,10 @@ def training_activations(saved: Saved, counts: Counts, batch: Batch, checkpointi
     first = min(counts.trained_blocks, default=counts.blocks)
     recording = counts.blocks if saved.upstream else counts.blocks - first
     if checkpointing and recording:
-        return saved.outside + recording * batch.rows * batch.length * counts.hidden * 4 + saved.per_block
-    return saved.outside + recording * saved.per_block
+        total = saved.outside + recording * batch.rows * batch.length * counts.hidden * 4 + saved.per_block
+        return total, saved.fixed_outside + saved.fixed_per_block
+    return (saved.outside + recording * saved.per_block,
+            saved.fixed_outside + recording * saved.fixed_per_block)
 
 
 def inference_activations(config, counts: Counts, batch: Batch, nbytes: int) -> int:

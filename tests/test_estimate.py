@@ -102,8 +102,10 @@ def test_estimate_is_near_a_measured_tiny_run(tiny_model, toy_dataset, tmp_path)
     """Loose: on a tiny model the process itself is nearly all of it, and the machine is shared."""
     data = make_spec(tiny_model, toy_dataset, tmp_path / "run", max_steps=3)
     (tmp_path / "spec.json").write_text(json.dumps(data))
+    # The process's own peak (VmHWM): ru_maxrss would start from pytest's size, inherited through fork.
     script = ("import json, re, sys; from pathlib import Path; from jobs.spec import parse_spec; "
-              "from jobs.train import train; train(parse_spec(json.loads(Path(sys.argv[1]).read_text())), resume=False); "
+              "from jobs.train import train; "
+              "train(parse_spec(json.loads(Path(sys.argv[1]).read_text())), resume=False); "
               "print(int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1)) * 1024)")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.json")], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**_env(), "STUDIO_HOME": str(tmp_path / "home")})
