@@ -41,7 +41,7 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "quality": _quality, "efficiency": _efficiency}
+    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue
@@ -133,6 +133,43 @@ def _speed(data: dict):
     return lines, (plot if runs else None)
 
 
+def _memory(data: dict):
+    runs = data.get("runs") or []
+    floor = data.get("inference") or {}
+    lines = [f"Peak memory of each method and update rule over {data.get('steps')} steps of "
+             f"{data.get('batch_size')} rows (sequences capped at {data.get('max_seq_len')} tokens), beside the "
+             "estimator's prediction; error = predicted / measured - 1.", ""]
+    for name, r in (data.get("ratios") or {}).items():
+        if "value" in r:
+            target = r.get("target_at_most")
+            verdict = "" if target is None or r["value"] is None else \
+                f" (target <= {target}: {_verdict(r['value'] <= target)})"
+            lines.append(f"- {name}: {fmt(r['value'], 2)}{verdict}")
+    rows = [{"name": "inference (floor)", **floor}, *runs] if floor else runs
+    lines += ["", table(["run", "measured peak", "predicted", "error", "trainable params", "failure"],
+                        [[r.get("name"), fmt_bytes(r.get("measured_peak_bytes")), fmt_bytes(r.get("predicted_bytes")),
+                          fmt_pct(r.get("error"), 1), fmt_count(r.get("trainable_params")), r.get("failure") or ""]
+                         for r in rows]), ""]
+    if data.get("skipped"):
+        lines += ["Skipped: " + "; ".join(f"{s.get('name')} ({s.get('reason')})" for s in data["skipped"]), ""]
+
+    def plot(plt, path):
+        shown = [r for r in rows if r.get("measured_peak_bytes")]
+        fig, ax = plt.subplots(figsize=(9, 0.32 * len(shown) + 1.6))
+        ys = range(len(shown))
+        ax.barh([y - 0.2 for y in ys], [r["measured_peak_bytes"] / 2 ** 20 for r in shown], height=0.4,
+                label="measured peak", color="#2b7bba")
+        ax.barh([y + 0.2 for y in ys], [(r.get("predicted_bytes") or 0) / 2 ** 20 for r in shown], height=0.4,
+                label="predicted", color="#f0a030")
+        ax.set_yticks(list(ys), [str(r.get("name")) for r in shown])
+        ax.invert_yaxis()
+        ax.set_xlabel("MiB")
+        ax.legend(fontsize=8)
+        ax.set_title("Memory ladder: measured peak and the estimator's prediction")
+        _save(fig, path)
+    return lines, (plot if rows else None)
+
+
 def _quality(data: dict):
     s = data.get("settings") or {}
     rows = data.get("rows") or []
@@ -208,7 +245,7 @@ def _generic(data: dict):
         keys = [k for k in dict.fromkeys(k for r in rows for k in r)
                 if all(isinstance(r.get(k), (int, float, str, bool, type(None))) for r in rows)]
         lines += ["", table(keys, [[fmt_value(k, r.get(k)) for k in keys] for r in rows])]
-    name_key = next((k for k in ("method", "name", "label", "run") if rows and k in rows[0]), None)
+    name_key = next((k for k in ("name", "label", "method", "run") if rows and k in rows[0]), None)
     byte_keys = [k for k in (rows[0] if rows else {}) if k.endswith("_bytes")]
 
     def plot(plt, path):

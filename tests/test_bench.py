@@ -138,8 +138,12 @@ def fake_results() -> dict:
                        "rows": [{"method": "full", "model_flops_per_second": 2e10, "fraction_of_peak": 0.2,
                                  "peak_flops_per_second": 1e11, "dtype": "float32", "flops_6nt_per_second": 3e10,
                                  "tokens_per_second": 40.0, "peak_memory_bytes": 3 * 2 ** 30}]},
-        "memory": {"machine": machine, "rows": [{"method": "lora", "peak_memory_bytes": 2 ** 30,
-                                                 "predicted_bytes": 2 ** 29, "error": 0.5}]},
+        "memory": {"machine": machine, "steps": 2, "batch_size": 4, "max_seq_len": 128,
+                   "inference": {"measured_peak_bytes": 2 ** 29, "predicted_bytes": 2 ** 29, "error": 0.0},
+                   "runs": [{"name": "lora+adamw", "measured_peak_bytes": 2 ** 30, "predicted_bytes": 2 ** 29,
+                             "error": -0.5, "trainable_params": 100}],
+                   "ratios": {"full_lomo_over_full_adamw": {"value": 0.4, "target_at_most": 0.5}}},
+        "ui_latency": {"machine": machine, "p95_ms": 120.5, "rows": [{"name": "load", "p95_ms": 1.5}]},
     }
 
 
@@ -148,7 +152,9 @@ def test_report_from_fake_results(tmp_path):
     text = path.read_text()
     for expected in ("speedup_vs_trainer: 1.50x", "memory_ratio_vs_trainer: 0.70x", "1.60x", "**not met**",
                      "| lora | 0.001 | 2.00 M | 0.500 | 75% |", "failed: loss became nan", "20.0%",
-                     "## Memory ladder", "Measured 2025-01-01 on Test CPU", "`save_strategy=no`"):
+                     "## Memory ladder", "| lora+adamw | 1.00 GiB | 512 MiB | -50.0% |",
+                     "full_lomo_over_full_adamw: 0.40 (target <= 0.5: met)", "## Ui latency", "p95_ms: 120.500",
+                     "Measured 2025-01-01 on Test CPU", "`save_strategy=no`"):
         assert expected in text, expected
     assert text.index("## Speed") < text.index("## Memory") < text.index("## Quality") < text.index("## Efficiency")
     pytest.importorskip("matplotlib")
