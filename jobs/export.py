@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,9 +21,45 @@ from jobs.runfolder import replace_dir_atomic
 PROBE_TEXT = "The studio checks that merging changed nothing: one, two, three, four, five."
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise StudioError("export folder exists and is not empty.", str(out), "choose a new folder or empty it.")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling folder, then move it into place: never a half-written export."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked before
+        replace_dir_atomic(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def logits_of(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=b, attention_mask=torch.ones_like(b)).logits.float() for b in batches]
+
+
+def compare_or_refuse(method, before: list[torch.Tensor], after: list[torch.Tensor], run_dir: Path,
+                      what: str, fix: str) -> dict:
+    """Largest logit difference; refuse (StudioError) past the method's tolerance.
+
+    fp32 rounding grows with the logits' magnitude (a real 49k-vocabulary model reaches
+    |logit| ~ 30), so the method's tolerance applies per unit of the largest logit.
+    """
+    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
+    scale = max(1.0, max(float(b.abs().max()) for b in before))
+    allowed = method.merge_tolerance * scale
+    if diff > allowed:
+        raise StudioError(f"{what} differ by {diff:.3g}, more than {method.name}'s tolerance "
+                          f"{method.merge_tolerance:g} x largest logit {scale:.3g}; nothing was written.",
+                          str(run_dir), fix)
+    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "allowed_diff": allowed, "probe_rows": len(before)}
 
 
 def probe_batches(loaded, n_rows: int = 4) -> list[torch.Tensor]:
@@ -37,11 +74,6 @@ def probe_batches(loaded, n_rows: int = 4) -> list[torch.Tensor]:
         return [torch.tensor([tok(PROBE_TEXT)["input_ids"]])]
 
 
-@torch.no_grad()
-def _logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=b, attention_mask=torch.ones_like(b)).logits.float() for b in batches]
-
-
 def export_merged(run_dir: str | Path, out: str | Path) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     spec = run_spec(run_dir)
@@ -49,53 +81,29 @@ def export_merged(run_dir: str | Path, out: str | Path) -> dict:
     if method.merge_blocker:
         raise CannotMerge(method.merge_blocker, f"{run_dir} (method {method.name})",
                           f"export the adapter instead: studio export {run_dir} --adapter OUT.")
-    _check_out(out)
+    check_out(out)
     loaded = load_run(run_dir)
     probes = probe_batches(loaded)
-    before = _logits(loaded.model, probes)
+    before = logits_of(loaded.model, probes)
     merged = method.merge(loaded.model)
-    after = _logits(merged, probes)
-    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
-    # fp32 rounding grows with the logits' magnitude (a real 49k-vocabulary model reaches
-    # |logit| ~ 30), so the method's tolerance applies per unit of the largest logit.
-    scale = max(1.0, max(float(b.abs().max()) for b in before))
-    allowed = method.merge_tolerance * scale
     leftovers = [n for n, _ in merged.named_modules() if "lora_" in n or "ia3_" in n or "base_layer" in n]
     if leftovers:
         raise RuntimeError(f"merged model still holds adapter modules: {leftovers[:3]}")
-    if diff > allowed:
-        raise StudioError(f"merged and unmerged logits differ by {diff:.3g}, more than {method.name}'s tolerance "
-                          f"{method.merge_tolerance:g} x largest logit {scale:.3g}; nothing was written.", str(run_dir),
-                          "export the adapter instead and report this run.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"path": str(out), "method": method.name, "max_abs_logit_diff": diff, "max_abs_logit": scale,
-            "allowed_diff": allowed, "probe_rows": len(probes)}
+    check = compare_or_refuse(method, before, logits_of(merged, probes), run_dir, "merged and unmerged logits",
+                              "export the adapter instead and report this run.")
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(folder)
+    write_atomically(out, write)
+    return {"path": str(out), "method": method.name, **check}
 
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     spec = run_spec(run_dir)
-    _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        shutil.copytree(run_dir / "adapter", tmp, dirs_exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_out(out)
+    write_atomically(out, lambda folder: shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True))
     return {"path": str(out), "method": spec.method_name}
 
 

@@ -196,23 +196,3 @@ def _num(value) -> str:
 
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m studio.jobs_cli jobs ...`` / ``... worker``: the same commands without the rest of the CLI."""
-    from jobs.errors import StudioError
-
-    parser = argparse.ArgumentParser(prog="studio", description="The studio's job queue.")
-    add_jobs_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except StudioError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,14 @@ def make_spec(model: Path, dataset: Path, out: Path, method: dict | None = None,
     return {"model": str(model), "dataset": {"path": str(dataset), "eval_fraction": 0.2},
             "method": method or {"name": "lora", "r": 4}, "optimizer": optimizer or {"name": "adamw", "lr": 1e-2},
             "training": t, "output_dir": str(out)}
+
+
+def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
+    """Poll ``condition`` until it returns something truthy (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")

@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import make_spec
+from conftest import make_spec, wait_until
 from safetensors.torch import load_file
 
 from jobs.runfolder import read_metrics, read_run
@@ -30,14 +29,6 @@ def adapter(run_dir: str) -> dict[str, torch.Tensor]:
     return load_file(str(files[0]))
 
 
-def wait_until(condition, timeout: float, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def ranks_of(worker_pid: int) -> list[psutil.Process]:

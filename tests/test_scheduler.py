@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_spec
+from conftest import make_spec, wait_until
 
 from jobs.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
@@ -29,14 +29,6 @@ def job_spec(model: Path, data: Path, **training) -> dict:
     return spec
 
 
-def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def last_step(run_dir: str) -> int:
@@ -203,7 +195,7 @@ def test_killed_scheduler_is_reconciled_on_restart(home, tiny_model, toy_dataset
     survivor = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=30), name="survivor").id
     victim = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=200), name="victim").id
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    service = subprocess.Popen([sys.executable, "-m", "studio.jobs_cli", "worker", "--home", str(home),
+    service = subprocess.Popen([sys.executable, "-m", "studio.cli", "worker", "--home", str(home),
                                 "--cpu-slots", "2", "--poll", "0.1"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:

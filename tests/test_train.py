@@ -12,7 +12,7 @@ from jobs import checkpoint
 from jobs.data import collate, encode
 from jobs.errors import StudioError
 from jobs.loss import token_loss_sum
-from jobs.runfolder import read_metrics, read_run
+from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
 from jobs.train import lr_at, train
 from conftest import make_spec, toy_rows

@@ -15,8 +15,6 @@ unmerged model on a few rows of its data, against the method's own merge toleran
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -78,45 +76,22 @@ def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn
     return model.requires_grad_(False).to(device).eval()
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=b, attention_mask=torch.ones_like(b)).logits.float() for b in batches]
-
-
 def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
     """Write the run's quantized model to ``out``, after checking it matches the trained model."""
-    from jobs.export import probe_batches
+    from jobs.export import check_out, compare_or_refuse, logits_of, probe_batches, write_atomically
     from jobs.inference import load_run
-    from jobs.runfolder import replace_dir_atomic
 
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise StudioError("export folder exists and is not empty.", str(out), "choose a new folder or empty it.")
+    check_out(out)
     loaded = load_run(run_dir)
     method = loaded.method
     probes = probe_batches(loaded)
-    before = _logits(loaded.model, probes)
+    before = logits_of(loaded.model, probes)
     quantized = method.to_quantized(loaded.model)
-    diff = max(float((a - b).abs().max()) for a, b in zip(before, _logits(quantized, probes)))
-    # As for merged exports: fp32 rounding grows with the logits, so the tolerance is per unit of the largest.
-    scale = max(1.0, max(float(b.abs().max()) for b in before))
-    allowed = method.merge_tolerance * scale
-    if diff > allowed:
-        raise StudioError(f"the quantized model's logits differ from the trained model's by {diff:.3g}, more than "
-                          f"{method.name}'s tolerance {method.merge_tolerance:g} x largest logit {scale:.3g}; "
-                          "nothing was written.", str(run_dir),
-                          "export the dequantized model (--merged) or the adapter instead, and report this run.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save_quantized(quantized, tmp, loaded.tokenizer, method.name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        replace_dir_atomic(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check = compare_or_refuse(method, before, logits_of(quantized, probes), run_dir,
+                              "the quantized model's logits and the trained model's",
+                              "export the dequantized model (--merged) or the adapter instead, and report this run.")
+    write_atomically(out, lambda folder: save_quantized(quantized, folder, loaded.tokenizer, method.name))
     grids = outermost(quantized, (GridLinear,))
-    return {"path": str(out), "method": method.name, "max_abs_logit_diff": diff, "max_abs_logit": scale,
-            "allowed_diff": allowed, "probe_rows": len(probes), "quantized_layers": len(grids),
+    return {"path": str(out), "method": method.name, **check, "quantized_layers": len(grids),
             "bits": next(iter(grids.values())).bits}
