@@ -9,6 +9,8 @@ first batch is the longest of the run: batches are grouped by length and the lon
 from __future__ import annotations
 
 import copy
+import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +122,19 @@ def _apply(method, mcfg, model, spec: JobSpec, device: torch.device, dtype: torc
         if twin is None or device.type != "meta":
             raise
         return twin[0].apply(model, twin[1], ctx)
+    finally:
+        if device.type == "meta":
+            _forget_meta_caches()
+
+
+def _forget_meta_caches() -> None:
+    """bitsandbytes caches its code book on the device of the first tensor it quantizes: one
+    made on the meta device would break every later real quantization in this process."""
+    functional = sys.modules.get("bitsandbytes.functional")
+    cache = getattr(functional, "name2qmap", None)
+    if isinstance(cache, dict):
+        for key in [k for k, v in cache.items() if getattr(v, "is_meta", False)]:
+            del cache[key]
 
 
 def _stand_in(method, mcfg):
@@ -216,18 +231,25 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
 
     def weigh(length: int) -> dict:
         """Bytes autograd keeps per place (block index or "outside") for a batch of this length."""
-        kept: dict[int, tuple] = {}
+        seen: list[tuple] = []
 
         def pack(t: torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in held and ptr not in kept:
-                kept[ptr] = (where[0], t.untyped_storage().nbytes())
+            seen.append((weakref.ref(t), where[0]))
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained), spec.training.loss_chunk_tokens)
+            loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
+                                     spec.training.loss_chunk_tokens)
+            # Only what is still alive when the forward ends: a side computation whose graph was
+            # dropped (e.g. a detached weight norm) has already given its memory back.
+            alive: dict[int, tuple] = {}
+            for ref, place in seen:
+                t = ref()
+                if t is not None and t.untyped_storage().data_ptr() not in held:
+                    alive.setdefault(t.untyped_storage().data_ptr(), (place, t.untyped_storage().nbytes()))
+            del loss
         places: dict = {}
-        for place, nbytes in kept.values():
+        for place, nbytes in alive.values():
             places[place] = places.get(place, 0) + nbytes
         return places
 

@@ -91,6 +91,18 @@ def test_quantized_base_is_smaller_than_the_plain_one_on_a_gpu(wide_model, toy_d
     assert qlora["apply"]["weights"] > lora["apply"]["weights"]
 
 
+def test_a_meta_quantization_leaves_real_quantization_working(tiny_model, toy_dataset, tmp_path):
+    import bitsandbytes.functional as bnb
+    import torch
+
+    from adapters.quant import nf4
+
+    bnb.name2qmap.pop("dynamic", None)  # as in a fresh process, where the estimate quantizes first
+    estimate(spec(tiny_model, toy_dataset, tmp_path / "run", {"name": "qlora"}), "cpu")
+    assert not any(t.is_meta for t in bnb.name2qmap.values())
+    assert nf4.dequantize(nf4.quantize(torch.randn(64, 64))).shape == (64, 64)
+
+
 def test_without_the_dataset_rows_are_max_seq_len_long(tiny_model, toy_dataset, tmp_path):
     s = spec(tiny_model, toy_dataset, tmp_path / "run", max_seq_len=64)
     guessed = estimate(s, "cpu", use_data=False)
