@@ -12,9 +12,10 @@ reason. Writes ``bench/results/memory.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 
-from bench.common import (demo_spec, device_name, merge, quiet_eval, run_isolated, say, warm_model_cache,
+from bench.common import (HOME, demo_spec, device_name, merge, quiet_eval, run_isolated, say, warm_model_cache,
                           write_result)
 
 # Two steps: AdamW's moments exist from the first update, so step 2's backward is the
@@ -84,6 +85,9 @@ def run(full: bool = False) -> dict:
     from jobs.estimate import estimate, estimate_inference
     from jobs.spec import check_combination, parse_spec
 
+    # The predictions must see the model as the workers do: from the bench home's converted copy.
+    os.environ.setdefault("STUDIO_HOME", str(HOME))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     steps = FULL_STEPS if full else STEPS
     base = spec_for({"method": "lora", "optimizer": "adamw", "extra": {}}, steps)
     warm_model_cache(base["model"])

@@ -32,13 +32,14 @@ PROCESS_BYTES = 370 << 20      # interpreter, torch, transformers, the studio's 
 TOKENIZER_BYTES = 100 << 20    # a fast tokenizer with a ~50k vocabulary, and the tokenized rows
 PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
 # The CPU allocator (glibc) keeps memory a step frees and hands it out again only where the next
-# tensor fits: batches differ in length, and a quantized layer is expanded to a full-precision
-# temporary in every forward and backward. Two constants, fitted on the SmolLM2 ladder
-# (bench/memory.py, 20 runs: every error within 7% with them): of the activations whose size
-# follows the batch, 0.45 stays resident beyond what the gradients take over; of the
-# full-precision size of the layers a method quantized, 0.4.
+# tensor fits: batches differ in length, and some methods rebuild layers' weights in full
+# precision in every forward and backward (a quantized layer dequantized, DoRA's combined
+# weight). Two constants, fitted on the SmolLM2 ladder (bench/memory.py; 30 runs with repeats,
+# every error within 9% with them, runs of one spec vary by up to 15%): of the activations
+# whose size follows the batch, 0.45 stays resident beyond what the gradients take over; of the
+# full-precision size of the weights rebuilt per forward, 0.4.
 CPU_ACTIVATION_SLACK = 0.45
-CPU_DEQUANTIZE_SLACK = 0.4
+CPU_EXPANDED_SLACK = 0.4
 LOGIT_COPIES = 3               # logits, log-softmax and the logits' gradient, for one loss chunk
 NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
 
@@ -115,8 +116,11 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
             notes.append(f"activations from a rule of thumb: the probe could not run ({type(e).__name__}: {e}).")
         activations, fixed = (n * act_bytes // 4 for n in training_activations(saved, counts, batch,
                                                                                 t.gradient_checkpointing))
+        # Quantized layers are rebuilt too, also where a kernel does it out of the probe's sight.
+        expanded = max(saved.expanded_per_block * counts.blocks, counts.replaced_bytes)
     else:
         activations, fixed = inference_activations(config, counts, batch, act_bytes), 0
+        expanded = 0
     logits = min(t.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * (LOGIT_COPIES if backward else 2)
 
     gradients = {"all": counts.trainable_bytes, "one": largest, "none": 0}[memory.gradients]
@@ -135,8 +139,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     slack = 0
     if cpu:
         churn = activations - fixed + logits if backward else 0  # what changes size from batch to batch
-        slack = max(0, int(CPU_ACTIVATION_SLACK * churn) - gradients) \
-            + int(CPU_DEQUANTIZE_SLACK * counts.replaced_bytes)
+        slack = max(0, int(CPU_ACTIVATION_SLACK * churn) - gradients) + int(CPU_EXPANDED_SLACK * expanded)
     phases = {
         "train": {"weights": weights, "trainable": counts.trainable_bytes, "gradients": gradients,
                   "optimizer_state": optimizer, "activations": activations, "logits": logits,
@@ -157,7 +160,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                       "source": batch.source},
             "trainable_params": sum(map(_numel, counts.trainable)), "method": method.name, "optimizer": rule.name,
             "details": {"process": process, "allocator_slack": slack, "activations_batch_sized": activations - fixed,
-                        "activations_fixed": fixed},
+                        "activations_fixed": fixed, "weights_rebuilt_per_forward": expanded},
             "assumptions": notes}
 
 

@@ -14,6 +14,8 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from jobs.errors import StudioError
 from jobs.spec import JobSpec
@@ -187,6 +189,7 @@ class Saved:
     upstream: bool     # the first block records though it trains nothing: something before it trains
     fixed_per_block: int = 0   # of per_block, bytes that do not grow with the batch's tokens
     fixed_outside: int = 0
+    expanded_per_block: int = 0  # fp32 bytes of the weights a block rebuilds in full in every forward
 
 
 def _shrunk(config, blocks: int, vocab: int):
@@ -220,6 +223,9 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     model = AutoModelForCausalLM.from_config(_shrunk(config, n_blocks, PROBE_VOCAB),
                                              trust_remote_code=spec.trust_remote_code)
     model.config.use_cache = False
+    plain = find_blocks(model)
+    weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
+                     if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
     model.train()
     blocks = find_blocks(model)
@@ -229,15 +235,16 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         block.register_forward_hook(lambda m, a, o: where.__setitem__(0, "outside"))
     held = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
 
-    def weigh(length: int) -> dict:
-        """Bytes autograd keeps per place (block index or "outside") for a batch of this length."""
+    def weigh(length: int, shapes: set) -> dict:
+        """Bytes autograd keeps per place (block index or "outside") for a batch of this length;
+        the shapes of every tensor the forward makes go into ``shapes``."""
         seen: list[tuple] = []
 
         def pack(t: torch.Tensor):
             seen.append((weakref.ref(t), where[0]))
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _Shapes(shapes):
             loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
                                      spec.training.loss_chunk_tokens)
             # Only what is still alive when the forward ends: a side computation whose graph was
@@ -253,10 +260,17 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
             places[place] = places.get(place, 0) + nbytes
         return places
 
-    full = weigh(batch.length)
-    # A second, shorter batch separates what grows with the tokens from what does not (e.g.
-    # DoRA's per-layer identity matrices), which matters for the CPU allocator's slack.
-    half = weigh(max(1, batch.length // 2)) if batch.length > 1 else full
+    long_shapes: set = set()
+    short_shapes: set = set()
+    full = weigh(batch.length, long_shapes)
+    # A second, shorter batch separates what grows with the tokens from what does not, which
+    # matters for the CPU allocator's slack.
+    half = weigh(max(1, batch.length // 2), short_shapes) if batch.length > 1 else full
+    # A weight-shaped tensor made at both lengths: the method rebuilds that layer's weight in full
+    # precision in every forward (DoRA's combined weight, a dequantized integer grid; bitsandbytes
+    # does it inside its own kernels, out of sight: the caller adds what a method replaced).
+    rebuilt = long_shapes & (short_shapes if batch.length > 1 else long_shapes)
+    expanded = sum(4 * o * i for o, i in weight_shapes if (o, i) in rebuilt or (i, o) in rebuilt)
     last = n_blocks - 1
     first_trains = bool(blocks) and any(p.requires_grad for p in blocks.modules[0].parameters())
 
@@ -265,7 +279,25 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
 
     return Saved(per_block=max(full.get(last, 0), full.get(0, 0)), outside=full.get("outside", 0),
                  upstream=full.get(0, 0) > 0 and not first_trains,
-                 fixed_per_block=fixed(last), fixed_outside=fixed("outside"))
+                 fixed_per_block=fixed(last), fixed_outside=fixed("outside"), expanded_per_block=expanded)
+
+
+class _Shapes(TorchDispatchMode):
+    """Notes the shape of every new two-dimensional floating-point tensor an operation returns
+    (not views of its inputs, such as a weight's transpose)."""
+
+    def __init__(self, shapes: set):
+        super().__init__()
+        self.shapes = shapes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.add(tuple(t.shape))
+        return out
 
 
 def _probe_batch(rows: int, length: int, trained: int) -> dict:

@@ -91,6 +91,17 @@ def test_quantized_base_is_smaller_than_the_plain_one_on_a_gpu(wide_model, toy_d
     assert qlora["apply"]["weights"] > lora["apply"]["weights"]
 
 
+def test_weights_rebuilt_in_every_forward_are_found(tiny_model, toy_dataset, tmp_path):
+    # DoRA combines base and update into a full weight per layer and step; quantized layers are
+    # dequantized; plain LoRA multiplies by the weight it has.
+    def rebuilt(method):
+        return estimate(spec(tiny_model, toy_dataset, tmp_path / "run", {"name": method}),
+                        "cpu")["details"]["weights_rebuilt_per_forward"]
+
+    assert rebuilt("lora") == 0 and rebuilt("full") == 0
+    assert rebuilt("dora") > 0 and rebuilt("qlora") > 0
+
+
 def test_a_meta_quantization_leaves_real_quantization_working(tiny_model, toy_dataset, tmp_path):
     import bitsandbytes.functional as bnb
     import torch
