@@ -109,9 +109,10 @@ def _speed(data: dict):
                       [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
                        fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("mean_train_loss"), 3),
                        fmt((r.get("load_average") or [None])[0])])] for r in runs]), "",
-              "Mean train loss is the mean of the step losses (per trained token), computed alike by both; "
-              "close values show both ran the same training. Load is the machine's 1-minute load average "
-              "when the run ended.", ""]
+              "Mean train loss is the mean of the step losses (per trained token), computed alike by both: a "
+              "check that both trained. It differs a little because the two samplers order rows differently "
+              "and Trainer's warmup starts from a learning rate of 0. Load is the machine's 1-minute load "
+              "average when the run ended.", ""]
     if s.get("trainer_arguments"):
         args = ", ".join(f"`{k}={v}`" for k, v in s["trainer_arguments"].items())
         lines += [f"Trainer settings: {args}. Rows come from the same `jobs.data.prepare` call as ours and are "
@@ -178,7 +179,7 @@ def _quality(data: dict):
              f"the method's suggested rate x {s.get('lr_scale', 0):g} (the demo spec's rate over "
              f"{s.get('lr_reference')}'s suggested rate).", ""]
     lines += [table(["method", "lr", "trained params", "eval loss", "exact match", "train s", "peak memory"],
-                    [[r["method"], fmt(r.get("lr"), 2), *(["failed: " + str(r.get("error")), "", "", "", ""]
+                    [[r["method"], "-" if r.get("lr") is None else f"{r['lr']:.2g}", *(["failed: " + str(r.get("error")), "", "", "", ""]
                       if r["status"] == "failed" else
                       [fmt_count(r.get("trainable_params")), fmt(r.get("eval_loss"), 3), fmt_pct(r.get("exact_match")),
                        fmt(r.get("train_seconds"), 1), fmt_bytes(r.get("peak_memory_bytes"))])] for r in rows]), ""]
