@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -154,22 +153,12 @@ def device_name(device: str) -> str:
 
 
 def process_peak_memory(device: str) -> dict:
-    """This process's own peak: the CUDA allocator's on a GPU, resident memory (VmHWM) on the CPU.
+    """This process's own peak, measured exactly as training records it in run.json."""
+    import torch
 
-    ``ru_maxrss`` is not used on Linux: it carries over the parent's peak through fork and
-    exec, so a child of a large process would report the parent's size.
-    """
-    if device == "cuda":
-        import torch
+    from jobs.memory import peak_memory
 
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "memory_kind": "cuda_allocated"}
-    status = Path("/proc/self/status")
-    if status.is_file():
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.MULTILINE)
-        if match:
-            return {"peak_memory_bytes": int(match.group(1)) * 1024, "memory_kind": "cpu_peak_rss"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_bytes": int(rss if sys.platform == "darwin" else rss * 1024), "memory_kind": "cpu_peak_rss"}
+    return peak_memory(torch.device(device))
 
 
 def sync(device: str) -> None:

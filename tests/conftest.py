@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,22 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
             return value
         time.sleep(every)
     raise TimeoutError("condition not met in time")
+
+
+@contextmanager
+def serving_scheduler(home: Path, **options):
+    """A scheduler serving ``home`` from a thread; job processes it leaves running are killed."""
+    from jobs.scheduler import Scheduler, _kill_tree
+    from jobs.store import JobStore, Status
+
+    stop = threading.Event()
+    sched = Scheduler(home, gpus=[], poll_interval=0.1, **options)
+    thread = threading.Thread(target=sched.serve, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield sched
+    finally:
+        stop.set()
+        thread.join(10)
+        for job in JobStore(home).list((Status.RUNNING,)):
+            _kill_tree(job.pid)

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import make_spec, wait_until
+from conftest import make_spec, serving_scheduler, wait_until
 from safetensors.torch import load_file
 
 from jobs.runfolder import read_metrics, read_run
-from jobs.scheduler import Scheduler, run_inline, submit_job, _kill_tree
+from jobs.scheduler import run_inline, submit_job
 from jobs.store import JobStore, Status
 
 
@@ -42,16 +41,8 @@ def ranks_of(worker_pid: int) -> list[psutil.Process]:
 
 @pytest.fixture
 def scheduler(tmp_path):
-    home = tmp_path / "home"
-    stop = threading.Event()
-    sched = Scheduler(home, gpus=[], poll_interval=0.1, cancel_timeout=30)
-    thread = threading.Thread(target=sched.serve, args=(stop,), daemon=True)
-    thread.start()
-    yield sched
-    stop.set()
-    thread.join(10)
-    for job in JobStore(home).list((Status.RUNNING,)):
-        _kill_tree(job.pid)
+    with serving_scheduler(tmp_path / "home", cancel_timeout=30) as sched:
+        yield sched
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scheduler, tiny_model, toy_dataset):

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_spec, wait_until
+from conftest import make_spec, serving_scheduler, wait_until
 
 from jobs.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
@@ -48,16 +47,8 @@ def home(tmp_path):
 
 @pytest.fixture
 def scheduler(home):
-    """A scheduler serving ``home`` from a thread; job processes left over are killed."""
-    stop = threading.Event()
-    sched = Scheduler(home, cpu_slots=1, gpus=[], poll_interval=0.1, cancel_timeout=20, heartbeat_timeout=8)
-    thread = threading.Thread(target=sched.serve, args=(stop,), daemon=True)
-    thread.start()
-    yield sched
-    stop.set()
-    thread.join(10)
-    for job in JobStore(home).list((Status.RUNNING,)):
-        _kill_tree(job.pid)
+    with serving_scheduler(home, cpu_slots=1, cancel_timeout=20, heartbeat_timeout=8) as sched:
+        yield sched
 
 
 def job(home, job_id) -> Job:
