@@ -137,13 +137,14 @@ def worker_main(handlers: dict[str, Callable[[dict], dict]]) -> None:
 
 # ---------------------------------------------------------------- inside a worker
 
-def compute_device() -> tuple[str, str]:
-    """(device, dtype) as the training loop picks them with precision 'auto': bf16 on a GPU, else fp32."""
+def compute_device(precision: str = "auto") -> tuple[str, str]:
+    """(device, dtype) as the training loop picks them for a spec's ``training.precision``."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "cpu", "float32"
+    from jobs.train import pick_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device.type, str(pick_precision(precision, device)).removeprefix("torch.")
 
 
 def device_name(device: str) -> str:

@@ -111,8 +111,12 @@ def _measure(marks: list[float], cpu: list[float], trained: list[int], tokens: l
             "device": device, "device_name": device_name(device), "dtype": dtype, **process_peak_memory(device)}
 
 
+def _precision(params: dict) -> str:
+    return params["spec"].get("training", {}).get("precision", "auto")
+
+
 def _ours(params: dict) -> dict:
-    device, dtype = compute_device()
+    device, dtype = compute_device(_precision(params))
     record, c = train_timed(params["spec"], Path(params["scratch"]) / "run")
     losses = c["loss"]
     return _measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
@@ -159,7 +163,7 @@ def _trainer(params: dict) -> dict:
     from jobs.data import prepare
     from jobs.spec import parse_spec
 
-    device, dtype = compute_device()
+    device, dtype = compute_device(_precision(params))
     out = Path(params["scratch"]) / "trainer"
     spec = parse_spec(merge(params["spec"], {"output_dir": str(out)}))
     t = spec.training
