@@ -42,6 +42,8 @@ class PeftMethod:
                               "set method.target_modules to module names the model has.") from None
         if self.after_apply:
             self.after_apply(wrapped, cfg, ctx)
+        if ctx.dtype != torch.float32:
+            keep_input_dtype(wrapped)
         return wrapped
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
@@ -58,6 +60,21 @@ class PeftMethod:
                               "export the adapter instead (studio export RUN --adapter OUT).")
         # safe_merge works on a copy of each weight and refuses NaNs.
         return model.merge_and_unload(safe_merge=True)
+
+
+def keep_input_dtype(model: torch.nn.Module) -> None:
+    """Stop peft casting each adapter's input to the adapter's fp32 before its matmul.
+
+    Training in bf16/fp16 runs under autocast, which casts that input straight back to the
+    compute dtype, so the cast only costs a copy per adapted layer that backward then keeps:
+    on SmolLM2 in bf16 on the CPU, 7% of the step time and 120 MB of peak memory. The
+    adapter weights stay fp32; autocast decides the matmul dtype, as for the base layers.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def no_gradient_checkpointing(reason: str) -> Callable[[Params, Any], None]:

@@ -43,7 +43,7 @@ class TrainingSpec(Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak learning rate.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, else fp32 (CPUs train in fp32).")
+        "auto", description="auto: bf16 on a GPU that supports it and on CPUs with AMX, else fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")

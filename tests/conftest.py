@@ -85,8 +85,10 @@ def studio_home(tmp_path, monkeypatch) -> Path:
 
 def make_spec(model: Path, dataset: Path, out: Path, method: dict | None = None, optimizer: dict | None = None,
               **training) -> dict:
+    # fp32 so that results do not depend on whether this CPU has AMX (where auto means bf16);
+    # test_precision.py trains every method in bf16.
     t = {"max_steps": 8, "batch_size": 8, "max_seq_len": 64, "eval_samples": 1, "exact_match_rows": 4,
-         "max_new_tokens": 8, "lr_schedule": "constant"}
+         "max_new_tokens": 8, "lr_schedule": "constant", "precision": "fp32"}
     t.update(training)
     return {"model": str(model), "dataset": {"path": str(dataset), "eval_fraction": 0.2},
             "method": method or {"name": "lora", "r": 4}, "optimizer": optimizer or {"name": "adamw", "lr": 1e-2},
