@@ -3,7 +3,7 @@
     python -m bench.memory [--full]        (or python -m bench --only memory)
 
 Same model (SmolLM2-135M-Instruct), data (the bundled date task), batch (4 rows), sequence
-cap (128 tokens) and precision (auto: fp32 on the CPU) for every run; each run is its own
+cap (128 tokens) and precision (fp32, as the targets are stated) for every run; each run is its own
 process (``bench/_run_one.py``), so its peak is its own. The floor is an inference-only
 pass over the same first batch. Methods and update rules come from the registries at run
 time: what is not registered, or is an invalid combination, is listed as skipped with the
@@ -21,7 +21,7 @@ from bench.common import (HOME, demo_spec, device_name, merge, quiet_eval, run_i
 # Two steps: AdamW's moments exist from the first update, so step 2's backward is the
 # first to hold weights, moments, gradients and activations together.
 STEPS, FULL_STEPS = 2, 6
-WORKLOAD = {"training": {"batch_size": 4, "max_seq_len": 128, "grad_accum": 1, "precision": "auto",
+WORKLOAD = {"training": {"batch_size": 4, "max_seq_len": 128, "grad_accum": 1, "precision": "fp32",
                          "lr_schedule": "constant", "warmup_steps": 0, "gradient_checkpointing": False}}
 # Beside every method with AdamW: the update rules on full fine-tuning and on LoRA.
 RULE_RUNS = [("full", "sgd"), ("full", "lomo"), ("full", "adalomo"), ("full", "mezo"), ("lora", "mezo"),

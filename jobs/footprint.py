@@ -65,9 +65,12 @@ class Counts:
 
 
 def dtype_for(precision: str, device: str) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The training loop's compute dtype; a GPU that is not this machine's is assumed to have bf16."""
+    from jobs.train import pick_precision
+
+    if precision == "auto" and device == "cuda":
+        return torch.bfloat16
+    return pick_precision(precision, torch.device("cpu") if device != "cuda" else torch.device("cuda"))
 
 
 def read_config(spec: JobSpec):
