@@ -22,6 +22,7 @@ from pydantic import Field
 from adapters.base import Context, LossFn, Params
 from adapters.registry import UPDATE_RULES
 from jobs.errors import StudioError
+from jobs.memory import HeapReturner
 
 # update(name, param, gradient, lr): change ``param`` in place; the gradient is already
 # unscaled and clipped, and is the caller's to overwrite.
@@ -90,6 +91,7 @@ class FusedStepper:
         self.squares: torch.Tensor | None = None
         self.factor, self.lr = 1.0, 0.0
         self.skipped = 0
+        self.heap = HeapReturner(ctx.device)
         for name, p in self.params:
             p.register_post_accumulate_grad_hook(self._hook(name))
 
@@ -106,6 +108,9 @@ class FusedStepper:
                     if self.factor != 1.0:
                         grad.mul_(self.factor)
                     self.update(name, p, grad, self.lr)
+            freed = grad.numel() * grad.element_size()
+            del grad
+            self.heap.freed(freed)  # on the CPU glibc would otherwise keep it resident
         return on_gradient
 
     def step(self, micro_batches: list[dict], loss_fn: LossFn, lr: float) -> float:
