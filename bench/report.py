@@ -113,6 +113,20 @@ def _speed(data: dict):
               "check that both trained. It differs a little because the two samplers order rows differently "
               "and Trainer's warmup starts from a learning rate of 0. Load is the machine's 1-minute load "
               "average when the run ended.", ""]
+    long = data.get("long_rows")
+    if long:
+        lt = ((long.get("settings") or {}).get("spec") or {}).get("training") or {}
+        rows = (long.get("settings") or {}).get("rows") or {}
+        head = ("No ratio: a run failed." if long.get("speedup_vs_trainer") is None else
+                f"**{long['speedup_vs_trainer']:.2f}x** trained tokens per second and "
+                f"**{long['memory_ratio_vs_trainer']:.2f}x** peak memory against Trainer")
+        lines += [f"**Longer rows** (the same run on conversations of {rows.get('exchanges')} demo questions and "
+                  f"answers, every answer trained; {lt.get('batch_size')} rows per step, capped at "
+                  f"{lt.get('max_seq_len')} tokens, {long['settings'].get('steps')} steps): {head}.", "",
+                  table(["system", "run", "trained tok/s", "tokens/s", "peak memory"],
+                        [[r["system"], r["repeat"], *(["failed: " + r["error"], "", ""] if "error" in r else
+                          [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
+                           fmt_bytes(r["peak_memory_bytes"])])] for r in long.get("runs") or []]), ""]
     if s.get("trainer_arguments"):
         args = ", ".join(f"`{k}={v}`" for k, v in s["trainer_arguments"].items())
         lines += [f"Trainer settings: {args}. Rows come from the same `jobs.data.prepare` call as ours and are "

@@ -13,11 +13,13 @@ not -100. Throughput is measured from the end of step 1 to the end of the last s
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
 from pathlib import Path
 
+from bench import common
 from bench.common import (compute_device, demo_spec, device_name, merge, process_peak_memory, quiet_eval,
                           run_isolated, say, steady_rate, sync, train_timed, warm_model_cache, with_budget, worker_main,
                           write_result)
@@ -26,6 +28,8 @@ SPEEDUP_TARGET = 1.3   # trained tokens per second, ours / Trainer
 MEMORY_TARGET = 0.6    # peak memory, ours / Trainer
 DEFAULT = {"steps": 12, "repeats": 2}
 FULL = {"steps": 40, "repeats": 4}
+LONG, LONG_FULL = {"steps": 6, "repeats": 2}, {"steps": 20, "repeats": 4}
+LONG_ROWS = {"exchanges": 8, "batch_size": 4, "max_seq_len": 512}
 SYSTEMS = ("ours", "trainer")
 
 
@@ -35,27 +39,60 @@ def speed_spec(steps: int, base: dict | None = None) -> dict:
 
 
 def run(full: bool = False, *, spec: dict | None = None, steps: int | None = None, repeats: int | None = None,
-        results_dir: Path | None = None) -> dict:
+        results_dir: Path | None = None, long_rows: bool = True) -> dict:
     budget = FULL if full else DEFAULT
     steps, repeats = steps or budget["steps"], repeats or budget["repeats"]
     spec = speed_spec(steps, spec)
     warm_model_cache(spec["model"])
+    runs = _pair(spec, steps, repeats, "speed")
+    trainer_args = next((r["trainer_arguments"] for r in runs if "trainer_arguments" in r), None)
+    payload = {"settings": {"steps": steps, "repeats": repeats, "order": "alternating, ABBA",
+                            "spec": spec, "trainer_arguments": trainer_args},
+               "runs": runs, **summarise(runs)}
+    if long_rows:
+        long = LONG_FULL if full else LONG
+        long_spec = speed_spec(long["steps"], long_rows_spec(spec, common.RAW / "long_rows.jsonl"))
+        long_runs = _pair(long_spec, long["steps"], long["repeats"], "speed-long")
+        payload["long_rows"] = {"settings": {"steps": long["steps"], "repeats": long["repeats"], "spec": long_spec,
+                                             "rows": LONG_ROWS},
+                                "runs": long_runs, **summarise(long_runs)}
+    write_result("speed", payload, results_dir)
+    return payload
+
+
+def _pair(spec: dict, steps: int, repeats: int, label: str) -> list[dict]:
     runs = []
     for repeat in range(1, repeats + 1):
         for system in (SYSTEMS if repeat % 2 else SYSTEMS[::-1]):
-            say(f"speed: {system}, repeat {repeat}/{repeats}, {steps} steps")
-            result = run_isolated("bench.speed", system, {"spec": spec}, f"speed-{system}-{repeat}")
+            say(f"{label}: {system}, repeat {repeat}/{repeats}, {steps} steps")
+            result = run_isolated("bench.speed", system, {"spec": spec}, f"{label}-{system}-{repeat}")
             result.update(system=system, repeat=repeat)
             runs.append(result)
             say("  " + (f"failed: {result['error']}" if "error" in result else
                         f"{result['trained_tokens_per_second']:.1f} trained tok/s, "
                         f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB"))
-    trainer_args = next((r["trainer_arguments"] for r in runs if "trainer_arguments" in r), None)
-    payload = {"settings": {"steps": steps, "repeats": repeats, "order": "alternating, ABBA",
-                            "spec": spec, "trainer_arguments": trainer_args},
-               "runs": runs, **summarise(runs)}
-    write_result("speed", payload, results_dir)
-    return payload
+    return runs
+
+
+def long_rows_spec(spec: dict, path: Path, exchanges: int = 8) -> dict:
+    """The same run on longer rows: conversations of ``exchanges`` demo questions and answers.
+
+    The demo's rows are about 60 tokens, so a step is dominated by fixed per-layer costs and
+    both processes by the libraries and the weights. Fine-tuning data is usually longer;
+    these conversations (every answer trained, as chat data is) run to about 400 tokens.
+    """
+    rows = [json.loads(line) for line in Path(spec["dataset"]["path"]).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(0, len(rows) - exchanges + 1, exchanges):
+            messages = []
+            for r in rows[i:i + exchanges]:
+                question = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": r["output"]}]
+            fh.write(json.dumps({"messages": messages}) + "\n")
+    return merge(spec, {"dataset": {"path": str(path), "eval_path": None},
+                        "training": {"batch_size": LONG_ROWS["batch_size"], "max_seq_len": LONG_ROWS["max_seq_len"]}})
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -45,6 +45,8 @@ class TrainingSpec(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it and on CPUs with AMX, else fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lean_activations: bool = Field(
+        True, description="RMSNorm and SwiGLU that keep only their inputs for backward (same maths, less memory).")
     seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")

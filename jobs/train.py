@@ -30,6 +30,7 @@ from jobs import checkpoint, distributed, models
 from jobs.data import collate, plan_batches, prepare
 from jobs.errors import StudioError
 from jobs.evaluate import evaluate
+from jobs import fused
 from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory
 from jobs.runfolder import (RUNNER_FILES, append_metrics, read_run, replace_dir_atomic, truncate_metrics,
@@ -160,6 +161,8 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
                   all_reduce_grads=_sum_grads, all_reduce_mean=distributed.all_reduce_mean)
     _seed_everything(t.seed)
     model = method.apply(model, mcfg, ctx).to(device)
+    if t.lean_activations:
+        fused.install(model)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:

@@ -40,7 +40,7 @@ def tiny_spec(tiny_model, tmp_path) -> dict:
 
 def test_speed_runs_both_systems_and_counts_trained_tokens_alike(tiny_spec, results):
     # 32 rows in batches of 4: 8 steps are exactly one epoch, so both systems see every row once.
-    out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results)
+    out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False)
     runs = {r["system"]: r for r in out["runs"]}
     assert set(runs) == {"ours", "trainer"} and not out["failures"]
     assert runs["ours"]["trained_tokens"] == runs["trainer"]["trained_tokens"] > 0
@@ -54,6 +54,16 @@ def test_speed_runs_both_systems_and_counts_trained_tokens_alike(tiny_spec, resu
     saved = json.loads((results / "speed.json").read_text())
     assert saved["benchmark"] == "speed" and saved["machine"]["versions"]["torch"]
     assert saved["speedup_vs_trainer"] == out["speedup_vs_trainer"]
+
+
+def test_long_rows_are_conversations_of_the_same_rows(tiny_spec, tmp_path):
+    spec = speed.long_rows_spec(tiny_spec, tmp_path / "long.jsonl", exchanges=4)
+    rows = [json.loads(line) for line in (tmp_path / "long.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and spec["dataset"] == {"path": str(tmp_path / "long.jsonl"), "eval_path": None}
+    first = rows[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] * 4
+    assert first[0]["content"] == toy_rows(1)[0]["instruction"] and first[1]["content"] == toy_rows(1)[0]["output"]
+    assert spec["training"]["max_seq_len"] == speed.LONG_ROWS["max_seq_len"]
 
 
 def test_speed_summary_is_a_ratio_of_medians_and_survives_failures():
