@@ -230,6 +230,10 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
+    if spec.training.lean_activations:
+        from jobs import fused
+
+        fused.install(model)  # as the training loop does
     model.train()
     blocks = find_blocks(model)
     where = ["outside"]
