@@ -75,9 +75,10 @@ RULES = {
                       lambda largest: 0),
     "adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
     "paged_adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
-    # LOMO squares each gradient for the clipping norm; AdaLomo builds the update and a square.
+    # LOMO squares each gradient for the clipping norm. AdaLomo squares it too, then builds the
+    # update in the gradient's own storage (the square is freed first): one temporary as well.
     "lomo": RuleMemory("one", lambda shapes, cfg: 0, lambda largest: largest),
-    "adalomo": RuleMemory("one", _factored, lambda largest: 2 * largest),
+    "adalomo": RuleMemory("one", _factored, lambda largest: largest),
     "mezo": RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, NOISE_SLICE_BYTES)),
 }
 

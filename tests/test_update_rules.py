@@ -104,6 +104,19 @@ def test_lomo_never_holds_the_gradients_of_the_model(batch):
     assert all(p.grad is None for p in params)
 
 
+def test_lomo_hands_freed_gradient_memory_back_every_so_many_bytes(batch):
+    from jobs.memory import HeapReturner
+
+    model = tiny_llama()
+    lomo, _ = stepper_for("lomo", model, lr=0.1)
+    calls = []
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    lomo.heap.every, lomo.heap._trim = grad_bytes // 3, calls.append  # about 3 trims per backward pass
+    lomo.step([batch], mean_loss(model), 0.1)
+    assert 4 <= len(calls) <= 6 and set(calls) == {0}  # two passes; malloc_trim(0) keeps no top pad
+    assert HeapReturner(torch.device("meta"))._trim is None  # only the CPU heap is trimmed
+
+
 def test_lomo_fp16_loss_scaling_unscales_and_skips_overflow(batch):
     fp16 = Context(spec=None, device=torch.device("cpu"), dtype=torch.float16)
     base = tiny_llama()
