@@ -137,9 +137,12 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
 
     cpu = device == "cpu"
     # On the CPU a safetensors base in the dtype it trains in is memory-mapped: every page the run
-    # reads stays resident for the whole run, also under a quantized copy of the layer.
+    # reads stays resident for as long as one of its tensors is in use.
     mapped = cpu and src.kind in ("local", "bundled-cache", "hub") and stored in (None, load_dtype(method, dtype))
-    weights = counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes if mapped \
+    # A method that replaced base tensors (quantized layers) gets the rest copied off the file
+    # after applying (jobs.memory.release_replaced_base), so only the apply phase holds the file.
+    released = counts.replaced_bytes > 0
+    weights = counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes if mapped and not released \
         else counts.frozen_bytes
     process = PROCESS_BYTES + TOKENIZER_BYTES + (PEFT_BYTES if counts.uses_peft else 0) if cpu else 0
     slack = 0

@@ -65,3 +65,30 @@ def _malloc_trim():
         return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     except OSError:
         return None
+
+
+def float_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the floating-point parameters and buffers ``model`` holds."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.is_floating_point())
+
+
+def release_replaced_base(model: torch.nn.Module, device: torch.device) -> None:
+    """After a method replaced most of the base (quantized its layers): drop what still holds it.
+
+    On the CPU a base loaded in its file's dtype is memory-mapped, and one remaining tensor of
+    it (the embedding, a norm) keeps the whole mapping, so every page the quantization read
+    stayed resident beside the quantized copy; and glibc keeps the freed full-precision
+    weights of a converted base. Copying the remaining float tensors closes the mapping, and
+    trimming the heap returns the rest (SmolLM2 QLoRA in bf16: 944 MB resident after applying
+    the method, 552 MB after).
+    """
+    if device.type != "cpu":
+        return
+    with torch.no_grad():
+        for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+            if t.is_floating_point() and type(t) in (torch.nn.Parameter, torch.Tensor):
+                t.data = t.data.clone()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

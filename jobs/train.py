@@ -26,11 +26,10 @@ from typing import Callable
 import torch
 
 from adapters.base import Context
-from jobs import checkpoint, distributed, models
+from jobs import checkpoint, distributed, fused, memory, models
 from jobs.data import collate, plan_batches, prepare
 from jobs.errors import StudioError
 from jobs.evaluate import evaluate
-from jobs import fused
 from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory
 from jobs.runfolder import (RUNNER_FILES, append_metrics, read_run, replace_dir_atomic, truncate_metrics,
@@ -160,7 +159,10 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     ctx = Context(spec=spec, device=device, dtype=dtype, tokenizer=tokenizer,
                   all_reduce_grads=_sum_grads, all_reduce_mean=distributed.all_reduce_mean)
     _seed_everything(t.seed)
+    loaded_bytes = memory.float_bytes(model)
     model = method.apply(model, mcfg, ctx).to(device)
+    if memory.float_bytes(model) < loaded_bytes:  # the method replaced (quantized) base tensors
+        memory.release_replaced_base(model, device)
     if t.lean_activations:
         fused.install(model)
     model.train()

@@ -315,3 +315,30 @@ def test_export_quantized_names_the_methods_that_have_one(tiny_model, toy_datase
     train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, max_steps=1, eval_samples=0, exact_match_rows=0)))
     with pytest.raises(StudioError, match="lora has no quantized form.*peqa, qalora"):
         export_quantized(run_dir, tmp_path / "out")
+
+
+def test_quantizing_methods_copy_the_rest_of_the_base_off_its_file(tiny_model, toy_dataset, tmp_path, studio_home,
+                                                                    monkeypatch):
+    """After the base's layers are quantized, the tensors left over (embeddings, norms) would keep
+    the whole memory-mapped file resident: train() copies them once the method is applied."""
+    import jobs.memory
+    from jobs.memory import release_replaced_base
+    from jobs.spec import parse_spec
+    from jobs.train import train
+    from conftest import make_spec
+
+    src = models.resolve(str(tiny_model))
+    model = models.load_model(src)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    release_replaced_base(model, torch.device("cpu"))
+    for n, p in model.named_parameters():
+        assert p.data_ptr() != before[n][0] and torch.equal(p, before[n][1]), n
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight or \
+        not model.config.tie_word_embeddings  # ties survive the copy
+
+    calls = []
+    monkeypatch.setattr(jobs.memory, "release_replaced_base", lambda m, d: calls.append(type(m).__name__))
+    for name in ("lora", "qlora"):
+        train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / name, method={"name": name}, max_steps=1,
+                                   exact_match_rows=0, eval_samples=0)))
+    assert len(calls) == 1  # qlora's run only
