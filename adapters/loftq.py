@@ -112,7 +112,9 @@ class LoftqMethod:
         adapted = {n for n, _ in find_linears(model, cfg.target_modules)}
         dtype = compute_dtype(cfg, ctx)
         starts: dict[str, LoftqInit] = {}
-        for name, module in find_linears(model):
+        linears = find_linears(model)
+        heap = nf4.returner(linears)
+        for name, module in linears:
             if name in adapted:
                 starts[name] = loftq_init(linear_weight(module), cfg.r, lora_scaling(cfg), cfg.iterations,
                                           cfg.quant_type, cfg.double_quant)
@@ -120,6 +122,7 @@ class LoftqMethod:
             else:  # layers without an adapter are quantized as in QLoRA
                 base = nf4.quantize(linear_weight(module), cfg.quant_type, cfg.double_quant)
             set_module(model, name, nf4.linear4bit(base, module.bias, dtype, is_conv1d(module)))
+            heap.freed(4 * linear_weight(module).numel())
         model.is_loaded_in_4bit = True
         wrapped = self.lora.apply(model, cfg, ctx)
         inner = wrapped.get_base_model()
