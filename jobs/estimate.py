@@ -138,7 +138,13 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     cpu = device == "cpu"
     # On the CPU a safetensors base in the dtype it trains in is memory-mapped: every page the run
     # reads stays resident for as long as one of its tensors is in use.
-    mapped = cpu and src.kind in ("local", "bundled-cache", "hub") and stored in (None, load_dtype(method, dtype))
+    in_file = cpu and src.kind in ("local", "bundled-cache", "hub")  # a safetensors base
+    mapped = in_file and stored in (None, load_dtype(method, dtype))
+    # Stored in another dtype, it is read through a mapping while it is converted: the whole file
+    # is resident beside the converted weights until loading ends (SmolLM2's fp32 cache loaded
+    # in bf16: 1.17 GB at the end of loading, 0.66 GB once the file is closed).
+    converted = counts.base_bytes * torch.finfo(stored).bits // torch.finfo(load_dtype(method, dtype)).bits \
+        if in_file and not mapped else 0
     # A method that replaced base tensors (quantized layers) gets the rest copied off the file
     # after applying (jobs.memory.release_replaced_base), so only the apply phase holds the file.
     released = counts.replaced_bytes > 0
@@ -155,9 +161,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                   "framework_overhead": process + slack},
         "apply": {"weights": counts.base_bytes + counts.created_bytes - counts.trainable_base_bytes,
                   "trainable": counts.trainable_bytes, "framework_overhead": process},
-        "load": {"weights": counts.base_bytes + _gguf_bytes(src) + _converted_file_bytes(cpu, mapped, stored, counts,
-                                                                                       load_dtype(method, dtype)),
-                 "framework_overhead": process},
+        "load": {"weights": counts.base_bytes + _gguf_bytes(src) + converted, "framework_overhead": process},
     }
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
@@ -194,16 +198,6 @@ def estimate_inference(spec: JobSpec, device: str | None = None, use_data: bool 
                  "framework_overhead": PROCESS_BYTES + TOKENIZER_BYTES if device == "cpu" else 0}
     return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
             "dtype": str(dtype).removeprefix("torch."), "batch": {"rows": batch.rows, "length": batch.length}}
-
-
-def _converted_file_bytes(cpu: bool, mapped: bool, stored: torch.dtype | None, counts: Counts,
-                          dtype: torch.dtype) -> int:
-    """On the CPU, a base stored in another dtype is read through a mapping while it is converted:
-    the whole file is resident beside the converted weights until loading ends (SmolLM2's fp32
-    cache loaded in bf16: 1.17 GB at the end of loading, 0.66 GB once the file is closed)."""
-    if not cpu or mapped or stored is None or stored == dtype:
-        return 0
-    return counts.base_bytes * torch.finfo(stored).bits // torch.finfo(dtype).bits
 
 
 def _file_dtype(config) -> torch.dtype | None:

@@ -70,7 +70,7 @@ def dtype_for(precision: str, device: str) -> torch.dtype:
 
     if precision == "auto" and device == "cuda":
         return torch.bfloat16
-    return pick_precision(precision, torch.device("cpu") if device != "cuda" else torch.device("cuda"))
+    return pick_precision(precision, torch.device("cuda" if device == "cuda" else "cpu"))
 
 
 def read_config(spec: JobSpec):

@@ -5,9 +5,8 @@ The model runs with an empty ``logits_to_keep`` index, so it projects no positio
 gradient torch's matmul then copies the whole head weight once per sequence in the batch:
 450 MB and half a second per step for SmolLM2 in bf16). We take its final hidden states,
 keep the positions whose next token is trained (response tokens), and project them onto
-the vocabulary a chunk at a time. Each chunk is
-recomputed in backward (activation checkpointing), so at most one chunk of
-``[chunk, vocab]`` logits exists at any moment. With SmolLM2's 49k vocabulary a batch of
+the vocabulary a chunk at a time. Each chunk is recomputed in backward (activation
+checkpointing), so at most one chunk of ``[chunk, vocab]`` logits exists at any moment. With SmolLM2's 49k vocabulary a batch of
 8 x 512 tokens would otherwise hold 800 MB of fp32 logits, plus as much again for their gradient.
 """
 from __future__ import annotations

@@ -67,10 +67,14 @@ def _malloc_trim():
         return None
 
 
+def _held(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model`` once (tied ones are one tensor)."""
+    return list({id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
 def float_bytes(model: torch.nn.Module) -> int:
     """Bytes of the floating-point parameters and buffers ``model`` holds."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values() if t.is_floating_point())
+    return sum(t.numel() * t.element_size() for t in _held(model) if t.is_floating_point())
 
 
 def release_replaced_base(model: torch.nn.Module, device: torch.device) -> None:
@@ -86,7 +90,7 @@ def release_replaced_base(model: torch.nn.Module, device: torch.device) -> None:
     if device.type != "cpu":
         return
     with torch.no_grad():
-        for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        for t in _held(model):
             if t.is_floating_point() and type(t) in (torch.nn.Parameter, torch.Tensor):
                 t.data = t.data.clone()
     trim = _malloc_trim()
