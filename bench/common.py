@@ -285,7 +285,8 @@ def write_result(name: str, payload: dict, results_dir: Path | None = None) -> P
 
 
 def warm_model_cache(model: str) -> dict:
-    """Convert the bundled model once, outside any timed or measured run (local folders need nothing)."""
+    """Convert the bundled model once, outside any timed or measured run, into fp32 and the
+    compute dtype (local folders need nothing)."""
     if Path(model).expanduser().exists():
         return {"kind": "local"}
     return run_isolated("bench.common", "warm", {"model": model}, "warm-model-cache")
@@ -294,10 +295,16 @@ def warm_model_cache(model: str) -> dict:
 def _warm(params: dict) -> dict:
     from jobs import models
 
+    import torch
+
     src = models.resolve(params["model"])
     if src.kind == "bundled":
-        models.load_model(src)  # writes the safetensors cache
-    return {"kind": models.resolve(params["model"]).kind}
+        models.load_model(src)  # writes the fp32 safetensors cache
+    src = models.resolve(params["model"])
+    if src.kind == "bundled-cache":
+        # and the copy in the compute dtype, which every bf16 run (ours and Trainer's) then maps
+        models.load_model(src, getattr(torch, compute_device()[1]))
+    return {"kind": src.kind}
 
 
 def say(message: str) -> None:

@@ -211,7 +211,8 @@ def _trainer(params: dict) -> dict:
     data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
     rows = Dataset.from_dict({"input_ids": [e.input_ids for e in data.train],
                               "labels": [e.labels for e in data.train]})
-    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=getattr(torch, dtype), **src.kwargs())
+    weights = models.weights_for(src, getattr(torch, dtype))  # the file our loop loads too
+    model = AutoModelForCausalLM.from_pretrained(weights.path, dtype=getattr(torch, dtype), **weights.kwargs())
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # the adapter starts from the same draw as in our loop
     model = get_peft_model(model, method.to_peft_config(mcfg))

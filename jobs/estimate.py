@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from jobs import models
 from jobs.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
                             load_dtype, probe_saved, read_config, training_activations)
 from jobs.spec import JobSpec, check_combination
@@ -102,7 +103,8 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     dtype = dtype_for(t.precision, device)
     notes: list[str] = []
     src, config = read_config(spec)
-    stored = _file_dtype(config)  # before count(), which builds the model and rewrites config.dtype
+    # The file the run will load, read before count(), which builds the model and rewrites config.dtype.
+    stored = models.stored_dtype(models.weights_for(src, load_dtype(method, dtype)).path) or _file_dtype(config)
     batch, tokenizer = first_batch(spec, src, use_data)
     counts = count(config, spec, method, mcfg, dtype)
     memory = rule_memory(rule, notes)

