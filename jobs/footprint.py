@@ -220,6 +220,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     from transformers import AutoModelForCausalLM
 
     from adapters._blocks import find_blocks
+    from jobs import fused
     from jobs.loss import token_loss_sum
 
     n_blocks = min(PROBE_BLOCKS, int(_text(config).num_hidden_layers))
@@ -231,8 +232,6 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
     if spec.training.lean_activations:
-        from jobs import fused
-
         fused.install(model)  # as the training loop does
     model.train()
     blocks = find_blocks(model)
@@ -251,7 +250,9 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
             seen.append((weakref.ref(t), where[0]))
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _Shapes(shapes):
+        # The loss sees what the model keeps through fused.observe_saved (its own hooks are innermost).
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused.observe_saved(pack), \
+                _Shapes(shapes):
             loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
                                      spec.training.loss_chunk_tokens)
             # Only what is still alive when the forward ends: a side computation whose graph was

@@ -31,7 +31,7 @@ def test_installed_functions_match_the_model(tiny_model, dtype):
     loss, grads = _loss_and_grads(model, batch, dtype)
     counts = fused.install(model)
     layers = model.config.num_hidden_layers
-    assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers}
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers, "attention": 1}
     loss2, grads2 = _loss_and_grads(model, batch, dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(loss - loss2) <= tol * max(1.0, abs(loss))
@@ -51,6 +51,89 @@ def test_gradients_of_the_functions_alone():
     assert torch.autograd.gradcheck(fused.silu_mul, (gate, up))
 
 
+def _reference_attention(q, k, v, keep, scale):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_short_attention_matches_plain_attention(masked):
+    torch.manual_seed(0)
+    b, h, hk, t, d = 2, 6, 2, 7, 8  # grouped-query heads
+    q = torch.randn(b, t, h, d, dtype=torch.float64).transpose(1, 2).requires_grad_()  # as the model lays it out
+    k = torch.randn(b, hk, t, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hk, t, d, dtype=torch.float64, requires_grad=True)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    keep = None
+    if masked:  # the second row is padded after 4 tokens, as collate pads
+        valid = torch.tensor([[True] * t, [True] * 4 + [False] * (t - 4)])
+        keep = (causal & valid[:, None, :])[:, None]
+    fn = lambda a, b_, c: fused._ShortAttention.apply(a, b_, c, keep, d ** -0.5)
+    expected = _reference_attention(q, k, v, causal if keep is None else keep, d ** -0.5)
+    torch.testing.assert_close(fn(q, k, v), expected)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_short_attention_is_used_only_where_it_pays(tiny_model):
+    """bf16 autocast training on the CPU takes it; fp32, inference and long rows keep SDPA."""
+    src = models.resolve(str(tiny_model))
+    model = models.load_model(src)
+    fused.install(model)
+    assert model.config._attn_implementation == fused.ATTENTION
+    calls = []
+    original = fused._ShortAttention.apply
+    fused._ShortAttention.apply = lambda *a: calls.append(a[0].shape[2]) or original(*a)
+    try:
+        batch = _batch(src)
+        for dtype, grad in ((torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                token_loss_sum(model, batch, 64)
+        assert calls and set(calls) == {batch["input_ids"].shape[1]}
+        calls.clear()
+        long = torch.randint(0, model.config.vocab_size, (1, fused.SHORT_ROWS + 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            token_loss_sum(model, {"input_ids": long, "attention_mask": torch.ones_like(long), "labels": long}, 64)
+        assert not calls
+    finally:
+        fused._ShortAttention.apply = original
+
+
+def test_rebuilt_outputs_give_the_same_gradients_and_keep_less(tiny_model, monkeypatch):
+    """LoRA's adapters keep their input; for a norm's or SwiGLU's output that input is rebuilt in
+    backward instead: bit for bit the same gradients, fewer bytes kept."""
+    import contextlib
+
+    import jobs.loss
+    from peft import LoraConfig, get_peft_model
+
+    src = models.resolve(str(tiny_model))
+    batch = _batch(src)
+    model = get_peft_model(models.load_model(src), LoraConfig(r=4, target_modules="all-linear"))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # lora_B starts at zero: give every gradient a path
+    fused.install(model)
+    kept = []
+
+    def saved_and_grads(rebuild):
+        kept.clear()
+        monkeypatch.setattr(jobs.loss, "rebuild_saved_outputs",
+                            fused.rebuild_saved_outputs if rebuild else contextlib.nullcontext)
+        with fused.observe_saved(lambda t: kept.append(t.untyped_storage())), \
+                torch.autograd.graph.saved_tensors_hooks(fused._pack, fused._unpack):
+            _, grads = _loss_and_grads(model, batch, torch.float32)
+        return sum({s.data_ptr(): s.nbytes() for s in kept}.values()), grads
+
+    plain_bytes, plain = saved_and_grads(False)
+    lean_bytes, lean = saved_and_grads(True)
+    assert plain.keys() == lean.keys() and any("lora_A" in k for k in plain)
+    for name, g in plain.items():
+        assert torch.equal(g, lean[name]), name
+    assert lean_bytes < 0.8 * plain_bytes
+
+
 def test_other_maths_keep_their_own_forward():
     class GemmaLikeRMSNorm(torch.nn.Module):
         def __init__(self):
@@ -68,5 +151,5 @@ def test_other_maths_keep_their_own_forward():
             self.act_fn = torch.nn.GELU()
 
     model = torch.nn.Sequential(GemmaLikeRMSNorm(), GeluMLP())
-    assert fused.install(model) == {"rms_norm": 0, "swiglu": 0}
+    assert fused.install(model) == {"rms_norm": 0, "swiglu": 0, "attention": 0}
     assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
