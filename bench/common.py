@@ -74,16 +74,25 @@ def quiet_eval() -> dict:
 
 # ---------------------------------------------------------------- isolated workers
 
-def worker_env() -> dict:
+def worker_env(preload: bool = True) -> dict:
+    """A benchmark process's environment; ``preload``: on the allocator job processes use."""
+    from jobs.allocator import preload_env
+
     env = dict(os.environ)
+    if preload:
+        env.update(preload_env(env))
     env.setdefault("STUDIO_HOME", str(HOME))
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def run_isolated(module: str, kind: str, params: dict, label: str, timeout: float | None = None) -> dict:
+def run_isolated(module: str, kind: str, params: dict, label: str, timeout: float | None = None,
+                 preload: bool = True) -> dict:
     """Run ``kind`` of ``module``'s worker in a new process; its result dict, or ``{"error": ...}``.
+
+    The process starts as the studio starts a job's (``jobs.allocator``), unless ``preload``
+    is false: then on the system's malloc, as a script of one's own would run.
 
     A scratch folder is handed to the worker as ``params["scratch"]`` and deleted afterwards
     (run folders of full fine-tuning hold gigabytes of checkpoint). The worker's log is kept
@@ -99,7 +108,7 @@ def run_isolated(module: str, kind: str, params: dict, label: str, timeout: floa
         started = time.perf_counter()
         with open(log, "w", encoding="utf-8") as fh:
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), stdout=fh, stderr=subprocess.STDOUT,
+                proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(preload), stdout=fh, stderr=subprocess.STDOUT,
                                       timeout=timeout)
                 code = proc.returncode
             except subprocess.TimeoutExpired:
@@ -154,12 +163,14 @@ def device_name(device: str) -> str:
 
 
 def process_peak_memory(device: str) -> dict:
-    """This process's own peak, measured exactly as training records it in run.json."""
+    """This process's own peak, measured exactly as training records it in run.json, and the
+    malloc it ran on."""
     import torch
 
     from jobs.memory import peak_memory
 
-    return peak_memory(torch.device(device))
+    preloaded = os.environ.get("LD_PRELOAD", "").split(":")[0]
+    return {**peak_memory(torch.device(device)), "allocator": Path(preloaded).name if preloaded else "system"}
 
 
 def sync(device: str) -> None:

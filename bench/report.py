@@ -82,6 +82,16 @@ def _provenance(data: dict) -> str:
     return "_" + "; ".join(p for p in parts if p) + "._"
 
 
+def _same_malloc(data: dict) -> str:
+    """What the allocator contributes: our loop on the system's malloc, as Trainer ran."""
+    same, alloc = data.get("same_malloc"), data.get("allocator") or {}
+    if not same:
+        return f"- every process ran on the {alloc.get('ours', 'system')} allocator"
+    return (f"- ours ran on `{alloc.get('ours')}`, as the studio starts every job where the system has it, and "
+            f"Trainer on the system's malloc; our loop on the system's malloc too: "
+            f"{same['speedup_vs_trainer']:.2f}x speed, {same['memory_ratio_vs_trainer']:.2f}x peak memory")
+
+
 def _speed(data: dict):
     s = data.get("settings") or {}
     spec = s.get("spec") or {}
@@ -97,7 +107,8 @@ def _speed(data: dict):
                   f"{_verdict(data['meets_memory_target'])})",
                   f"- per CPU-second of each process: {data['cpu_time_speedup_vs_trainer']:.2f}x; "
                   f"fastest steps (90th percentile of per-step rates, the least disturbed by other processes): "
-                  f"{data.get('fast_step_speedup_vs_trainer', float('nan')):.2f}x", ""]
+                  f"{data.get('fast_step_speedup_vs_trainer', float('nan')):.2f}x"]
+        lines += [_same_malloc(data), ""]
     lines += [f"LoRA ({_method_text(spec.get('method'))}) on `{spec.get('model')}`, {s.get('steps')} steps of "
               f"{t.get('batch_size')} rows x {t.get('grad_accum', 1)} accumulation, sequences capped at "
               f"{t.get('max_seq_len')} tokens, {s.get('repeats')} runs of each system in alternating order, each "
@@ -119,7 +130,8 @@ def _speed(data: dict):
         rows = (long.get("settings") or {}).get("rows") or {}
         head = ("No ratio: a run failed." if long.get("speedup_vs_trainer") is None else
                 f"**{long['speedup_vs_trainer']:.2f}x** trained tokens per second and "
-                f"**{long['memory_ratio_vs_trainer']:.2f}x** peak memory against Trainer")
+                f"**{long['memory_ratio_vs_trainer']:.2f}x** peak memory against Trainer"
+                + (f"; {_same_malloc(long).removeprefix('- ')}" if long.get("same_malloc") else ""))
         lines += [f"**Longer rows** (the same run on conversations of {rows.get('exchanges')} demo questions and "
                   f"answers, every answer trained; {lt.get('batch_size')} rows per step, capped at "
                   f"{lt.get('max_seq_len')} tokens, {long['settings'].get('steps')} steps): {head}.", "",

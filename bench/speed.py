@@ -31,6 +31,18 @@ FULL = {"steps": 40, "repeats": 4}
 LONG, LONG_FULL = {"steps": 6, "repeats": 2}, {"steps": 20, "repeats": 4}
 LONG_ROWS = {"exchanges": 8, "batch_size": 4, "max_seq_len": 512}
 SYSTEMS = ("ours", "trainer")
+# Our loop again, on the system's malloc like Trainer: where job processes run on another
+# allocator (jobs.allocator), this leg shows how much of the difference is the allocator's.
+SAME_MALLOC = "ours_system_malloc"
+
+
+def legs() -> list[tuple[str, str, bool]]:
+    """(system, worker, preload) of each run in a round: ours as the studio starts a job,
+    Trainer as a script of one's own runs."""
+    from jobs.allocator import preload_env
+
+    out = [("ours", "ours", True), ("trainer", "trainer", False)]
+    return out + [(SAME_MALLOC, "ours", False)] if preload_env() else out
 
 
 def speed_spec(steps: int, base: dict | None = None) -> dict:
@@ -62,10 +74,12 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
 
 def _pair(spec: dict, steps: int, repeats: int, label: str) -> list[dict]:
     runs = []
+    rounds = legs()
     for repeat in range(1, repeats + 1):
-        for system in (SYSTEMS if repeat % 2 else SYSTEMS[::-1]):
+        for system, worker, preload in (rounds if repeat % 2 else rounds[::-1]):
             say(f"{label}: {system}, repeat {repeat}/{repeats}, {steps} steps")
-            result = run_isolated("bench.speed", system, {"spec": spec}, f"{label}-{system}-{repeat}")
+            result = run_isolated("bench.speed", worker, {"spec": spec}, f"{label}-{system}-{repeat}",
+                                  preload=preload)
             result.update(system=system, repeat=repeat)
             runs.append(result)
             say("  " + (f"failed: {result['error']}" if "error" in result else
@@ -96,7 +110,8 @@ def long_rows_spec(spec: dict, path: Path, exchanges: int = 8) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    ok = {s: [r for r in runs if r.get("system") == s and "error" not in r] for s in SYSTEMS}
+    systems = [s for s in (*SYSTEMS, SAME_MALLOC) if any(r.get("system") == s for r in runs)]
+    ok = {s: [r for r in runs if r.get("system") == s and "error" not in r] for s in systems}
     failed = [f"{r['system']} #{r['repeat']}: {r['error']}" for r in runs if "error" in r]
     if not ok["ours"] or not ok["trainer"]:
         return {"speedup_vs_trainer": None, "memory_ratio_vs_trainer": None, "failures": failed}
@@ -109,6 +124,11 @@ def summarise(runs: list[dict]) -> dict:
     cpu = med("ours", "trained_tokens_per_cpu_second") / med("trainer", "trained_tokens_per_cpu_second")
     fast = _fast_steps(ok["ours"]) / _fast_steps(ok["trainer"])
     first = ok["ours"][0]
+    same = {}
+    if ok.get(SAME_MALLOC):
+        same = {"same_malloc": {
+            "speedup_vs_trainer": med(SAME_MALLOC, "trained_tokens_per_second") / med("trainer", "trained_tokens_per_second"),
+            "memory_ratio_vs_trainer": med(SAME_MALLOC, "peak_memory_bytes") / med("trainer", "peak_memory_bytes")}}
     return {
         "speedup_vs_trainer": speedup,
         "memory_ratio_vs_trainer": memory,
@@ -120,7 +140,8 @@ def summarise(runs: list[dict]) -> dict:
         "meets_speed_target": speedup >= SPEEDUP_TARGET, "meets_memory_target": memory <= MEMORY_TARGET,
         "median": {s: {k: med(s, k) for k in ("trained_tokens_per_second", "tokens_per_second",
                                                "peak_memory_bytes", "trained_tokens_per_cpu_second")}
-                   for s in SYSTEMS},
+                   for s in systems if ok[s]},
+        "allocator": {s: ok[s][0].get("allocator", "system") for s in systems if ok[s]}, **same,
         "device": first["device"], "device_name": first["device_name"], "dtype": first["dtype"],
         "memory_kind": first["memory_kind"], "failures": failed,
     }

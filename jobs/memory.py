@@ -57,11 +57,16 @@ class HeapReturner:
 
 
 def _malloc_trim():
+    """A function(pad) that gives freed heap memory back to the OS: tcmalloc's when this process
+    runs on it (see ``jobs.allocator``), else glibc's ``malloc_trim``; None elsewhere."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
+        release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)
+        if release is not None:
+            return lambda pad: release()
+        name = ctypes.util.find_library("c")
         return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     except OSError:
         return None

@@ -189,8 +189,9 @@ class Scheduler:
                "CUDA_VISIBLE_DEVICES": "" if place.devices == CPU else place.devices}
         try:
             proc = spawn(self.home, job, env)
-        except OSError as e:
-            self.store.finish(job.id, Status.FAILED, f"could not start the job process: {e}")
+        except (OSError, StudioError) as e:
+            why = e.message if isinstance(e, StudioError) else str(e)
+            self.store.finish(job.id, Status.FAILED, f"could not start the job process: {why}")
             return
         self.store.set_pid(job.id, proc.pid)
         self.children[job.id] = proc

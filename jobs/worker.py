@@ -26,6 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
+from jobs.allocator import preload_env
 from jobs.errors import StudioError
 from jobs.home import ENV_VAR
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE
@@ -124,8 +125,8 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
-                                env={**os.environ, **env, ENV_VAR: str(home), "PYTHONPATH": path,
-                                     "PYTHONUNBUFFERED": "1"},
+                                env={**os.environ, **preload_env(), **env, ENV_VAR: str(home),
+                                     "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True, cwd=run_dir)
 
 
