@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from jobs import models
+from jobs.allocator import preload_env
 from jobs.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
                             load_dtype, probe_saved, read_config, training_activations)
 from jobs.spec import JobSpec, check_combination
@@ -32,15 +33,16 @@ from jobs.spec import JobSpec, check_combination
 PROCESS_BYTES = 370 << 20      # interpreter, torch, transformers, the studio's modules, model code
 TOKENIZER_BYTES = 100 << 20    # a fast tokenizer with a ~50k vocabulary, and the tokenized rows
 PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
-# The CPU allocator (glibc) keeps memory a step frees and hands it out again only where the next
-# tensor fits: batches differ in length, and some methods rebuild layers' weights in full
-# precision in every forward and backward (a quantized layer dequantized, DoRA's combined
-# weight). Two constants, fitted on the SmolLM2 ladder (bench/memory.py; 30 runs with repeats,
-# every error within 9% with them, runs of one spec vary by up to 15%): of the activations
-# whose size follows the batch, 0.45 stays resident beyond what the gradients take over; of the
-# full-precision size of the weights rebuilt per forward, 0.4.
-CPU_ACTIVATION_SLACK = 0.45
-CPU_EXPANDED_SLACK = 0.4
+# glibc's malloc keeps memory a step frees and hands it out again only where the next tensor
+# fits: batches differ in length, and some methods rebuild layers' weights in full precision in
+# every forward and backward (a quantized layer dequantized, DoRA's combined weight). Two
+# constants, fitted on the SmolLM2 ladder (bench/memory.py; 30 runs with repeats, every error
+# within 9% with them, runs of one spec vary by up to 15%): of the activations whose size
+# follows the batch, 0.45 stays resident beyond what the gradients take over; of the
+# full-precision size of the weights rebuilt per forward, 0.4. Job processes that run on
+# tcmalloc (jobs.allocator) reuse that memory: fitted the same way on the ladder, both
+# constants come out at 0 (every error within 11%). jemalloc is taken to behave like tcmalloc.
+CPU_SLACK = {"glibc": (0.45, 0.4), "preloaded": (0.0, 0.0)}
 LOGIT_COPIES = 3               # logits, log-softmax and the logits' gradient, for one loss chunk
 NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
 
@@ -156,7 +158,14 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     slack = 0
     if cpu:
         churn = activations - fixed + logits if backward else 0  # what changes size from batch to batch
-        slack = max(0, int(CPU_ACTIVATION_SLACK * churn) - gradients) + int(CPU_EXPANDED_SLACK * expanded)
+        reusing = bool(preload_env())
+        activation_slack, expanded_slack = CPU_SLACK["preloaded" if reusing else "glibc"]
+        slack = max(0, int(activation_slack * churn) - gradients) + int(expanded_slack * expanded)
+        if reusing and backward:
+            # Backward frees each layer's activations as it makes that layer's gradients, and
+            # tcmalloc hands the one to the other: the two peak apart (all activations at the end
+            # of forward, all gradients, or LOMO's tied embedding's, at the end of backward).
+            gradients -= min(gradients, activations)
     phases = {
         "train": {"weights": weights, "trainable": counts.trainable_bytes, "gradients": gradients,
                   "optimizer_state": optimizer, "activations": activations, "logits": logits,
