@@ -43,7 +43,7 @@ PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
 # tcmalloc (jobs.allocator) reuse that memory: fitted the same way on the ladder, both
 # constants come out at 0 (every error within 11%). jemalloc is taken to behave like tcmalloc.
 CPU_SLACK = {"glibc": (0.45, 0.4), "preloaded": (0.0, 0.0)}
-LOGIT_COPIES = 3               # logits, log-softmax and the logits' gradient, for one loss chunk
+LOGIT_COPIES = 2               # one loss chunk's logits and their fp32 softmax, which becomes their gradient
 NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
 
 
@@ -132,7 +132,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
         # the copy until the step ends (backward multiplies by it): full fine-tuning in bf16 holds
         # a bf16 copy of the model beside its fp32 masters (SmolLM2: 257 MiB).
         activations += counts.trainable_bytes * act_bytes // 4
-    logits = min(t.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * (LOGIT_COPIES if backward else 2)
+    logits = min(t.loss_chunk_tokens, max(batch.trained, 1)) * counts.vocab * 4 * LOGIT_COPIES
 
     gradients = {"all": counts.trainable_bytes, "one": largest, "none": 0}[memory.gradients]
     if backward:

@@ -84,6 +84,41 @@ def test_chunked_loss_gradients_match(tiny_model):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_linear_cross_entropy_gradients():
+    from jobs.loss import _LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 10, 3, 7])
+    expected = torch.nn.functional.cross_entropy(h @ w.t() + b, y, reduction="sum")
+    torch.testing.assert_close(_LinearCrossEntropy.apply(h, w, b, y), expected)
+    assert torch.autograd.gradcheck(lambda a, c, d: _LinearCrossEntropy.apply(a, c, d, y), (h, w, b))
+
+
+def test_loss_under_bf16_autocast_matches_the_plain_head(tiny_model):
+    """The fused head and loss compute what head(h) and cross_entropy compute under autocast."""
+    import jobs.loss as loss_module
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    batch = collate(encode(toy_rows(6), "instruction", tok, 64, "toy"), tok.pad_token_id)
+    results = []
+    for fused in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        if not fused:
+            model.lm_head.register_forward_hook(lambda m, a, o: o)  # a hooked head takes the generic path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, n = loss_module.token_loss_sum(model, batch, 7)
+        total.backward()
+        results.append((total.detach(), model.lm_head.weight.grad.clone(), model.model.norm.weight.grad.clone()))
+    (fused_loss, fused_head, fused_norm), (plain_loss, plain_head, plain_norm) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused_head, plain_head, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(fused_norm, plain_norm, rtol=2e-2, atol=1e-3)
+
+
 def test_resume_gives_the_same_weights(tiny_model, toy_dataset, tmp_path, studio_home):
     settings = dict(max_steps=8, grad_accum=2, batch_size=4, lr_schedule="cosine", warmup_steps=2)
     whole = train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / "whole", **settings)))
