@@ -11,7 +11,12 @@ elementwise passes in forward.
 ``install(model)`` replaces the ``forward`` of the modules it recognises on that instance
 only; saved models and exports are untouched. A norm is replaced only after its own output
 on a probe input matched ours, so a variant with other maths (Gemma's ``1 + weight``) keeps
-its own forward.
+its own forward. It also routes the model's SDPA attention through ``_attention``, which
+trains short rows on the CPU under bf16 autocast with a leaner attention of ours.
+
+``rebuild_saved_outputs()``, active while the loss's forward runs, lets a later layer that
+saves one of these functions' outputs (a LoRA adapter keeps its input) hold a recipe
+instead, recomputed in backward from what the function keeps anyway.
 """
 from __future__ import annotations
 
@@ -263,7 +268,7 @@ ATTENTION = "studio_sdpa"
 def _install_attention(model: torch.nn.Module) -> int:
     """Route ``model``'s SDPA attention through ``_attention``; how many models were switched."""
     from transformers import AttentionInterface, PreTrainedModel
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, _attention)
     AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
