@@ -142,7 +142,8 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
     beat.start()
     print(f"job {job.id} ({job.name}): pid {os.getpid()}, {job.nprocs} process(es), devices {job.devices}, "
           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", flush=True)
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}, "
+          f"malloc: {os.environ.get('LD_PRELOAD', '').split(':')[0] or 'the system'}", flush=True)
     try:
         if job.nprocs > 1:
             _run_distributed(home, job, stop)

@@ -102,7 +102,13 @@ def test_two_jobs_with_one_slot_run_one_after_the_other(home, scheduler, tiny_mo
     first, second = (job(home, i) for i in ids)
     assert first.status == second.status == Status.COMPLETED
     assert first.finished_at <= second.started_at  # never together
-    assert (Path(second.run_dir) / "log.txt").read_text().count("completed") == 1
+    log = (Path(second.run_dir) / "log.txt").read_text()
+    assert log.count("completed") == 1
+    # The job process ran on the allocator jobs.allocator picks here (tcmalloc where installed).
+    from jobs.allocator import preload_env
+
+    preloaded = preload_env({}).get("LD_PRELOAD", "").split(":")[0] or "the system"
+    assert f"malloc: {preloaded}" in log
 
 
 def test_each_job_gets_its_own_gpu_and_a_third_waits(home, tiny_model, toy_dataset):
