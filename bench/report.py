@@ -238,9 +238,12 @@ def _efficiency(data: dict):
                   table(["dtype", "best GFLOP/s", "median GFLOP/s"],
                         [[k, fmt(v["best_flops_per_second"] / 1e9), fmt(v["median_flops_per_second"] / 1e9)]
                          for k, v in (peak.get("rates") or {}).items()]), ""]
-    lines += [table(["method", "model GFLOP/s", "of best matmul rate", "6NT GFLOP/s", "tokens/s", "peak memory"],
-                    [[r["method"], *(["failed: " + r["error"], "", "", "", ""] if "error" in r else
-                      [fmt(r["model_flops_per_second"] / 1e9), fmt_pct(r.get("fraction_of_peak"), 1),
+    fp32 = ((peak.get("rates") or {}).get("float32") or {}).get("best_flops_per_second")
+    lines += [table(["method", "dtype", "model GFLOP/s", "of its dtype's best matmul rate", "of the fp32 matmul rate",
+                     "6NT GFLOP/s", "tokens/s", "peak memory"],
+                    [[r["method"], *(["failed: " + r["error"], "", "", "", "", "", ""] if "error" in r else
+                      [r.get("dtype"), fmt(r["model_flops_per_second"] / 1e9), fmt_pct(r.get("fraction_of_peak"), 1),
+                       fmt_pct(r["model_flops_per_second"] / fp32 if fp32 else None, 1),
                        fmt(r["flops_6nt_per_second"] / 1e9), fmt(r["tokens_per_second"]),
                        fmt_bytes(r["peak_memory_bytes"])])] for r in rows]), "",
               "Model FLOPs per step (T real tokens, P trained positions, L mean row length; recomputation not "
