@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from jobs.errors import StudioError
@@ -21,6 +22,12 @@ from jobs.errors import StudioError
 # Libraries a training process may run on instead of glibc's malloc, best first.
 ALLOCATORS = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
 ALLOCATOR_VAR = "STUDIO_ALLOCATOR"
+
+
+@lru_cache(maxsize=1)
+def _installed() -> str | None:
+    """The best allocator library the system has (find_library runs ldconfig: asked once)."""
+    return next((found for name in ALLOCATORS if (found := ctypes.util.find_library(name))), None)
 
 
 def preload_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -31,7 +38,7 @@ def preload_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     if choice == "system" or not sys.platform.startswith("linux"):
         return {}
     if choice == "auto":
-        library = next((found for name in ALLOCATORS if (found := ctypes.util.find_library(name))), None)
+        library = _installed()
         if library is None:
             return {}
     elif Path(choice).is_file():

@@ -9,6 +9,14 @@ from jobs import allocator
 from jobs.errors import StudioError
 
 
+@pytest.fixture(autouse=True)
+def fresh_lookup():
+    """The library lookup is cached per process: never let a faked one outlive its test."""
+    allocator._installed.cache_clear()
+    yield
+    allocator._installed.cache_clear()
+
+
 def test_system_and_missing_libraries_mean_no_preload(monkeypatch):
     assert allocator.preload_env({"STUDIO_ALLOCATOR": "system"}) == {}
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
@@ -23,6 +31,7 @@ def test_auto_prefers_tcmalloc_and_keeps_other_preloads(monkeypatch):
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 2**40  # no stderr line per large tensor
     assert allocator.preload_env({"LD_PRELOAD": env["LD_PRELOAD"]}) == {}  # already preloaded
     del found["tcmalloc_minimal"]
+    allocator._installed.cache_clear()  # the system was asked once already in this test
     assert allocator.preload_env({}) == {"LD_PRELOAD": "libjemalloc.so.2"}
 
 
