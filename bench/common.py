@@ -167,10 +167,10 @@ def process_peak_memory(device: str) -> dict:
     malloc it ran on."""
     import torch
 
+    from jobs.allocator import running_on
     from jobs.memory import peak_memory
 
-    preloaded = os.environ.get("LD_PRELOAD", "").split(":")[0]
-    return {**peak_memory(torch.device(device)), "allocator": Path(preloaded).name if preloaded else "system"}
+    return {**peak_memory(torch.device(device)), "allocator": running_on() or "system"}
 
 
 def sync(device: str) -> None:

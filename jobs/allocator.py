@@ -53,3 +53,9 @@ def preload_env(environ: dict[str, str] | None = None) -> dict[str, str]:
         # tcmalloc reports every allocation above 1 GiB on stderr (a model's embedding can be one).
         env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
     return env
+
+
+def running_on(environ: dict[str, str] | None = None) -> str | None:
+    """The file name of the allocator this process was started on through ``LD_PRELOAD``, if any."""
+    first = (os.environ if environ is None else environ).get("LD_PRELOAD", "").split(":")[0]
+    return Path(first).name if first else None

@@ -101,7 +101,7 @@ _rebuild: dict[int, tuple] | None = None
 
 def _rebuildable(out: torch.Tensor, fn, args: tuple) -> torch.Tensor:
     if _rebuild is not None and out.requires_grad and out.is_contiguous():
-        _rebuild[out.data_ptr()] = (weakref.ref(out), out._version, _Rebuilt(fn, args, out))
+        _rebuild[out.data_ptr()] = (weakref.ref(out), out._version, _Rebuilt(fn, args))
     return out
 
 
@@ -109,8 +109,8 @@ class _Rebuilt:
     """A saved tensor autograd holds as a recipe: recomputed on first use in backward and kept
     until every node that saved it has used it (q, k and v's adapters share one)."""
 
-    def __init__(self, fn, args: tuple, out: torch.Tensor):
-        self.fn, self.args, self.dtype = fn, args, out.dtype
+    def __init__(self, fn, args: tuple):
+        self.fn, self.args = fn, args
         self.users, self.value = 0, None
 
     def take(self) -> torch.Tensor:
@@ -139,7 +139,7 @@ def _pack(t: torch.Tensor):
         ref, version, rebuilt = entry
         out = ref()
         if out is not None and out._version == version and t.untyped_storage().data_ptr() == out.data_ptr() \
-                and t.dtype == rebuilt.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
+                and t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
             return _View(rebuilt, t)
     if _observer is not None:
         _observer(t)
@@ -238,7 +238,12 @@ class _ShortAttention(torch.autograd.Function):
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
-SHORT_ROWS = 256  # tokens; beyond this torch's flash kernel is both leaner and faster
+SHORT_ROWS = 256  # tokens; beyond this torch's CPU flash kernel is both leaner and faster
+
+
+def cpu_autocast_below_fp32() -> bool:
+    """Whether CPU autocast is on with a 16-bit compute dtype."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -247,9 +252,8 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
     t = query.shape[2]
     lean = (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)) and query.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
-            and t <= SHORT_ROWS and key.shape[2] == t and dropout == 0.0 and kwargs.get("softcap") is None
-            and kwargs.get("position_bias") is None and query.shape[1] % key.shape[1] == 0
+            and cpu_autocast_below_fp32() and t <= SHORT_ROWS and key.shape[2] == t and dropout == 0.0
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None and query.shape[1] % key.shape[1] == 0
             and (attention_mask.dtype == torch.bool and attention_mask.ndim == 4 and attention_mask.shape[1] == 1
                  if attention_mask is not None else getattr(module, "is_causal", True)))
     if not lean:

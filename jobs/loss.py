@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from jobs.fused import _wide, rebuild_saved_outputs
+from jobs.fused import SHORT_ROWS, _wide, cpu_autocast_below_fp32, rebuild_saved_outputs
 
 
 def final_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -34,9 +34,6 @@ def final_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return hidden[:, offset:]
 
 
-SHORT_ROWS = 256  # tokens; where the CPU's flash-attention backward stops losing to the plain one
-
-
 def attention_kernels(device: torch.device, seq_len: int):
     """SDPA's plain (math) kernel for short rows under bf16/fp16 autocast on the CPU, else the default.
 
@@ -47,8 +44,7 @@ def attention_kernels(device: torch.device, seq_len: int):
     same attention. Models with ``jobs.fused`` installed train short rows through its own
     attention instead, which is leaner and faster than either; this covers the rest.
     """
-    low = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
-    if device.type == "cpu" and low and seq_len <= SHORT_ROWS and torch.is_grad_enabled():
+    if device.type == "cpu" and cpu_autocast_below_fp32() and seq_len <= SHORT_ROWS and torch.is_grad_enabled():
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
@@ -79,8 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, bias, y = ctx.saved_tensors[:4]
-        lse = ctx.saved_tensors[4]
+        h, weight, bias, y, lse = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
             low = ctx.autocast or weight.dtype
             g = _wide(_project(h, weight, bias, ctx.autocast)).sub_(lse[:, None]).exp_()  # softmax

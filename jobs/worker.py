@@ -26,7 +26,7 @@ import time
 import traceback
 from pathlib import Path
 
-from jobs.allocator import preload_env
+from jobs.allocator import preload_env, running_on
 from jobs.errors import StudioError
 from jobs.home import ENV_VAR
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE
@@ -143,7 +143,7 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
     print(f"job {job.id} ({job.name}): pid {os.getpid()}, {job.nprocs} process(es), devices {job.devices}, "
           f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}, "
-          f"malloc: {os.environ.get('LD_PRELOAD', '').split(':')[0] or 'the system'}", flush=True)
+          f"malloc: {running_on() or 'the system'}", flush=True)
     try:
         if job.nprocs > 1:
             _run_distributed(home, job, stop)

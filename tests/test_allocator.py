@@ -57,3 +57,9 @@ def test_a_process_started_with_it_runs_on_it():
     maps = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, **env},
                           capture_output=True, text=True, check=True).stdout
     assert env["LD_PRELOAD"].split(":")[0].split("/")[-1].split(".so")[0] in maps
+
+
+def test_running_on_names_the_first_preloaded_library():
+    assert allocator.running_on({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4:libother.so"}) \
+        == "libtcmalloc_minimal.so.4"
+    assert allocator.running_on({}) is None

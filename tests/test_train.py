@@ -55,12 +55,18 @@ def test_run_folder_contract(tiny_model, toy_dataset, tmp_path, studio_home):
     assert checkpoint.latest_valid(out) is not None
 
 
-def test_chunked_loss_equals_full_cross_entropy(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _toy_batch(model_dir) -> dict:
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return collate(encode(toy_rows(6), "instruction", tok, 64, "toy"), tok.pad_token_id)
+
+
+def test_chunked_loss_equals_full_cross_entropy(tiny_model):
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    batch = collate(encode(toy_rows(6), "instruction", tok, 64, "toy"), tok.pad_token_id)
+    batch = _toy_batch(tiny_model)
     expected = model(**batch).loss  # transformers' mean over the same trained positions
     for chunk in (3, 16, 10_000):
         total, n = token_loss_sum(model, batch, chunk)
@@ -68,10 +74,9 @@ def test_chunked_loss_equals_full_cross_entropy(tiny_model):
 
 
 def test_chunked_loss_gradients_match(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    batch = collate(encode(toy_rows(6), "instruction", tok, 64, "toy"), tok.pad_token_id)
+    batch = _toy_batch(tiny_model)
     grads = []
     for use_chunks in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -100,10 +105,9 @@ def test_linear_cross_entropy_gradients():
 def test_loss_under_bf16_autocast_matches_the_plain_head(tiny_model):
     """The fused head and loss compute what head(h) and cross_entropy compute under autocast."""
     import jobs.loss as loss_module
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    batch = collate(encode(toy_rows(6), "instruction", tok, 64, "toy"), tok.pad_token_id)
+    batch = _toy_batch(tiny_model)
     results = []
     for fused in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
