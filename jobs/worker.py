@@ -114,6 +114,7 @@ def progress(run_dir: str | Path) -> dict:
 
 def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
     """Start the job's process: own session, output appended to ``<run>/log.txt``."""
+    preload = preload_env()  # a bad STUDIO_ALLOCATOR fails here, before the run folder is made
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOG_FILE, "ab") as log:
@@ -125,7 +126,7 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
-                                env={**os.environ, **preload_env(), **env, ENV_VAR: str(home),
+                                env={**os.environ, **preload, **env, ENV_VAR: str(home),
                                      "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True, cwd=run_dir)
 

@@ -236,3 +236,15 @@ def test_run_inline_executes_synchronously(home, tiny_model, toy_dataset):
     with pytest.raises(StudioError, match="not queued"):
         run_inline(home, jid)
     assert json.loads(json.dumps(done.to_dict()))["status"] == "completed"
+
+
+def test_a_bad_allocator_setting_fails_the_job_with_the_fix_and_no_run_folder(home, tiny_model, toy_dataset,
+                                                                              monkeypatch):
+    from jobs.worker import spawn
+
+    monkeypatch.setenv("STUDIO_ALLOCATOR", "fastest")
+    queued = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=1), name="bad-malloc")
+    with pytest.raises(StudioError) as e:
+        spawn(home, queued, {})
+    assert "STUDIO_ALLOCATOR" in e.value.message and "system" in e.value.message
+    assert not Path(queued.run_dir).exists()
