@@ -1,7 +1,8 @@
 """Start the studio in the browser: ``python app.py [--host H] [--port P] [--auth user:password] [--home DIR]``.
 
 It binds 127.0.0.1 by default. Binding any other address needs a password, given with
-``--auth`` or the ``STUDIO_AUTH`` environment variable (``user:password``).
+``--auth`` or the ``STUDIO_AUTH`` environment variable (``user:password``). Everything a
+caller names stays inside the studio home; the ``--allow-*`` flags widen that.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import argparse
 import os
 import sys
 
-AUTH_ENV = "STUDIO_AUTH"
+from jobs.home import AUTH_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model the forms start with (default: the bundled SmolLM2)")
     p.add_argument("--no-scheduler", action="store_true",
                    help="never start jobs from this process (a separate `studio worker` does)")
+    safety = p.add_argument_group("what callers may do (default: only the studio home, see README: Security)")
+    safety.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                        help="also let callers read datasets and models from DIR and write runs (output_dir) "
+                             "under it; repeatable")
+    safety.add_argument("--allow-remote-code", action="store_true",
+                        help="accept trust_remote_code: true (runs code shipped with a model)")
+    safety.add_argument("--allow-multi-node", action="store_true",
+                        help="accept nnodes, node_rank and rdzv_endpoint (connects to other machines)")
+    safety.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests addressed to, or coming from pages on, NAME "
+                             "(e.g. a reverse proxy's name); repeatable")
+    safety.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload accepted (default 200)")
+    safety.add_argument("--mcp", action="store_true", help="also serve the API as an MCP server (off by default)")
     return p
 
 
@@ -32,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from studio.ui.app import launch, parse_auth
 
-        auth = parse_auth(args.auth or os.environ.get(AUTH_ENV))
-        launch(args.home, args.host, args.port, auth, args.model, scheduler=not args.no_scheduler)
+        # Read once, then gone from the environment: nothing this process starts inherits it.
+        from_env = os.environ.pop(AUTH_ENV, None)
+        auth = parse_auth(args.auth or from_env)
+        launch(args.home, args.host, args.port, auth, args.model, scheduler=not args.no_scheduler,
+               allow_paths=tuple(args.allow_path), allow_remote_code=args.allow_remote_code,
+               allow_multi_node=args.allow_multi_node, allow_hosts=tuple(args.allow_host),
+               max_upload_mb=args.max_upload_mb, mcp=args.mcp)
     except StudioError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 ENV_VAR = "STUDIO_HOME"
+# The web server's login (user:password). Job processes never inherit it: a job runs
+# code from models and data, and has no business with the server's password.
+AUTH_ENV = "STUDIO_AUTH"
 # Hidden folder in the user's home, like ~/.cache or ~/.ollama: out of the way, per user.
 DEFAULT_HOME = Path("~/.studio")
 SUBFOLDERS = ("runs", "datasets", "models")
@@ -37,6 +40,11 @@ def datasets_dir(home: Path) -> Path:
 def models_dir(home: Path) -> Path:
     """Cache of downloaded or converted base models."""
     return home / "models"
+
+
+def uploads_dir(home: Path) -> Path:
+    """Where the web server keeps files as they arrive (Gradio's upload cache)."""
+    return home / "uploads"
 
 
 def store_path(home: Path) -> Path:

@@ -15,7 +15,13 @@ from typing import Any
 STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
 # Written by the job runner before training starts; they do not make a folder "another run".
 LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"
-RUNNER_FILES = (LOG_FILE, HEARTBEAT_FILE)
+# Written into every folder the studio creates for a job or a dataset; deleting removes
+# only folders that carry it, so a folder the studio did not make is never touched.
+MARKER = ".studio-made"
+RUNNER_FILES = (LOG_FILE, HEARTBEAT_FILE, MARKER)
+# What the studio writes in a run folder (and the temporary names of its atomic writes).
+RUN_FILES = ("run.json", "metrics.jsonl", LOG_FILE, HEARTBEAT_FILE, "adapter", "checkpoints", MARKER)
+RUN_TEMP_PREFIXES = (".run.json.", ".metrics.", ".adapter-", ".adapter.old", f".{MARKER}.")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -89,3 +95,60 @@ def replace_dir_atomic(src_tmp: Path, target: Path) -> None:
     os.replace(src_tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -- folders the studio made ---------------------------------------------------------------
+
+def make_marked_folder(folder: Path, owner: dict) -> bool:
+    """Create ``folder`` carrying the studio's marker (``owner`` says for what). A folder
+    that already exists is not the studio's to mark; returns whether it was created."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return False
+    write_json_atomic(folder / MARKER, {"made_by": "studio", **owner})
+    return True
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a studio-made folder, or None (missing, a symlink, or not ours)."""
+    folder = Path(folder)
+    path = folder / MARKER
+    if folder.is_symlink() or not folder.is_dir() or path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("made_by") == "studio" else None
+
+
+def remove_marked_folder(folder: Path, owner: dict, ours) -> list[str]:
+    """Delete the entries ``ours(name)`` accepts from a folder whose marker names ``owner``,
+    then the folder once nothing else is left in it. Symlinks are never followed: a link
+    the studio did not write stays, and rmtree removes links inside, not their targets.
+    Returns what was removed (the folder alone when it went as a whole)."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None or any(marker.get(k) != v for k, v in owner.items()):
+        return []
+    removed = []
+    for entry in list(os.scandir(folder)):
+        if entry.name == MARKER or not ours(entry.name) or entry.is_symlink():
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+        removed.append(entry.path)
+    if [e.name for e in os.scandir(folder)] == [MARKER]:
+        os.unlink(folder / MARKER)
+        folder.rmdir()
+        return [str(folder)]
+    return removed
+
+
+def is_run_entry(name: str) -> bool:
+    return name in RUN_FILES or name.startswith(RUN_TEMP_PREFIXES)

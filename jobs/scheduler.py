@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from jobs.confine import Policy, check_devices
 from jobs.errors import StudioError
 from jobs.home import ENV_VAR, lock_path, studio_home
 from jobs.store import Job, JobStore, Status
@@ -343,58 +343,89 @@ def _kill_tree(pid: int | None) -> None:
 
 # -- control operations shared by the CLI and the UI ------------------------------------
 
-RUN_ENTRIES = {"run.json", "metrics.jsonl", "log.txt", "heartbeat", "adapter", "checkpoints"}
-
-
 def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, priority: int = 0,
-               devices: int | None = None, where: str = "spec", base_dir: str | Path | None = None) -> Job:
+               devices: int | None = None, where: str = "spec", base_dir: str | Path | None = None,
+               policy: Policy | None = None) -> Job:
     """Validate a spec (nothing is stored when it is wrong) and queue it.
 
-    Relative paths in the spec are taken from ``base_dir`` (the caller's folder), since
-    the job runs elsewhere. Without ``output_dir`` the run goes to ``<home>/runs/<id>``.
+    ``policy`` says what the caller may name (``jobs.confine``): the command line passes
+    none (anything), the web server a confined one. Relative paths in the spec are taken
+    from ``base_dir`` (the caller's folder), since the job runs elsewhere. Without
+    ``output_dir`` the run goes to ``<home>/runs/<id>``.
     """
     from jobs.spec import check_combination, parse_spec
 
+    home = studio_home(home)
+    policy = policy or Policy.open(home)
     data = json.loads(json.dumps(data or {}))
-    base = Path(base_dir or os.getcwd())
     named_dir = data.get("output_dir")
     if devices is not None:
         data.setdefault("training", {})["devices"] = devices
     # The real folder is known once the store assigns an id; validate with a stand-in.
     spec = parse_spec({**data, "output_dir": named_dir or "<home>/runs/<id>"}, where)
     check_combination(spec, where)
+    check_devices(spec.training.devices, f"{where}: training.devices")
     resolved = spec.resolved()
-    for section, key in (("dataset", "path"), ("dataset", "eval_path")):
-        value = resolved[section].get(key)
-        if value and not Path(value).is_absolute():
-            resolved[section][key] = str(base / value)
-    if (base / spec.model).exists():
-        resolved["model"] = str((base / spec.model).resolve())
-    run_dir = str(base / named_dir) if named_dir else None
+    if policy.confined:
+        resolved = policy.check_spec(resolved, output_dir_given=bool(named_dir), where=where)
+        run_dir = resolved["output_dir"] if named_dir else None
+    else:
+        base = Path(base_dir or os.getcwd())
+        for section, key in (("dataset", "path"), ("dataset", "eval_path")):
+            value = resolved[section].get(key)
+            if value and not Path(value).is_absolute():
+                resolved[section][key] = str(base / value)
+        if (base / spec.model).exists():
+            resolved["model"] = str((base / spec.model).resolve())
+        run_dir = str(base / named_dir) if named_dir else None
+    store = JobStore(home)
+    if run_dir:
+        _refuse_shared_folder(store, run_dir, None, where)
     name = name or f"{spec.method_name}-{Path(spec.model).name}"
-    return JobStore(home).submit(resolved, name=name, priority=priority, nprocs=spec.training.devices,
-                                 run_dir=run_dir)
+    return store.submit(resolved, name=name, priority=priority, nprocs=spec.training.devices, run_dir=run_dir)
 
 
 def delete_job(home: str | Path | None, job_id: int | str, *, files: bool = False) -> list[str]:
-    """Remove a job from the store; with ``files``, its run folders too. Returns what was removed."""
+    """Remove a job from the store; with ``files``, its run folders too. Returns what was removed.
+
+    Only folders the studio made for this job (their marker says so) lose anything, and
+    only the files the studio wrote there; a folder that is not the studio's, or that
+    another job also uses, is refused before the job is removed.
+    """
+    from jobs.runfolder import is_run_entry, remove_marked_folder
+
     store = JobStore(home)
-    job = store.delete(job_id)
+    job = store.get(job_id)
+    folders = [Path(f) for f in dict.fromkeys([*job.earlier_run_dirs, job.run_dir])]
+    if files:
+        if job.status == Status.RUNNING:
+            raise StudioError(f"job {job.id} is running.", f"job {job.id}", "cancel it first, then delete it.")
+        for folder in folders:
+            _refuse_shared_folder(store, str(folder), job.id, f"job {job.id}")
+            if (folder.exists() or folder.is_symlink()) and not _ours(folder, job.id):
+                raise StudioError(f"the run folder {folder} was not made by this studio for job {job.id} "
+                                  "(it has no studio marker, or is a symlink).", f"job {job.id}",
+                                  "delete the job without its files, and remove the folder by hand if you mean to.")
+    job = store.delete(job.id)
     removed = []
     if files:
-        for folder in [*job.earlier_run_dirs, job.run_dir]:
-            removed += _remove_run_folder(Path(folder))
+        for folder in folders:
+            removed += remove_marked_folder(folder, {"job": job.id}, is_run_entry)
     return removed
 
 
-def _remove_run_folder(folder: Path) -> list[str]:
-    """Delete what the studio wrote; a folder that also holds other files keeps them."""
-    if not folder.is_dir():
-        return []
-    ours = [p for p in folder.iterdir() if p.name in RUN_ENTRIES or p.name.startswith(".")]
-    if len(ours) == len(list(folder.iterdir())):
-        shutil.rmtree(folder)
-        return [str(folder)]
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return [str(p) for p in ours]
+def _ours(folder: Path, job_id: int) -> bool:
+    from jobs.runfolder import read_marker
+
+    marker = read_marker(folder)
+    return marker is not None and marker.get("job") == job_id
+
+
+def _refuse_shared_folder(store: JobStore, folder: str, job_id: int | None, where: str) -> None:
+    """A run folder belongs to one job: never write into, or delete, another job's run."""
+    target = os.path.realpath(folder)
+    for other in store.list():
+        if other.id != job_id and target in {os.path.realpath(f) for f in [other.run_dir, *other.earlier_run_dirs]}:
+            raise StudioError(f"the folder {folder} is the run folder of job {other.id} ({other.status}).", where,
+                              "choose another output_dir, or delete that job first." if job_id is None else
+                              "delete the job without its files; the other job keeps its run.")

@@ -10,58 +10,70 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from jobs.errors import StudioError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text")
+# Upper bounds: far above any run this studio is for, low enough that a typo or a hostile
+# caller cannot ask for a run that never ends or an allocation that takes the machine down.
+MAX_STEPS = 1_000_000
+MAX_SEQ_LEN = 131_072
+MAX_BATCH = 4096
+MAX_DEVICES = 1024
+PATH_LIMIT = 4096
+# Method and update-rule parameters are checked by their own Configs; these catch what
+# those leave open (no NaN or infinity anywhere, no absurd magnitudes).
+PARAM_INT_LIMIT = 1_000_000
+PARAM_FLOAT_LIMIT = 1e9
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any float field: either would train nothing, or forever.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DatasetSpec(Section):
-    path: str = Field(description="JSONL, JSON, CSV or Parquet file, or a saved `datasets` folder.")
+    path: str = Field(max_length=PATH_LIMIT, description="JSONL, JSON, CSV or Parquet file, or a saved `datasets` folder.")
     format: Literal["auto", "instruction", "chat", "prompt_completion", "text"] = Field(
         "auto", description="Row format; auto detects it from the columns.")
-    eval_path: str | None = Field(None, description="Separate held-out file (same format).")
+    eval_path: str | None = Field(None, max_length=PATH_LIMIT, description="Separate held-out file (same format).")
     eval_fraction: float = Field(
         0.1, ge=0.0, le=0.5,
         description="Share of the training file held out when no eval_path is given.")
     max_eval_rows: int = Field(
-        200, ge=1, description="Evaluate on at most this many held-out rows (keeps evaluation cheap).")
+        200, ge=1, le=1_000_000, description="Evaluate on at most this many held-out rows (keeps evaluation cheap).")
 
 
 class TrainingSpec(Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training rows when max_steps is unset.")
-    batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per device).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_seq_len: int = Field(512, ge=8, description="Rows are truncated to this many tokens.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows when max_steps is unset.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Rows per micro-batch (per device).")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN, description="Rows are truncated to this many tokens.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to the peak learning rate.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps from 0 to the peak learning rate.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it and on CPUs with AMX, else fp32.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    lean_activations: bool = Field(
+    gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in backward to save memory.")
+    lean_activations: StrictBool = Field(
         True, description="RMSNorm and SwiGLU that keep only their inputs for backward (same maths, less memory).")
-    seed: int = Field(0, description="Seeds initialisation, data order and dropout.")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Older checkpoints are deleted beyond this many.")
-    eval_samples: int = Field(3, ge=0, description="Sample generations logged per evaluation.")
-    exact_match_rows: int = Field(32, ge=0, description="Held-out rows scored by greedy exact match per evaluation.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for samples and exact match.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds initialisation, data order and dropout.")
+    log_every: int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, le=MAX_STEPS, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Older checkpoints are deleted beyond this many.")
+    eval_samples: int = Field(3, ge=0, le=1000, description="Sample generations logged per evaluation.")
+    exact_match_rows: int = Field(32, ge=0, le=100_000, description="Held-out rows scored by greedy exact match per evaluation.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length for samples and exact match.")
     loss_chunk_tokens: int = Field(
-        512, ge=16, description="Trained positions per chunk of the vocabulary projection (bounds logits memory).")
-    devices: int = Field(1, ge=1, description="Data-parallel processes per machine (GPUs, or CPU processes on gloo).")
-    nnodes: int = Field(1, ge=1, description="Machines taking part; world size is nnodes x devices.")
-    node_rank: int = Field(0, ge=0, description="This machine's index; node 0 hosts the rendezvous.")
+        512, ge=16, le=MAX_SEQ_LEN, description="Trained positions per chunk of the vocabulary projection (bounds logits memory).")
+    devices: int = Field(1, ge=1, le=MAX_DEVICES, description="Data-parallel processes per machine (GPUs, or CPU processes on gloo).")
+    nnodes: int = Field(1, ge=1, le=MAX_DEVICES, description="Machines taking part; world size is nnodes x devices.")
+    node_rank: int = Field(0, ge=0, le=MAX_DEVICES - 1, description="This machine's index; node 0 hosts the rendezvous.")
     rdzv_endpoint: str | None = Field(
-        None, description="host:port on node 0 that every node reaches; required when nnodes > 1.")
+        None, max_length=261, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$", description="host:port on node 0 that every node reaches; required when nnodes > 1.")
 
     @model_validator(mode="after")
     def _multi_node(self):
@@ -73,16 +85,16 @@ class TrainingSpec(Section):
 
 
 class JobSpec(Section):
-    model: str = Field(DEFAULT_MODEL, description="Hub id, local Hugging Face folder, or .gguf file.")
+    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=PATH_LIMIT, description="Hub id, local Hugging Face folder, or .gguf file.")
     dataset: DatasetSpec
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "lora"},
                                    description="Fine-tuning method: name and its parameters (or just the name).")
     optimizer: dict[str, Any] = Field(default_factory=lambda: {"name": "adamw"},
                                       description="Update rule: name and its parameters (or just the name).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    output_dir: str = Field(description="Run folder to write (created; must not hold another run). "
+    output_dir: str = Field(max_length=PATH_LIMIT, description="Run folder to write (created; must not hold another run). "
                                         "Spec files may leave it out: a new folder under the studio home's runs/.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the model's folder or the Hub.")
+    trust_remote_code: StrictBool = Field(False, description="Allow model code from the model's folder or the Hub.")
 
     @field_validator("method", "optimizer", mode="before")
     @classmethod
@@ -142,7 +154,22 @@ def _resolve_part(section: str, value: dict) -> dict:
         cfg = cls(**params)
     except ValidationError as e:
         raise ValueError(_describe(e, prefix=f"{section}.", model=cls)) from None
+    for key, value in cfg.model_dump().items():  # before JSON, which would turn NaN into null
+        check_number(value, f"{section}.{key}")
     return {"name": name, **cfg.model_dump(mode="json")}
+
+
+def check_number(value: Any, where: str) -> None:
+    """Backstop for method and update-rule parameters: finite, and of a sane magnitude."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_number(item, where)
+    elif isinstance(value, int) and abs(value) > PARAM_INT_LIMIT:
+        raise ValueError(f"{where}: {value} is beyond the limit of {PARAM_INT_LIMIT:,}.")
+    elif isinstance(value, float) and not (abs(value) <= PARAM_FLOAT_LIMIT):  # NaN fails too
+        raise ValueError(f"{where}: {value} is not a finite number within ±{PARAM_FLOAT_LIMIT:g}.")
 
 
 def _describe(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:

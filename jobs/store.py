@@ -252,10 +252,11 @@ class JobStore:
 
 
 def parse_id(job_id: int | str) -> int:
-    try:
-        return int(str(job_id).strip().removeprefix("#"))
-    except ValueError:
-        raise StudioError(f"{job_id!r} is not a job id.", "job id", "pass the number `studio jobs list` shows.") from None
+    text = str(job_id).strip().removeprefix("#")
+    if isinstance(job_id, bool) or not (text.isascii() and text.isdigit()) or len(text) > 18:  # SQLite ids are 64-bit
+        raise StudioError(f"{str(job_id)[:40]!r} is not a job id.", "job id",
+                          "pass the number `studio jobs list` shows.")
+    return int(text)
 
 
 def _free_folder(path: Path) -> Path:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from jobs.allocator import preload_env, running_on
 from jobs.errors import StudioError
-from jobs.home import ENV_VAR
-from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE
+from jobs.home import AUTH_ENV, ENV_VAR
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, make_marked_folder
 from jobs.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
@@ -116,7 +116,7 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
     """Start the job's process: own session, output appended to ``<run>/log.txt``."""
     preload = preload_env()  # a bad STUDIO_ALLOCATOR fails here, before the run folder is made
     run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_marked_folder(run_dir, {"job": job.id})
     with open(run_dir / LOG_FILE, "ab") as log:
         log.write(f"--- job {job.id} attempt {job.attempt} started {time.ctime()} ---\n".encode())
         log.flush()
@@ -126,15 +126,21 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
-                                env={**os.environ, **preload, **env, ENV_VAR: str(home),
+                                env={**job_environment(), **preload, **env, ENV_VAR: str(home),
                                      "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True, cwd=run_dir)
+
+
+def job_environment() -> dict[str, str]:
+    """This process's environment without the server's secrets."""
+    return {k: v for k, v in os.environ.items() if k != AUTH_ENV}
 
 
 def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
     """Run a claimed job in this process and record its outcome in the store."""
     store = JobStore(home)
     job = store.get(job_id)
+    make_marked_folder(Path(job.run_dir), {"job": job.id})  # inline runs skip spawn()
     store.set_pid(job.id, os.getpid())
     stop = StopRequest()
     if install_signals:

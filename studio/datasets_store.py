@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jobs.errors import StudioError
 from jobs.home import datasets_dir, studio_home
-from jobs.runfolder import write_json_atomic
+from jobs.runfolder import MARKER, read_marker, remove_marked_folder, write_json_atomic
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 META_FILE = "dataset.json"
@@ -58,9 +58,12 @@ class DatasetStore:
             if meta.parent.name.startswith("."):
                 continue  # an upload still being validated
             try:
-                uploaded.append(DatasetEntry(**json.loads(meta.read_text(encoding="utf-8"))))
+                entry = DatasetEntry(**json.loads(meta.read_text(encoding="utf-8")))
             except (ValueError, TypeError):
                 continue  # a half-written or foreign folder is not a dataset
+            # An entry names its own folder and a file in it, or it was not written by the studio.
+            if entry.id == meta.parent.name and Path(entry.file).parent == meta.parent and not entry.bundled:
+                uploaded.append(entry)
         return entries + sorted(uploaded, key=lambda e: e.uploaded_at or 0)
 
     def get(self, key: str) -> DatasetEntry:
@@ -85,6 +88,8 @@ class DatasetStore:
 
         src = Path(upload)
         original = original_name or src.name
+        if not src.is_file():  # a folder, a FIFO or a device would never end copying
+            raise StudioError("not a regular file.", original, "upload a .jsonl, .json, .csv or .parquet file.")
         suffix = Path(original).suffix.lower() or src.suffix.lower()
         if suffix not in SUFFIXES:
             raise StudioError(f"unsupported file type {suffix or '(none)'!r}.", original,
@@ -104,6 +109,7 @@ class DatasetStore:
             entry = DatasetEntry(id=folder.name, name=name, file=str(folder / data.name), format=fmt,
                                  rows=len(train), uploaded_at=time.time(), original_name=original)
             write_json_atomic(staging / META_FILE, entry.to_dict())
+            write_json_atomic(staging / MARKER, {"made_by": "studio", "dataset": folder.name})
             staging.rename(folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -124,7 +130,11 @@ class DatasetStore:
         if users:
             raise StudioError(f"job(s) {', '.join(f'#{j}' for j in users)} still wait for or train on this dataset.",
                               f"dataset {entry.name!r}", "cancel those jobs first, or wait until they finish.")
-        shutil.rmtree(Path(entry.file).parent)
+        folder = self.root / entry.id
+        if read_marker(folder) != {"made_by": "studio", "dataset": entry.id}:
+            raise StudioError(f"the folder {folder} was not made by this studio's upload (no studio marker).",
+                              f"dataset {entry.name!r}", "remove it by hand if you mean to.")
+        remove_marked_folder(folder, {"dataset": entry.id}, is_dataset_entry)
         return entry
 
     # -- helpers -------------------------------------------------------------------
@@ -166,6 +176,12 @@ class DatasetStore:
         return out
 
 
+def is_dataset_entry(name: str) -> bool:
+    """What an upload writes in its folder: the data file, its description, their temporaries."""
+    return (name == META_FILE or name.startswith(f".{META_FILE}.")
+            or (name.startswith("data.") and Path(name).suffix in SUFFIXES and name.count(".") == 1))
+
+
 def clean_name(name: str, where: str) -> str:
     name = " ".join((name or "").split())
     if not name:
@@ -193,7 +209,7 @@ def bundled_entry() -> DatasetEntry:
 
         train, evals = BUNDLED_DIR / "train.jsonl", BUNDLED_DIR / "eval.jsonl"
         spec = DatasetSpec(path=str(train), eval_path=str(evals) if evals.is_file() else None,
-                           max_eval_rows=10**9, eval_fraction=0.0)
+                           max_eval_rows=1_000_000, eval_fraction=0.0)
         rows, held, fmt = read_rows(spec)
         _bundled_cache[BUNDLED_ID] = DatasetEntry(
             id=BUNDLED_ID, name="demo (bundled)", file=str(train), format=fmt, rows=len(rows),

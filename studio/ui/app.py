@@ -14,14 +14,18 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from jobs.errors import StudioError
+from jobs.home import LOCK_FILE, STORE_FILE, uploads_dir
 from studio.ui import compare, datasets, export, jobs, playground, train
 from studio.ui.common import Studio, job_choices
+from studio.ui.guard import RequestGuard, slow_login
 
 log = logging.getLogger("studio.ui")
 CSS = Path(__file__).resolve().parents[2] / "assets" / "studio.css"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_MAX_UPLOAD_MB = 200.0  # a fine-tuning set of this size is already a long run on one GPU
 TABS = (("Datasets", "datasets", datasets), ("Train", "train", train), ("Jobs", "jobs", jobs),
         ("Compare", "compare", compare), ("Playground", "playground", playground), ("Export", "export", export))
 
@@ -135,7 +139,7 @@ def header_html(studio: Studio, service: SchedulerService | None) -> str:
 def prepare_environment(home: Path) -> None:
     # Gradio keeps uploads and served files in its cache; keep that cache inside the studio
     # home so uploaded data never lands elsewhere on the machine.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(home / "uploads"))
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(uploads_dir(home)))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -156,17 +160,38 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def blocked_paths(home: Path) -> list[str]:
+    """Never served by /gradio_api/file=, whatever else allows it: the job store and the
+    folders of runs, datasets and models (exports/ and uploads/ are what the page serves)."""
+    names = [STORE_FILE, f"{STORE_FILE}-wal", f"{STORE_FILE}-shm", LOCK_FILE, "runs", "datasets", "models"]
+    return [str(home / n) for n in names]
+
+
 def launch(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 7860,
            auth: tuple[str, str] | None = None, default_model: str | None = None, *, block: bool = True,
-           scheduler: bool = True, poll_interval: float = 1.0) -> tuple[gr.Blocks, SchedulerService | None]:
-    """Start the studio; with ``block=False`` return at once (tests, scripts) with the app running."""
+           scheduler: bool = True, poll_interval: float = 1.0, allow_paths: tuple[str, ...] = (),
+           allow_remote_code: bool = False, allow_multi_node: bool = False, allow_hosts: tuple[str, ...] = (),
+           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, mcp: bool = False,
+           ) -> tuple[gr.Blocks, SchedulerService | None]:
+    """Start the studio; with ``block=False`` return at once (tests, scripts) with the app running.
+
+    Everything a caller names stays inside the studio home unless the ``allow_*`` options
+    (the server's --allow-* flags) widen it; see the README's Security section."""
     check_auth(host, auth)
-    studio = Studio.at(home, default_model)
+    if not 0 < max_upload_mb <= 1e6:
+        raise StudioError(f"the upload limit {max_upload_mb} MB is not a positive size.", "--max-upload-mb",
+                          "give a size in megabytes, e.g. 200.")
+    studio = Studio.at(home, default_model, allow_paths=allow_paths, allow_remote_code=allow_remote_code,
+                       allow_multi_node=allow_multi_node)
     prepare_environment(studio.home)
     service = SchedulerService(studio.home, poll_interval).start() if scheduler else None
     demo = build_app(studio, service)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=host, server_port=port, auth=[auth] if auth else None, prevent_thread_lock=not block,
-                allowed_paths=[str(studio.exports)], css_paths=[CSS], show_error=False, quiet=not block,
-                theme=gr.themes.Soft(primary_hue="indigo"), footer_links=["api"])
+    guard = Middleware(RequestGuard, bound_host=host, allow_hosts=tuple(allow_hosts))
+    demo.launch(server_name=host, server_port=port, auth=slow_login(*auth) if auth else None,
+                prevent_thread_lock=not block, share=False, mcp_server=mcp, ssr_mode=False,
+                allowed_paths=[str(studio.exports)], blocked_paths=blocked_paths(studio.home),
+                max_file_size=int(max_upload_mb * 2**20), app_kwargs={"middleware": [guard]},
+                css_paths=[CSS], show_error=False, quiet=not block, theme=gr.themes.Soft(primary_hue="indigo"),
+                footer_links=["api"])
     return demo, service

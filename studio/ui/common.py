@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from jobs.confine import Policy
 from jobs.errors import StudioError
 from jobs.home import studio_home
 from jobs.store import Job, JobStore, Status
@@ -21,20 +22,35 @@ from studio.datasets_store import DatasetStore
 
 log = logging.getLogger("studio.ui")
 LOG_TAIL_BYTES = 12_000
+MAX_IDS = 20  # runs one call may compare or generate with
 
 
 @dataclass
 class Studio:
-    """One studio instance: its home folder and the defaults its forms start from."""
+    """One studio instance: its home folder, the defaults its forms start from, and what
+    its callers may name (``policy``: confined to the home unless the operator widened it)."""
 
     home: Path
     default_model: str
+    policy: Policy
 
     @classmethod
-    def at(cls, home: str | Path | None = None, default_model: str | None = None) -> "Studio":
+    def at(cls, home: str | Path | None = None, default_model: str | None = None, *,
+           allow_paths: tuple[str, ...] = (), allow_remote_code: bool = False,
+           allow_multi_node: bool = False) -> "Studio":
         from jobs.spec import DEFAULT_MODEL
+        from studio.datasets_store import BUNDLED_DIR
 
-        return cls(studio_home(home), default_model or DEFAULT_MODEL)
+        home, model = studio_home(home), default_model or DEFAULT_MODEL
+        folders = []
+        for folder in allow_paths:
+            path = Path(folder).expanduser().resolve()
+            if not path.is_dir():
+                raise StudioError(f"--allow-path {folder}: not a folder.", "--allow-path", "name an existing folder.")
+            folders.append(path)
+        policy = Policy(home, allow_paths=tuple(folders), allow_remote_code=allow_remote_code,
+                        allow_multi_node=allow_multi_node, models=(model,), readonly=(BUNDLED_DIR,))
+        return cls(home, model, policy)
 
     @property
     def jobs(self) -> JobStore:
@@ -76,6 +92,49 @@ def describe_failure(e: BaseException) -> str:
         return e.message
     log.exception("unexpected error in a UI handler")
     return f"unexpected {type(e).__name__}: {e}"
+
+
+# -- endpoint arguments ----------------------------------------------------------------
+# The API's type hints are documentation only: a caller can send any JSON value. These
+# check each argument's type strictly ("false" is not a bool, 1e30 is not a count).
+
+def want_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise StudioError(f"{name} must be true or false, not {value!r}.", name, "send a JSON boolean.")
+    return value
+
+
+def want_int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise StudioError(f"{name} must be a whole number from {low} to {high}, not {value!r}.", name,
+                          f"send an integer in {low}..{high}.")
+    return value
+
+
+def want_float(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails
+        raise StudioError(f"{name} must be a number from {low} to {high}, not {value!r}.", name,
+                          f"send a finite number in {low}..{high}.")
+    return float(value)
+
+
+def want_text(value: Any, name: str, limit: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit or "\x00" in value:
+        shown = f"{len(value)} characters" if isinstance(value, str) else repr(value)[:40]
+        raise StudioError(f"{name} must be text of at most {limit} characters, not {shown}.", name,
+                          "send shorter text.")
+    return value
+
+
+def want_dict(value: Any, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise StudioError(f"{name} must be a mapping (JSON object), not {type(value).__name__}.", name,
+                          "send the spec as a JSON object.")
+    return value
 
 
 # -- jobs ------------------------------------------------------------------------------
@@ -149,6 +208,8 @@ def parse_ids(values: Any) -> list[int]:
         return []
     if not isinstance(values, (list, tuple)):
         values = [values]
+    if len(values) > MAX_IDS:
+        raise StudioError(f"{len(values)} job ids given.", "job ids", f"choose at most {MAX_IDS}.")
     return [parse_id(str(v).split()[0]) for v in values if str(v).strip()]
 
 

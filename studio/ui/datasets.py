@@ -13,7 +13,7 @@ from gradio.data_classes import FileData
 
 from jobs.errors import StudioError
 from studio.ui.charts import length_histogram
-from studio.ui.common import Studio, describe_failure, for_api, message_html
+from studio.ui.common import Studio, describe_failure, for_api, message_html, want_int, want_text
 
 PREVIEW_ROWS = 3
 LENGTH_SAMPLE = 2000  # rows tokenized for the histogram; enough for its shape, quick on any file
@@ -49,9 +49,13 @@ def preview(studio: Studio, key: str, model_ref: str, max_seq_len: int) -> dict:
     from jobs.rows import read_rows
     from jobs.spec import DatasetSpec
 
+    from jobs.spec import MAX_SEQ_LEN
+
+    max_seq_len = want_int(max_seq_len, "max_seq_len", 8, MAX_SEQ_LEN)
+    model_ref = want_text(model_ref, "model", 4096).strip()
     entry = studio.datasets.get(key)
     rows, _, fmt = read_rows(DatasetSpec(path=entry.file, eval_fraction=0.0))
-    tok = tokenizer_for(model_ref or studio.default_model)
+    tok = tokenizer_for(studio.policy.model(model_ref, "model") if model_ref else studio.default_model)
     shown = []
     for example in encode(rows[:PREVIEW_ROWS], fmt, tok, int(max_seq_len), entry.name):
         trained = sum(1 for lab in example.labels if lab != -100)
@@ -182,13 +186,16 @@ def register_api(studio: Studio) -> None:
         """Validate and store a dataset file; returns its entry (id, name, format, rows, path)."""
         from gradio.utils import get_upload_folder, is_in_or_equal
 
-        data = file if isinstance(file, dict) else file.model_dump()
-        path = data.get("path") or ""
-        # Only files that came in through Gradio's upload route, never arbitrary server paths.
-        if not path or not is_in_or_equal(path, get_upload_folder()):
+        data = file if isinstance(file, dict) else file.model_dump() if isinstance(file, FileData) else {}
+        path = data.get("path")
+        # Only files that came in through Gradio's upload route, never arbitrary server
+        # paths (symlinks resolved first: is_in_or_equal resolves both sides).
+        if not isinstance(path, str) or not path or not is_in_or_equal(path, get_upload_folder()) \
+                or not Path(path).is_file():
             raise StudioError("the file was not uploaded through this studio.", "file",
                               "send it with gradio_client's handle_file(path).")
-        return upload(studio, path, name, data.get("orig_name") or Path(path).name)
+        original = want_text(data.get("orig_name"), "file.orig_name", 255) or Path(path).name
+        return upload(studio, path, want_text(name, "name", 80), Path(original).name)
 
     @for_api
     def list_datasets() -> list[dict]:

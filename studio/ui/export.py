@@ -26,7 +26,12 @@ _lock = threading.Lock()  # one export at a time: each loads a whole model
 
 
 def archive_path(studio: Studio, job, kind: str) -> Path:
-    return studio.exports / f"{slug(job.name)}-run{Path(job.run_dir).name}-{kind}.zip"
+    """Unique per job and run folder: two jobs never share an archive, and a retried job
+    (a new run folder) or a store recreated in an old home never reuses an old one."""
+    import hashlib
+
+    run = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:10]
+    return studio.exports / f"{slug(job.name)}-job{job.id}-{run}-{kind}.zip"
 
 
 def export(studio: Studio, job_id: int | str, kind: str) -> tuple[Path, dict]:

@@ -16,7 +16,7 @@ from jobs.runfolder import read_metrics, read_run
 from jobs.store import Status
 from studio.ui.charts import loss_chart
 from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, job_choices,
-                              job_summary, log_tail, message_html)
+                              job_summary, log_tail, message_html, want_bool)
 
 TICK_SECONDS = 2.0
 COLUMNS = ["ID", "Name", "Status", "Progress", "Train loss", "Eval loss", "ETA", "Created"]
@@ -222,8 +222,8 @@ def register_api(studio: Studio) -> None:
 
     @for_api
     def delete_job(job_id: int, files: bool = False) -> list[str]:
-        """Remove a job that is not running; with files, its run folders too."""
-        return delete(studio, job_id, files)
+        """Remove a job that is not running; with files, the run folders the studio made for it."""
+        return delete(studio, job_id, want_bool(files, "files"))
 
     for fn in (list_jobs, job_status, cancel, resume, retry, delete_job):
         gr.api(fn, api_name=fn.__name__)

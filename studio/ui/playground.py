@@ -14,9 +14,11 @@ import gradio as gr
 
 from jobs.errors import StudioError
 from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
-                              parse_ids)
+                              parse_ids, want_bool, want_float, want_int, want_text)
 
 CACHED_MODELS = 3
+# Caps on one request: the prompt and the answer both cost memory and minutes of CPU.
+PROMPT_LIMIT, MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_RUNS = 8000, 1024, 5.0, 8
 _cache: OrderedDict[str, object] = OrderedDict()
 _lock = threading.Lock()
 
@@ -40,16 +42,21 @@ def generate(studio: Studio, prompt: str, job_ids: list, include_base: bool = Tr
              max_new_tokens: int = 64, temperature: float = 0.0) -> list[dict]:
     from jobs.inference import generate_text
 
-    if not (prompt or "").strip():
+    prompt = want_text(prompt, "prompt", PROMPT_LIMIT)
+    if not prompt.strip():
         raise StudioError("the prompt is empty.", "prompt", "type a prompt.")
-    if not 1 <= int(max_new_tokens) <= 2048:
-        raise StudioError(f"max_new_tokens is {max_new_tokens}.", "max_new_tokens", "use 1 to 2048.")
-    if not 0 <= float(temperature) <= 5:
-        raise StudioError(f"temperature is {temperature}.", "temperature", "use 0 (greedy) to 5.")
-    jobs = [completed_run(studio, jid) for jid in parse_ids(job_ids)]
+    max_new_tokens = want_int(max_new_tokens, "max_new_tokens", 1, MAX_NEW_TOKENS)
+    temperature = want_float(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    include_base = want_bool(include_base, "include_base")
+    base_model = want_text(base_model, "base_model", 4096).strip()
+    ids = parse_ids(job_ids)
+    if len(ids) > MAX_RUNS:
+        raise StudioError(f"{len(ids)} runs chosen.", "runs", f"choose at most {MAX_RUNS}.")
+    jobs = [completed_run(studio, jid) for jid in ids]
     targets = []
     if include_base:
-        base = (base_model or "").strip() or (jobs[0].spec["model"] if jobs else studio.default_model)
+        base = studio.policy.model(base_model, "base_model") if base_model else (
+            jobs[0].spec["model"] if jobs else studio.default_model)
         targets.append((f"base: {base}", base))
     targets += [(f"#{j.id} {j.name}", j.run_dir) for j in jobs]
     if not targets:

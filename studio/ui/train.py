@@ -17,7 +17,8 @@ import gradio as gr
 
 from jobs.errors import StudioError
 from jobs.spec import DatasetSpec, TrainingSpec
-from studio.ui.common import Studio, describe_failure, fmt_bytes, for_api, job_summary, message_html
+from studio.ui.common import (Studio, describe_failure, fmt_bytes, for_api, job_summary, message_html, want_dict,
+                              want_int, want_text)
 from studio.ui.forms import Form, build_form
 
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "assets" / "specs" / "demo_lora.yaml"
@@ -27,6 +28,7 @@ MAIN_TRAINING = ("max_steps", "epochs", "batch_size", "grad_accum", "max_seq_len
 FITS, TIGHT = 0.8, 1.0  # share of the device's memory: below FITS fits, up to TIGHT is tight
 PLACEHOLDER_DIR = "<home>/runs/<id>"
 PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training"}
+NAME_LIMIT, PRIORITY_LIMIT = 80, 1000
 
 
 # -- the work, shared by the page and the API ------------------------------------------------
@@ -44,14 +46,15 @@ def starting_values() -> dict:
 
 def resolve_dataset(studio: Studio, data: dict) -> dict:
     """A spec may name a stored dataset (id or name) instead of a file path."""
-    data = dict(data or {})
-    ds = dict(data.get("dataset") or {})
+    data = dict(want_dict(data or {}, "spec"))
+    ds = data.get("dataset")
+    ds = dict(ds) if isinstance(ds, dict) else {}
     ref = ds.get("path")
-    if isinstance(ref, str) and ref and not Path(ref).expanduser().exists():
-        try:
+    if isinstance(ref, str) and ref:
+        try:  # a stored name first: what a path names is checked against the policy later
             entry = studio.datasets.get(ref)
         except StudioError:
-            return data  # a missing file: validation reports it with the path
+            return data  # a path: validation checks where it points, and reports a missing file
         ds["path"] = entry.file
         if entry.eval_file and "eval_path" not in ds:
             ds["eval_path"] = entry.eval_file
@@ -91,11 +94,17 @@ def device_capacity(device: str) -> tuple[str, int, str]:
 
 def check(studio: Studio, data: dict, device: str = "auto") -> dict:
     """Validate a spec as launch would, then estimate its memory against ``device``."""
+    from jobs.confine import check_devices
     from jobs.spec import check_combination, parse_spec
 
     data = resolve_dataset(studio, data)
+    device = want_text(device, "device", 16) or "auto"
     spec = parse_spec({**data, "output_dir": data.get("output_dir") or PLACEHOLDER_DIR}, "spec")
     check_combination(spec, "spec")
+    check_devices(spec.training.devices, "spec: training.devices")
+    # What the estimate loads is confined like what a launch would train on.
+    spec = parse_spec(studio.policy.check_spec(spec.resolved(), output_dir_given=bool(data.get("output_dir"))),
+                      "spec")
     where, capacity, device = device_capacity(device)
     out: dict[str, Any] = {"valid": True, "device": where, "device_bytes": capacity}
     try:
@@ -128,8 +137,9 @@ def launch(studio: Studio, data: dict, name: str = "", priority: int = 0) -> dic
     from jobs.scheduler import submit_job
 
     data = resolve_dataset(studio, data)
-    job = submit_job(studio.home, data, name=(name or "").strip() or None, priority=int(priority or 0),
-                     where="spec", base_dir=Path.cwd())
+    name = want_text(name, "name", NAME_LIMIT).strip() or None
+    priority = want_int(priority or 0, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    job = submit_job(studio.home, data, name=name, priority=priority, where="spec", policy=studio.policy)
     return job_summary(job)
 
 
