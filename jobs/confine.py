@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.errors import StudioError
@@ -66,7 +66,7 @@ class Policy:
     allow_remote_code: bool = False  # operator's --allow-remote-code
     allow_multi_node: bool = False  # operator's --allow-multi-node
     models: tuple[str, ...] = ()  # model references the operator chose (--model), taken as they are
-    readonly: tuple[Path, ...] = field(default=())  # the studio's own bundled files (the demo dataset)
+    readonly: tuple[Path, ...] = ()  # the studio's own bundled files (the demo dataset)
 
     @classmethod
     def open(cls, home: str | os.PathLike) -> "Policy":

@@ -164,7 +164,8 @@ class JobStore:
                 " VALUES (?, ?, ?, ?, ?, ?, '')",
                 (name, "{}", Status.QUEUED.value, priority, time.time(), nprocs))
             jid = cur.lastrowid
-            folder = run_dir or str(_free_folder(runs_dir(self.home) / str(jid)))
+            taken = _run_folders(db)
+            folder = run_dir or str(_free_folder(runs_dir(self.home) / str(jid), taken))
             spec = {**spec, "output_dir": folder}
             db.execute("UPDATE jobs SET spec = ?, run_dir = ? WHERE id = ?", (json.dumps(spec), folder, jid))
         return self.get(jid)
@@ -220,7 +221,9 @@ class JobStore:
         job = self.get(job_id)
         attempt = job.attempt + 1
         first = (job.earlier_run_dirs or [job.run_dir])[0]
-        folder = str(_free_folder(Path(f"{first}-attempt{attempt}")))
+        with self._connect() as db:
+            taken = _run_folders(db)
+        folder = str(_free_folder(Path(f"{first}-attempt{attempt}"), taken))
         spec = {**job.spec, "output_dir": folder}
         self._requeue(job, "retry", {"attempt": attempt, "run_dir": folder, "spec": json.dumps(spec),
                                      "earlier_run_dirs": json.dumps(job.earlier_run_dirs + [job.run_dir])})
@@ -259,11 +262,20 @@ def parse_id(job_id: int | str) -> int:
     return int(text)
 
 
-def _free_folder(path: Path) -> Path:
+def _run_folders(db: sqlite3.Connection) -> set[str]:
+    """Every run folder a job in the store has, or had (also those not created yet)."""
+    out = set()
+    for run_dir, earlier in db.execute("SELECT run_dir, earlier_run_dirs FROM jobs"):
+        out.update([run_dir, *json.loads(earlier)])
+    return out
+
+
+def _free_folder(path: Path, taken: set[str] = frozenset()) -> Path:
     """``path``, or ``path-2``, ... when a folder of that name already holds something
-    (a store recreated in an old home must not write into an earlier run)."""
+    (a store recreated in an old home must not write into an earlier run) or belongs to
+    another job (one queued but not started has no folder yet)."""
     candidate, n = path, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while str(candidate) in taken or (candidate.exists() and any(candidate.iterdir())):
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import make_spec
 
+from jobs.runfolder import make_marked_folder
 from jobs.scheduler import Scheduler
 from jobs.store import JobStore, Status
 from studio.cli import main
@@ -103,7 +104,13 @@ def test_run_follow_logs_and_delete_files(capsys, tmp_path, spec_file):
     assert (keep / "run.json").is_file()  # files stay unless asked
     jid2 = int(studio(capsys, "jobs", "submit", spec_file, "--home", home, "--name", "second")[1])
     folder = Path(JobStore(home).get(jid2).run_dir)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True)  # by hand: not the studio's to delete
+    (folder / "log.txt").write_text("x")
+    code, _, err = studio(capsys, "jobs", "delete", jid2, "--files", "--home", home)
+    assert code == 2 and "not made by this studio" in err and (folder / "log.txt").is_file()
+    (folder / "log.txt").unlink()
+    folder.rmdir()
+    make_marked_folder(folder, {"job": jid2})  # as the job's start makes it
     (folder / "log.txt").write_text("x")
     _, out, _ = studio(capsys, "jobs", "delete", jid2, "--files", "--home", home)
     assert str(folder) in out and not folder.exists()

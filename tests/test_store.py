@@ -119,3 +119,16 @@ def test_concurrent_claims_never_double_start(store):
     for p in procs:
         p.join()
     assert sorted(won) == [j.id for j in store.list()]  # every job claimed exactly once
+
+
+def test_new_and_retried_run_folders_never_take_another_jobs_folder(store):
+    runs = store.home / "runs"
+    # Queued jobs that named the folders the store would choose next (their folders do not exist yet).
+    squatter = store.submit(SPEC, name="named", run_dir=str(runs / "2"))
+    job = store.submit(SPEC, name="a")
+    assert job.id == 2 and job.run_dir == str(runs / "2-2")
+    later = store.submit(SPEC, name="b", run_dir=job.run_dir + "-attempt2")
+    store.claim(job.id, "cpu")
+    store.finish(job.id, Status.COMPLETED)
+    retried = store.retry(job.id)
+    assert retried.run_dir not in {squatter.run_dir, later.run_dir, job.run_dir}

@@ -64,7 +64,7 @@ def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch,
     monkeypatch.setattr(train, "device_capacity", lambda device: ("test device", 100, "cpu"))
     train.estimate_cached.cache_clear()
     spec = {"model": str(tiny_model), "dataset": {"path": "demo"}, "method": {"name": "lora"}}
-    result = train.check(Studio.at(studio_home), spec, "cpu")
+    result = train.check(Studio.at(studio_home, str(tiny_model)), spec, "cpu")
     assert result["verdict"] == verdict and result["total_bytes"] == total and result["device_bytes"] == 100
     page = train.check_html(result)
     assert verdict in page and "a note" in page and "highest while training" in page
@@ -75,7 +75,7 @@ def test_an_invalid_combination_is_explained_before_launch(studio_home, tiny_mod
     spec = {"model": str(tiny_model), "dataset": {"path": "demo"}, "method": {"name": "prompt"},
             "training": {"gradient_checkpointing": True, "batch_size": 0}}
     with pytest.raises(StudioError, match=r"training\.batch_size"):
-        train.check(Studio.at(studio_home), spec, "cpu")
+        train.check(Studio.at(studio_home, str(tiny_model)), spec, "cpu")
     assert JobStore(studio_home).list() == []
 
 
