@@ -334,3 +334,47 @@ def test_two_jobs_never_share_an_export_archive(studio):
     a, b = (store.submit(studio.spec(), name="same name", run_dir=str(studio.root / d / "run1")) for d in "ab")
     assert archive_path(s, a, "merged") != archive_path(s, b, "merged")
     assert archive_path(s, a, "merged") == archive_path(s, store.get(a.id), "merged")
+
+
+def test_operator_flags_widen_exactly_what_they_name(tmp_path):
+    from jobs.confine import Policy
+    from jobs.errors import StudioError
+    from jobs.home import studio_home
+
+    home, extra = studio_home(tmp_path / "home"), tmp_path / "extra"
+    extra.mkdir()
+    spec = {"model": str(extra / "model"), "dataset": {"path": str(extra / "d.jsonl")}, "output_dir": str(extra / "run"),
+            "trust_remote_code": True, "training": {"nnodes": 2, "node_rank": 0, "rdzv_endpoint": "node0:29500"}}
+    wide = Policy(home, allow_paths=(extra.resolve(),), allow_remote_code=True, allow_multi_node=True)
+    out = wide.check_spec(spec, output_dir_given=True)
+    assert out["output_dir"] == str((extra / "run").resolve()) and out["dataset"]["path"] == str(extra / "d.jsonl")
+    for flag, change in (("--allow-remote-code", {"allow_remote_code": False}),
+                         ("--allow-multi-node", {"allow_multi_node": False}), ("--allow-path", {"allow_paths": ()})):
+        narrower = Policy(**{**wide.__dict__, **change})
+        with pytest.raises(StudioError, match=flag):
+            narrower.check_spec(spec, output_dir_given=True)
+    assert Policy.open(home).check_spec(spec, output_dir_given=True) == spec  # the command line names anything
+
+
+def test_dataset_folders_follow_the_same_rule(tmp_path):
+    from jobs.errors import StudioError
+    from jobs.home import studio_home
+    from studio.datasets_store import DatasetStore
+
+    store = DatasetStore(studio_home(tmp_path / "home"))
+    outside = write_jsonl(tmp_path / "mine.jsonl", toy_rows(10))
+    kept = store.add(outside, "kept")
+    (Path(kept.file).parent / "notes.txt").write_text("the user's\n", encoding="utf-8")
+    store.delete("kept")  # the studio's files go, the user's file and its folder stay
+    assert sorted(p.name for p in Path(kept.file).parent.iterdir()) == [MARKER, "notes.txt"]
+    # A hand-written entry pointing out of its folder is no dataset; one without a marker is not deleted.
+    forged = store.root / "forged"
+    forged.mkdir()
+    (forged / "dataset.json").write_text(json.dumps({"id": "forged", "name": "forged", "file": str(outside),
+                                                     "format": "instruction", "rows": 10}), encoding="utf-8")
+    assert "forged" not in [e.name for e in store.list()]
+    unmarked = store.add(outside, "unmarked")
+    (Path(unmarked.file).parent / MARKER).unlink()
+    with pytest.raises(StudioError, match="not made by this studio"):
+        store.delete("unmarked")
+    assert Path(unmarked.file).is_file() and outside.is_file()
