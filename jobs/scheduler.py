@@ -427,5 +427,6 @@ def _refuse_shared_folder(store: JobStore, folder: str, job_id: int | None, wher
     for other in store.list():
         if other.id != job_id and target in {os.path.realpath(f) for f in [other.run_dir, *other.earlier_run_dirs]}:
             raise StudioError(f"the folder {folder} is the run folder of job {other.id} ({other.status}).", where,
-                              "choose another output_dir, or delete that job first." if job_id is None else
+                              f"resume job {other.id} instead, choose another output_dir, or delete that job first."
+                              if job_id is None else
                               "delete the job without its files; the other job keeps its run.")
