@@ -28,12 +28,21 @@ def _train_bf16(tiny_model, toy_dataset, tmp_path, method: dict, optimizer: dict
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_trains_in_bf16(name, tiny_model, toy_dataset, tmp_path, studio_home):
+def test_every_method_trains_in_bf16_and_reloads_as_it_trained(name, tiny_model, toy_dataset, tmp_path, studio_home):
+    """The quantizing methods (qlora, loftq, qalora, peqa) quantize the bf16 base here: the reload
+    must restore those very layers, not re-quantize the fp32 one."""
+    from jobs import fingerprint
+    from jobs.inference import load_run
+
     lr = METHODS.get(name).suggested_lr * 30
     run = _train_bf16(tiny_model, toy_dataset, tmp_path, {"name": name}, {"name": "adamw", "lr": lr})
     assert run["status"] == "completed", run["error"]
     assert run["dtype"] == "bfloat16"
     assert math.isfinite(run["metrics"]["train_loss"]) and math.isfinite(run["metrics"]["eval_loss"])
+    recorded = fingerprint.read(tmp_path / "run")
+    assert recorded.meta["trained_dtype"] == "bfloat16" and torch.isfinite(recorded.logits).all()
+    check = load_run(tmp_path / "run").check  # raises past the method's tolerance
+    assert 0 <= check["max_abs_logit_diff_vs_trained"] <= check["allowed_diff_vs_trained"]
 
 
 @pytest.mark.parametrize("rule", RULES)
