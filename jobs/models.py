@@ -179,7 +179,7 @@ def drop_gguf_quantizer(model) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         return
-    if not getattr(quantizer.quantization_config, "dequantize", True):
+    if not all(p.is_floating_point() for p in model.parameters()):
         model.dequantize()  # weights still in GGUF blocks (transformers' GGUF kernels installed)
     else:
         quantizer.remove_quantization_config(model)

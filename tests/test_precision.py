@@ -64,6 +64,26 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     assert pick_precision("fp32", cpu) == torch.float32 and pick_precision("bf16", cpu) == torch.bfloat16
 
 
+def test_auto_precision_can_be_told_there_is_no_amx(monkeypatch):
+    """CI's second leg caps the kernels below AMX; auto must then pick fp32 even where the tiles exist."""
+    import jobs.train as jt
+
+    cpu = torch.device("cpu")
+    for var in ("STUDIO_CPU_BF16", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert pick_precision("auto", cpu) == torch.bfloat16
+    for var, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx2"), ("STUDIO_CPU_BF16", "0")):
+        monkeypatch.setenv(var, value)
+        assert pick_precision("auto", cpu) == torch.float32, var
+        assert pick_precision("bf16", cpu) == torch.bfloat16  # an explicit choice stays
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setenv("STUDIO_CPU_BF16", "1")
+    assert pick_precision("auto", cpu) == torch.bfloat16
+    assert jt.cpu_bf16_override() is True
+
+
 def test_short_rows_use_the_plain_attention_kernel_only_under_low_precision_autocast():
     cpu = torch.device("cpu")
 
