@@ -18,6 +18,7 @@ this check is for.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +122,15 @@ def check(method, model: torch.nn.Module, run_dir: Path, what: str, fix: str) ->
     if fp is None:
         return {"max_abs_logit_diff_vs_trained": None, "fingerprint": BEFORE}
     got = probe_logits(model, fp.rows, fp.positions)
-    diff = float((got - fp.logits).abs().max()) if got.shape == fp.logits.shape else float("nan")
+    if got.shape != fp.logits.shape:
+        raise StudioError(f"{what} is not the model that trained: its logits on the fingerprint's rows have shape "
+                          f"{tuple(got.shape)}, the trained model's {tuple(fp.logits.shape)} (another vocabulary?).",
+                          str(run_dir), fix)
+    diff = float((got - fp.logits).abs().max())
     scale = max(1.0, fp.meta["max_abs_logit"])
     allowed = tolerance(method) * scale
     if not diff <= allowed:
-        why = ("is not finite" if diff != diff or diff == float("inf")
+        why = ("is not finite" if not math.isfinite(diff)
                else f"is {diff:.3g}, more than {method.name}'s tolerance {tolerance(method):g} x largest logit "
                     f"{scale:.3g} = {allowed:.3g}")
         raise StudioError(f"{what} is not the model that trained: the largest logit difference from the trained "
