@@ -94,10 +94,16 @@ def record(model: torch.nn.Module, examples, run_dir: Path, meta: dict) -> dict:
     chosen = examples[:PROBE_ROWS]
     rows = [list(e.input_ids) for e in chosen]
     positions = [trained_positions(e.labels) for e in chosen]
-    logits = probe_logits(upcast(model), rows, positions)
-    info = {**meta, "computed_in": "float32", "rows": rows, "positions": positions,
-            "max_abs_logit": float(logits.abs().max()), "finite": bool(torch.isfinite(logits).all())}
-    save_file({"logits": logits.contiguous()}, str(Path(run_dir) / LOGITS))
+    info = {**meta, "computed_in": "float32", "rows": rows, "positions": positions}
+    try:
+        logits = probe_logits(upcast(model), rows, positions)
+    except torch.OutOfMemoryError:
+        # Upcasting a large bf16 base may not fit on a full GPU: losing the trained result over its
+        # fingerprint would be worse than a run whose later loads say they are unchecked.
+        info["skipped"] = "the fp32 copy of the model did not fit in memory when training ended"
+    else:
+        info.update(max_abs_logit=float(logits.abs().max()), finite=bool(torch.isfinite(logits).all()))
+        save_file({"logits": logits.contiguous()}, str(Path(run_dir) / LOGITS))
     (Path(run_dir) / META).write_text(json.dumps(info) + "\n", encoding="utf-8")
     return info
 
@@ -112,6 +118,11 @@ def read(run_dir: Path) -> Fingerprint | None:
     return Fingerprint(meta["rows"], meta["positions"], load_file(str(run_dir / LOGITS))["logits"], meta)
 
 
+def _skipped(run_dir: Path) -> str | None:
+    path = Path(run_dir) / META
+    return json.loads(path.read_text(encoding="utf-8")).get("skipped") if path.is_file() else None
+
+
 def check(method, model: torch.nn.Module, run_dir: Path, what: str, fix: str) -> dict:
     """Compare ``model`` (fp32) with the run's fingerprint; refuse past the method's tolerance.
 
@@ -120,7 +131,9 @@ def check(method, model: torch.nn.Module, run_dir: Path, what: str, fix: str) ->
     """
     fp = read(run_dir)
     if fp is None:
-        return {"max_abs_logit_diff_vs_trained": None, "fingerprint": BEFORE}
+        skipped = _skipped(run_dir)
+        return {"max_abs_logit_diff_vs_trained": None,
+                "fingerprint": f"not recorded ({skipped}), so not checked" if skipped else BEFORE}
     got = probe_logits(model, fp.rows, fp.positions)
     if got.shape != fp.logits.shape:
         raise StudioError(f"{what} is not the model that trained: its logits on the fingerprint's rows have shape "

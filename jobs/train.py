@@ -339,7 +339,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
         return update_run(run_dir, status="completed", error=None, finished_at=now(), step=step, metrics=metrics,
                           samples=final.get("samples", []),
                           fingerprint={"files": [fingerprint.META, fingerprint.LOGITS], "rows": len(probe["rows"]),
-                                       "max_abs_logit": probe["max_abs_logit"]})
+                                       "max_abs_logit": probe.get("max_abs_logit"), "skipped": probe.get("skipped")})
     return {}
 
 

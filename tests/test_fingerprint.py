@@ -104,3 +104,18 @@ def test_probe_positions_are_trained_ones():
     assert positions[0] == 4 and positions[-1] == len(labels) - 2 and len(positions) == 4
     assert all(labels[i + 1] != -100 for i in positions)
     assert fingerprint.trained_positions([-100, -100, -100]) == [2]
+
+
+def test_a_fingerprint_that_did_not_fit_says_so(tiny_model, toy_dataset, tmp_path, studio_home, monkeypatch):
+    """On a full GPU the fp32 copy may not fit: the run keeps its result and its loads say they are unchecked."""
+    from jobs.inference import load_run
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("no room")
+    monkeypatch.setattr(fingerprint, "probe_logits", no_room)
+    out = tmp_path / "run"
+    run = train(parse_spec(make_spec(tiny_model, toy_dataset, out, max_steps=1, exact_match_rows=0, eval_samples=0)))
+    assert run["status"] == "completed" and "did not fit" in run["fingerprint"]["skipped"]
+    monkeypatch.undo()
+    check = load_run(out).check
+    assert check["max_abs_logit_diff_vs_trained"] is None and "did not fit" in check["fingerprint"]

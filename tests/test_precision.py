@@ -18,7 +18,7 @@ from jobs.spec import parse_spec
 from jobs.train import pick_precision, train
 from conftest import make_spec
 
-RULES = ["adamw", "adamw_8bit", "lomo", "adalomo", "mezo"]
+RULES = ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"]
 
 
 def _train_bf16(tiny_model, toy_dataset, tmp_path, method: dict, optimizer: dict) -> dict:
@@ -46,11 +46,16 @@ def test_every_method_trains_in_bf16_and_reloads_as_it_trained(name, tiny_model,
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_every_update_rule_trains_in_bf16(rule, tiny_model, toy_dataset, tmp_path, studio_home):
+def test_every_update_rule_steps_in_bf16_and_reloads_as_it_trained(rule, tiny_model, toy_dataset, tmp_path,
+                                                                   studio_home):
+    from jobs.inference import load_run
+
     method = {"name": "full"} if rule in ("lomo", "adalomo") else {"name": "lora", "r": 4}
     run = _train_bf16(tiny_model, toy_dataset, tmp_path, method, {"name": rule})
     assert run["status"] == "completed", run["error"]
     assert math.isfinite(run["metrics"]["train_loss"])
+    check = load_run(tmp_path / "run").check
+    assert check["max_abs_logit_diff_vs_trained"] <= check["allowed_diff_vs_trained"]
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
