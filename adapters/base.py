@@ -63,7 +63,9 @@ class Method(Protocol):
     # Optional: ``decays(name, param) -> bool``, which trained tensors weight decay applies to
     # (decays_by_default when absent: matrices only, never biases or norms). A method whose
     # trained matrices are not weights (quantization scales) declares its own.
-    # Optional: ``fingerprint_tolerance(dtype) -> float``, see jobs/fingerprint.py.
+    # Optional: ``fingerprint_tolerance``, the largest logit difference (per unit of the largest
+    # logit) between a reload or export and the trained model; the merge tolerance when absent
+    # (jobs/fingerprint.py).
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations with the rest of the spec that make no sense."""
