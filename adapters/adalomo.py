@@ -20,15 +20,15 @@ from typing import Any, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, Params
-from adapters.lomo import FusedStepper, decay_matrices, reject_accumulation_and_devices
+from adapters.base import Context, DecayFn, Params, decays_by_default
+from adapters.lomo import FusedStepper, decay, reject_accumulation_and_devices
 from adapters.registry import UPDATE_RULES
 
 
 class AdaLomoParams(Params):
     lr: float = Field(1e-3, gt=0, le=1.0,
                       description="Relative step: each update moves a tensor by about lr times its RMS (paper: 5e-4..1e-3).")
-    weight_decay: float = Field(0.0, ge=0, description="Decay on matrices (never on biases or norms).")
+    weight_decay: float = Field(0.0, ge=0, description="Decay on the tensors the method lets decay (matrices; never biases, norms or quantization scales).")
     clip_threshold: float = Field(1.0, gt=0, description="Largest RMS of a tensor's normalised update.")
     decay_rate: float = Field(-0.8, lt=0, gt=-1.0, description="beta2_t = 1 - t^decay_rate (Adafactor's schedule).")
     eps1: float = Field(1e-30, gt=0, description="Added to squared gradients before averaging.")
@@ -46,8 +46,8 @@ def _rms(t: torch.Tensor) -> torch.Tensor:
 class AdaLomoState:
     """Step count and second moments; builds the per-parameter update the fused stepper calls."""
 
-    def __init__(self, cfg: AdaLomoParams):
-        self.cfg = cfg
+    def __init__(self, cfg: AdaLomoParams, decays: DecayFn = decays_by_default):
+        self.cfg, self.decays = cfg, decays
         self.t = 0
         self.moments: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -83,7 +83,8 @@ class AdaLomoState:
         # Tensor-valued scalars throughout: no host synchronisation per parameter on a GPU.
         u.div_((_rms(u) / cfg.clip_threshold).clamp(min=1.0))
         step = lr * _rms(p.detach().float()).clamp(min=cfg.eps2)
-        decay_matrices(p, lr, cfg.weight_decay)
+        if self.decays(name, p):
+            decay(p, lr, cfg.weight_decay)
         p.sub_((u * step).to(p.dtype))
 
     def state_dict(self) -> dict:
@@ -99,7 +100,7 @@ class AdaLomoStepper(FusedStepper):
     """The fused stepper plus AdaLomo's state (counted in optimizer steps, saved for resume)."""
 
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], cfg: AdaLomoParams, ctx: Context):
-        self.state = AdaLomoState(cfg)
+        self.state = AdaLomoState(cfg, ctx.decays)
         super().__init__(params, self.state.update, cfg.max_grad_norm, ctx, cfg.loss_scale, cfg.scale_window)
 
     def step(self, micro_batches, loss_fn, lr):

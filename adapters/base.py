@@ -19,6 +19,20 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def decays_by_default(name: str, param: torch.Tensor) -> bool:
+    """Matrices decay; vectors (biases, norm gains) do not: shrinking those towards zero only hurts."""
+    return param.ndim >= 2
+
+
+# decays(name, param): whether weight decay applies to this trained tensor.
+DecayFn = Callable[[str, torch.Tensor], bool]
+
+
+def decay_rule(method: Any) -> DecayFn:
+    """The method's own declaration of which trained tensors decay (``decays``), else the default."""
+    return getattr(method, "decays", decays_by_default)
+
+
 @dataclass
 class Context:
     """What a method or update rule may need to know about the run."""
@@ -31,6 +45,8 @@ class Context:
     all_reduce_grads: Callable[[list[torch.nn.Parameter]], None] = lambda params: None
     # Averages a scalar over data-parallel workers (a no-op alone).
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # Which trained tensors weight decay may shrink: the method's declaration (decay_rule).
+    decays: DecayFn = decays_by_default
     extras: dict = field(default_factory=dict)
 
 
@@ -44,6 +60,12 @@ class Method(Protocol):
     merge_blocker: str | None
     # A good AdamW peak learning rate on a real model (the UI's default for this method).
     suggested_lr: float
+    # Optional: ``decays(name, param) -> bool``, which trained tensors weight decay applies to
+    # (decays_by_default when absent: matrices only, never biases or norms). A method whose
+    # trained matrices are not weights (quantization scales) declares its own.
+    # Optional: ``fingerprint_tolerance``, the largest logit difference (per unit of the largest
+    # logit) between a reload or export and the trained model; the merge tolerance when absent
+    # (jobs/fingerprint.py).
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations with the rest of the spec that make no sense."""

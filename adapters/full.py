@@ -23,6 +23,8 @@ class FullMethod:
     merge_tolerance: float = 0.0
     merge_blocker: str | None = None
     suggested_lr: float = 2e-5
+    # Every weight trains, so the base loads in fp32 (the masters) whatever the compute dtype.
+    base_dtype: str = "fp32"
 
     def check(self, cfg: Params, spec: Any) -> None:
         pass

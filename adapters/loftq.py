@@ -28,7 +28,7 @@ from adapters.lora import lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.qlora import Nf4Params, compute_dtype, merge_dequantized
 from adapters.quant import nf4
-from adapters.quant.saved import read_layers, save_layers, strip_wrapper
+from adapters.quant.saved import restore_bnb_layers, save_bnb_layers
 from adapters.quant.targets import find_linears, is_conv1d, linear_weight, set_module
 from adapters.registry import METHODS
 
@@ -136,18 +136,10 @@ class LoftqMethod:
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         self.lora.save(model, out_dir)
-        layers = {strip_wrapper(n): nf4.state_of(m) for n, m in model.get_base_model().named_modules()
-                  if nf4.is_bnb_linear(m)}
-        save_layers(out_dir, layers, {"method": self.name, "format": "bitsandbytes-4bit"})
+        save_bnb_layers(model, out_dir, self.name)
 
     def load(self, base: torch.nn.Module, adapter_dir: Path, cfg: LoftqParams, ctx: Context) -> torch.nn.Module:
-        base.requires_grad_(False)
-        device = next(base.parameters()).device
-        _, layers = read_layers(adapter_dir, device)
-        dtype = compute_dtype(cfg, ctx)
-        for name, tensors in layers.items():
-            set_module(base, name, nf4.from_state(tensors, base.get_submodule(name), dtype))
-        base.is_loaded_in_4bit = True
+        restore_bnb_layers(base, adapter_dir, compute_dtype(cfg, ctx))
         return self.lora.load(base, adapter_dir, cfg, ctx)
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params
+from adapters.base import Context, DecayFn, LossFn, Params, decays_by_default
 from adapters.registry import UPDATE_RULES
 from jobs.errors import StudioError
 from jobs.memory import HeapReturner
@@ -31,7 +31,7 @@ Update = Callable[[str, torch.nn.Parameter, torch.Tensor, float], None]
 
 class LomoParams(Params):
     lr: float = Field(1e-2, gt=0, le=10.0, description="SGD learning rate (no momentum; the LOMO paper used 1e-2..3e-2).")
-    weight_decay: float = Field(0.0, ge=0, description="Decay on matrices (never on biases or norms).")
+    weight_decay: float = Field(0.0, ge=0, description="Decay on the tensors the method lets decay (matrices; never biases, norms or quantization scales).")
     max_grad_norm: float = Field(
         1.0, ge=0, description="Clip the global gradient norm (two forward/backward passes per step; 0: off, one pass).")
     loss_scale: float = Field(2.0 ** 16, ge=1, description="fp16 only: initial dynamic loss scale.")
@@ -74,8 +74,9 @@ class RngReplay:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def decay_matrices(p: torch.Tensor, lr: float, weight_decay: float) -> None:
-    if weight_decay and p.ndim >= 2:
+def decay(p: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled decay of one tensor; the caller asks the method's ``decays`` first."""
+    if weight_decay:
         p.mul_(1.0 - lr * weight_decay)
 
 
@@ -175,9 +176,10 @@ def reject_accumulation_and_devices(rule: str, spec: Any) -> None:
             "set devices to 1, or use adamw / sgd for data-parallel training.")
 
 
-def sgd_update(weight_decay: float) -> Update:
+def sgd_update(weight_decay: float, decays: DecayFn = decays_by_default) -> Update:
     def update(name: str, p: torch.nn.Parameter, grad: torch.Tensor, lr: float) -> None:
-        decay_matrices(p, lr, weight_decay)
+        if decays(name, p):
+            decay(p, lr, weight_decay)
         p.add_(grad.to(p.dtype), alpha=-lr)
     return update
 
@@ -192,7 +194,7 @@ class LomoRule:
         reject_accumulation_and_devices(self.name, spec)
 
     def build(self, params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Any, ctx: Context) -> FusedStepper:
-        return FusedStepper(params, sgd_update(cfg.weight_decay), cfg.max_grad_norm, ctx,
+        return FusedStepper(params, sgd_update(cfg.weight_decay, ctx.decays), cfg.max_grad_norm, ctx,
                             cfg.loss_scale, cfg.scale_window)
 
 

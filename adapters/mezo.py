@@ -35,7 +35,7 @@ class MezoParams(Params):
     lr: float = Field(1e-6, gt=0, le=1.0,
                       description="Step along the noise (paper: 1e-7..1e-6 for all weights, 1e-5..1e-4 for LoRA/prefix).")
     eps: float = Field(1e-3, gt=0, le=1.0, description="Perturbation size for the two loss measurements.")
-    weight_decay: float = Field(0.0, ge=0, description="Decay on matrices (never on biases or norms).")
+    weight_decay: float = Field(0.0, ge=0, description="Decay on the tensors the method lets decay (matrices; never biases, norms or quantization scales).")
 
 
 def step_seed(base: int, step: int) -> int:
@@ -72,6 +72,7 @@ class MezoStepper:
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], cfg: MezoParams, ctx: Context, seed: int):
         self.names = [n for n, _ in params]
         self.params = [p for _, p in params]
+        self.decaying = [p for n, p in params if ctx.decays(n, p)]  # the method's declaration
         self.cfg, self.ctx, self.base_seed = cfg, ctx, seed
         self.steps = 0
         self.last_seed: int | None = None
@@ -109,9 +110,8 @@ class MezoStepper:
                               "lower optimizer.lr, or raise optimizer.eps if the losses are in fp16/bf16.")
         wd = self.cfg.weight_decay
         if wd:
-            for p in self.params:
-                if p.ndim >= 2:
-                    p.mul_(1.0 - lr * wd)
+            for p in self.decaying:
+                p.mul_(1.0 - lr * wd)
         for part, z in seeded_noise(self.params, seed):
             part.add_(z, alpha=-lr * g)
         self.steps += 1

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field
 from torch import nn
 
 from adapters.base import Context, Params
+from adapters.quant.export import save_quantized
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
 from adapters.quant.targets import check_groups, find_linears, set_module
@@ -46,6 +48,11 @@ class PeqaMethod:
     def check(self, cfg: PeqaParams, spec: Any) -> None:
         pass
 
+    def decays(self, name: str, param: torch.Tensor) -> bool:
+        # The scales are the quantized weights' sizes, one per row (or group): decaying them would
+        # shrink whole rows of the model towards zero, not regularise a free parameter.
+        return False
+
     def apply(self, model: nn.Module, cfg: PeqaParams, ctx: Context) -> nn.Module:
         model.requires_grad_(False)
         linears = find_linears(model, cfg.target_modules)
@@ -68,10 +75,8 @@ class PeqaMethod:
     def to_quantized(self, model: nn.Module) -> nn.Module:
         return model  # already the quantized model, with its tuned scales
 
-    def export_quantized(self, run_dir: Path, out: Path) -> dict:
-        from adapters.quant.export import export_quantized
-
-        return export_quantized(run_dir, out)
+    def save_quantized(self, model: nn.Module, folder: Path, tokenizer) -> dict:
+        return save_quantized(model, folder, tokenizer, self.name)
 
 
 METHODS.register(PeqaMethod())

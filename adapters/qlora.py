@@ -3,7 +3,10 @@
 The base's linear layers (not the output head, not the embeddings) become bitsandbytes
 ``Linear4bit`` with double quantization, or ``Linear8bitLt`` for an 8-bit base; peft puts
 its bitsandbytes-aware LoRA layers on top. The adapter folder is peft's: loading
-re-quantizes the fresh base, which is deterministic for the same base weights.
+holds the quantized base layers beside it (as LoftQ's does, about half a byte per weight at
+4 bits), and loading restores them: re-quantizing would start from whatever base the reload
+has, and a run trained in bf16 quantized its bf16 copy, whose NF4 codes and block scales
+differ from those of the fp32 base an export loads (3.6 of logits up to 38 on SmolLM2).
 
 Merging folds LoRA into the *dequantized* base, which is the model that trained, and
 gives a plain full-precision model: re-quantizing after the merge (what peft does) would
@@ -22,6 +25,7 @@ from adapters.base import Context, Params
 from adapters.lora import LoraParams, lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.quant import nf4
+from adapters.quant.saved import has_saved_layers, restore_bnb_layers, save_bnb_layers
 from adapters.quant.targets import find_linears, set_module
 from adapters.registry import METHODS
 from jobs.errors import StudioError
@@ -93,9 +97,13 @@ class QloraMethod:
 
     def save(self, model: torch.nn.Module, out_dir: Path) -> None:
         self.lora.save(model, out_dir)
+        save_bnb_layers(model, out_dir, self.name)
 
     def load(self, base: torch.nn.Module, adapter_dir: Path, cfg: QloraParams, ctx: Context) -> torch.nn.Module:
-        self.quantize_base(base, cfg, ctx)
+        if has_saved_layers(adapter_dir):
+            restore_bnb_layers(base, adapter_dir, compute_dtype(cfg, ctx))
+        else:  # a run saved before the base was kept: re-quantize, as it was then
+            self.quantize_base(base, cfg, ctx)
         return self.lora.load(base, adapter_dir, cfg, ctx)
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:

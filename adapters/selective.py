@@ -204,7 +204,9 @@ class SelectiveMethod:
                     raise StudioError(f"{name} has shape {tuple(tensors[name].shape)} in the folder but "
                                       f"{tuple(params[name].shape)} in the base.", str(adapter_dir),
                                       "load it onto the model it was trained from.")
-                params[name].copy_(tensors[name])
+                # Trained tensors were fp32 over a bf16 base: copying into the bf16 tensor would round
+                # them, and the reload would not be the model that trained (the fingerprint caught it).
+                params[name].data = tensors[name].to(params[name].device)
         return base
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -11,13 +11,13 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params
+from adapters.base import Context, DecayFn, LossFn, Params, decays_by_default
 from adapters.registry import UPDATE_RULES
 
 
 class AdamWParams(Params):
     lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (LoRA: 1e-4..5e-4; full: 1e-5..5e-5).")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on matrices (never on biases or norms).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on the tensors the method lets decay (matrices; never biases, norms or quantization scales).")
     beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay.")
     beta2: float = Field(0.999, ge=0, lt=1, description="Second-moment decay.")
     eps: float = Field(1e-8, gt=0, description="Denominator floor.")
@@ -27,14 +27,15 @@ class AdamWParams(Params):
 class SgdParams(Params):
     lr: float = Field(1e-3, gt=0, le=10.0, description="Learning rate.")
     momentum: float = Field(0.0, ge=0, lt=1, description="Heavy-ball momentum (0: plain SGD, no state).")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty on matrices.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty on the tensors the method lets decay (matrices; never biases, norms or quantization scales).")
     max_grad_norm: float = Field(0.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
 
 
-def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    # Decay shrinks matrices towards zero; on biases and norm gains it only hurts.
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
+def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                 decays: DecayFn = decays_by_default) -> list[dict]:
+    # Which tensors decay is the method's declaration (never biases, norms or quantization scales).
+    decay = [p for n, p in params if decays(n, p)]
+    rest = [p for n, p in params if not decays(n, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -78,7 +79,7 @@ class TorchOptimizerRule:
 
     def build(self, params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Any, ctx: Context) -> GradientStepper:
         params = list(params)
-        opt = self.make(param_groups(params, cfg.weight_decay), cfg)
+        opt = self.make(param_groups(params, cfg.weight_decay, ctx.decays), cfg)
         return GradientStepper([p for _, p in params], opt, cfg.max_grad_norm, ctx)
 
 

@@ -1,8 +1,13 @@
-"""Export a run: the merged standalone model, or the adapter alone. Reads only the run folder.
+"""Export a run: the merged standalone model, the adapter alone, or the quantized model.
+Reads only the run folder.
 
-After merging, logits of the merged and unmerged model are compared on a few rows of the
-run's data; the export is refused (nothing written) when they differ by more than the
-method's own tolerance (relative to the largest logit).
+Every export is checked against the trained model's fingerprint (jobs/fingerprint.py): the
+reloaded run, and the merged or quantized model itself, must compute the logits the trained
+model computed, within the method's tolerance (relative to the largest logit). The report
+gives the largest difference as ``max_abs_logit_diff_vs_trained``; past the tolerance, or
+not finite, the export is refused and nothing is written. Merged and quantized exports are
+also compared with the unmerged reload (``max_abs_logit_diff``), which covers runs made
+before fingerprints existed.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from jobs.data import encode, read_rows
 from jobs.errors import CannotMerge, StudioError
+from jobs import fingerprint
 from jobs.inference import load_run, run_spec
 from jobs.runfolder import replace_dir_atomic
 
@@ -55,7 +61,7 @@ def compare_or_refuse(method, before: list[torch.Tensor], after: list[torch.Tens
     diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
     scale = max(1.0, max(float(b.abs().max()) for b in before))
     allowed = method.merge_tolerance * scale
-    if diff > allowed:
+    if not diff <= allowed:  # a NaN difference must not pass
         raise StudioError(f"{what} differ by {diff:.3g}, more than {method.name}'s tolerance "
                           f"{method.merge_tolerance:g} x largest logit {scale:.3g}; nothing was written.",
                           str(run_dir), fix)
@@ -91,31 +97,56 @@ def export_merged(run_dir: str | Path, out: str | Path) -> dict:
         raise RuntimeError(f"merged model still holds adapter modules: {leftovers[:3]}")
     check = compare_or_refuse(method, before, logits_of(merged, probes), run_dir, "merged and unmerged logits",
                               "export the adapter instead and report this run.")
+    trained = check_trained(method, merged, run_dir, "the merged model", loaded.check)
 
     def write(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True)
         loaded.tokenizer.save_pretrained(folder)
     write_atomically(out, write)
-    return {"path": str(out), "method": method.name, **check}
+    return {"path": str(out), "method": method.name, **check, **trained}
+
+
+def check_trained(method, model, run_dir: Path, what: str, reload: dict | None) -> dict:
+    """``model`` against the fingerprint; the report keeps the larger of its and the reload's difference."""
+    got = fingerprint.check(method, model, run_dir, what,
+                            "nothing was written; export the adapter instead and report this run.")
+    reloaded = (reload or {}).get("max_abs_logit_diff_vs_trained")
+    if got["max_abs_logit_diff_vs_trained"] is not None and reloaded is not None:
+        got = {**got, "max_abs_logit_diff_vs_trained": max(got["max_abs_logit_diff_vs_trained"], reloaded),
+               "reload_diff_vs_trained": reloaded}
+    return got
 
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
+    """The adapter folder as the run wrote it, once the run, reloaded from it, matches the fingerprint."""
     run_dir, out = Path(run_dir), Path(out)
     spec = run_spec(run_dir)
     check_out(out)
+    loaded = load_run(run_dir)  # refuses (nothing written) when base + adapter is not what trained
     write_atomically(out, lambda folder: shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True))
-    return {"path": str(out), "method": spec.method_name}
+    return {"path": str(out), "method": spec.method_name, **loaded.check}
 
 
 def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
-    """The run's quantized model (integer codes + scales + zeros), for methods whose result is one."""
-    run_dir = Path(run_dir)
+    """The run's quantized model (integer codes + scales + zeros), for methods whose result is one:
+    those with ``to_quantized(model)`` and ``save_quantized(model, folder, tokenizer)``."""
+    run_dir, out = Path(run_dir), Path(out)
     method, _ = run_spec(run_dir).method_config()
-    export = getattr(method, "export_quantized", None)
-    if export is None:
+    if not hasattr(method, "to_quantized"):
         from adapters import METHODS
 
-        able = [name for name, m in METHODS.items() if hasattr(m, "export_quantized")]
+        able = [name for name, m in METHODS.items() if hasattr(m, "to_quantized")]
         raise StudioError(f"method {method.name} has no quantized form to export.", f"{run_dir} (method {method.name})",
                           f"use --merged or --adapter instead; quantized export exists for: {', '.join(able)}.")
-    return export(run_dir, Path(out))
+    check_out(out)
+    loaded = load_run(run_dir)
+    probes = probe_batches(loaded)
+    before = logits_of(loaded.model, probes)
+    quantized = method.to_quantized(loaded.model)
+    check = compare_or_refuse(method, before, logits_of(quantized, probes), run_dir,
+                              "the quantized model's logits and the trained model's",
+                              "export the dequantized model (--merged) or the adapter instead, and report this run.")
+    trained = check_trained(method, quantized, run_dir, "the quantized model", loaded.check)
+    written: dict = {}
+    write_atomically(out, lambda folder: written.update(method.save_quantized(quantized, folder, loaded.tokenizer)))
+    return {"path": str(out), "method": method.name, **check, **trained, **written}

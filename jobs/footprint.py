@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from jobs.errors import StudioError
+from jobs.models import frozen_base_dtype
 from jobs.spec import JobSpec
 
 PROBE_BLOCKS = 2
@@ -34,7 +35,7 @@ def _text(config):
 
 def load_dtype(method, dtype: torch.dtype) -> torch.dtype:
     # As jobs.train: frozen bases load in the compute dtype, full fine-tuning keeps fp32 masters.
-    return dtype if (dtype != torch.float32 and method.name != "full") else torch.float32
+    return frozen_base_dtype(method, dtype)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Load what a run produced (base + its trained state) and generate text from it or a base model."""
+"""Load what a run produced (base + its trained state) and generate text from it or a base model.
+
+Every load of a run is checked against the trained model's fingerprint (jobs/fingerprint.py):
+the playground, ``studio generate`` and every export use only a model that computes what the
+trained one computed.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +12,7 @@ from pathlib import Path
 import torch
 
 from adapters.base import Context
-from jobs import models
+from jobs import fingerprint, models
 from jobs.errors import StudioError
 from jobs.runfolder import read_run
 from jobs.spec import JobSpec, parse_spec
@@ -19,6 +24,8 @@ class Loaded:
     tokenizer: object
     spec: JobSpec | None
     method: object | None
+    # The reload's check against the trained fingerprint (None for a base model).
+    check: dict | None = None
 
 
 def is_run(path: str | Path) -> bool:
@@ -35,18 +42,32 @@ def run_spec(run_dir: Path) -> JobSpec:
     return parse_spec(run["spec"], where=f"{run_dir}/run.json")
 
 
+def trained_dtype(run_dir: Path) -> torch.dtype:
+    """The compute dtype the run trained in (run.json's ``dtype``); fp32 when unknown."""
+    found = getattr(torch, str((read_run(run_dir) or {}).get("dtype") or "float32"), None)
+    return found if isinstance(found, torch.dtype) else torch.float32
+
+
 def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
-    """Fresh base model + the run's saved state, in fp32, ready for inference or merging."""
+    """Fresh base model + the run's saved state, computing in fp32, checked against the fingerprint.
+
+    The base loads in the dtype it trained in (a bf16 run's frozen weights are the bf16 copy),
+    then everything is upcast, which is exact: the weights are those that trained.
+    """
     run_dir = Path(run_dir)
     spec = run_spec(run_dir)
     method, cfg = spec.method_config()
     device = device or torch.device("cpu")
     src = models.resolve(spec.model)
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
-    base = models.load_model(src, torch.float32, spec.trust_remote_code).to(device)
+    base_dtype = models.frozen_base_dtype(method, trained_dtype(run_dir))
+    base = models.load_model(src, base_dtype, spec.trust_remote_code).to(device)
     ctx = Context(spec=spec, device=device, dtype=torch.float32, tokenizer=tokenizer)
-    model = method.load(base, run_dir / "adapter", cfg, ctx).to(device).eval()
-    return Loaded(model, tokenizer, spec, method)
+    model = fingerprint.upcast(method.load(base, run_dir / "adapter", cfg, ctx).to(device)).eval()
+    check = fingerprint.check(method, model, run_dir, "the reloaded run",
+                              "the base model or the run folder changed since training (check that model "
+                              f"{spec.model!r} is the one the run trained on), or retrain the run.")
+    return Loaded(model, tokenizer, spec, method, check)
 
 
 def load_any(ref: str, device: torch.device | None = None) -> Loaded:

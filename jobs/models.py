@@ -101,6 +101,15 @@ def weights_for(src: ModelSource, dtype: torch.dtype) -> ModelSource:
     return src
 
 
+def frozen_base_dtype(method, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a run loads its base in: the compute dtype, so frozen weights take half the memory
+    in bf16, unless the method trains the base itself and keeps fp32 masters (``base_dtype``).
+    Reloading a run uses the same dtype, so its frozen weights are exactly those that trained."""
+    if getattr(method, "base_dtype", None) == "fp32":
+        return torch.float32
+    return dtype
+
+
 def resolve(ref: str) -> ModelSource:
     p = Path(ref).expanduser()
     if p.is_dir():
@@ -149,12 +158,31 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
                                                      **src.kwargs())
     except OSError as e:
         raise _load_error(src, e) from None
+    if src.gguf_file:
+        drop_gguf_quantizer(model)
     if src.kind == "bundled":
         cache_converted(src, model, torch.float32)
         model = model.to(dtype)
     if src.kind in ("bundled", "bundled-cache") and stored_dtype(src.path) != dtype:
         cache_converted(src, model, dtype)
     return model
+
+
+def drop_gguf_quantizer(model) -> None:
+    """Make a model loaded from a GGUF file an ordinary one.
+
+    transformers dequantizes GGUF weights to plain tensors (without its optional GGUF kernels)
+    but leaves the model marked as quantized, and then refuses to save it: the first full
+    fine-tune of the bundled model trained all its steps and failed at the end. The weights
+    are ordinary tensors, so the quantizer's own clean-up makes the model ordinary too.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if not all(p.is_floating_point() for p in model.parameters()):
+        model.dequantize()  # weights still in GGUF blocks (transformers' GGUF kernels installed)
+    else:
+        quantizer.remove_quantization_config(model)
 
 
 def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:
@@ -165,11 +193,6 @@ def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    # transformers marks GGUF-loaded models as quantized and refuses to save them, but after
-    # dequantization the weights are ordinary tensors: save them as a plain model.
-    quantizer = getattr(model, "hf_quantizer", None)
-    qconfig = model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(src).save_pretrained(tmp)
@@ -180,10 +203,6 @@ def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:
         # Another process may have won the race, or the disk is full: the cache is an
         # optimisation, so loading goes on either way.
         shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        model.hf_quantizer = quantizer
-        if qconfig is not None:
-            model.config.quantization_config = qconfig
 
 
 def _load_error(src: ModelSource, e: Exception) -> StudioError:

@@ -4,7 +4,8 @@
 2. load the base model, apply the method, build the update rule
 3. resume from the newest valid checkpoint when there is one
 4. step: micro-batches -> update rule -> log; evaluate and checkpoint on schedule
-5. save the adapter, evaluate, write run.json
+5. evaluate, record the trained model's fingerprint (jobs/fingerprint.py), save the adapter,
+   write run.json
 
 Under torchrun each process takes every world-size-th row of each global micro-batch; the
 loss is normalised by the trained-token count of the whole global step and gradients are
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import math
 import random
 import shutil
@@ -25,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from adapters.base import Context
-from jobs import checkpoint, distributed, fused, memory, models
+from adapters.base import Context, decay_rule
+from jobs import checkpoint, distributed, fingerprint, fused, memory, models
 from jobs.data import collate, plan_batches, prepare
 from jobs.errors import StudioError
 from jobs.evaluate import evaluate
@@ -62,8 +64,37 @@ def pick_device(world: distributed.World) -> torch.device:
     return torch.device("cpu")
 
 
+# Kernel caps below AMX: oneDNN's ISA names and ATen's capability levels (``default`` = no vectors).
+_NO_AMX_ISA = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16")
+_NO_AMX_ATEN = ("default", "avx2")
+
+
+def cpu_bf16_override() -> bool | None:
+    """What the environment says about bf16 on this CPU, or None when it says nothing.
+
+    ``STUDIO_CPU_BF16=0/1`` decides outright. Otherwise a run whose kernels are capped below AMX
+    (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``, as CI's second leg and machines
+    without AMX run) is told so: torch would still report the tiles, but its matmuls would not use
+    them, and bf16 would only be slower and coarser than fp32.
+    """
+    flag = os.environ.get("STUDIO_CPU_BF16", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _NO_AMX_ISA:
+        return False
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in _NO_AMX_ATEN:
+        return False
+    return None
+
+
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (Intel AMX)."""
+    """Whether this CPU multiplies bf16 matrices natively (Intel AMX), unless the environment says no."""
+    told = cpu_bf16_override()
+    if told is not None:
+        return told
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(probe and probe())
@@ -151,13 +182,13 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     t = spec.training
     # 2. Model, method, update rule. Frozen base weights may live in the compute dtype;
     # trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning keeps fp32 masters).
-    load_dtype = dtype if (dtype != torch.float32 and method.name != "full") else torch.float32
-    model = models.load_model(src, load_dtype, spec.trust_remote_code).to(device)
+    model = models.load_model(src, models.frozen_base_dtype(method, dtype), spec.trust_remote_code).to(device)
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ctx = Context(spec=spec, device=device, dtype=dtype, tokenizer=tokenizer,
-                  all_reduce_grads=_sum_grads, all_reduce_mean=distributed.all_reduce_mean)
+                  all_reduce_grads=_sum_grads, all_reduce_mean=distributed.all_reduce_mean,
+                  decays=decay_rule(method))
     _seed_everything(t.seed)
     loaded_bytes = memory.float_bytes(model)
     model = method.apply(model, mcfg, ctx).to(device)
@@ -292,17 +323,23 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
         return read_run(run_dir) or {}
     final = run_eval()
     if world.main:
+        peak = peak_memory(device)  # training's peak: the fingerprint below upcasts the frozen base
+        # The model as it stands in memory, before anything is saved and loaded back.
+        probe = fingerprint.record(model, data.eval or data.train, run_dir,
+                                   {"method": method.name, "trained_dtype": str(dtype).removeprefix("torch.")})
         _save_adapter(method, model, tokenizer, run_dir)
         metrics = {"train_loss": last_loss, "steps": step, "train_seconds": train_seconds,
                    "tokens_seen": tokens_seen, "trained_tokens": trained_seen,
                    "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
                    "trained_tokens_per_second": trained_seen / max(train_seconds, 1e-9),
                    "trainable_params": n_trainable, "total_params": n_total,
-                   **{k: v for k, v in final.items() if k != "samples"}, **peak_memory(device)}
+                   **{k: v for k, v in final.items() if k != "samples"}, **peak}
         if progress:
             progress({"event": "done", **metrics})
         return update_run(run_dir, status="completed", error=None, finished_at=now(), step=step, metrics=metrics,
-                          samples=final.get("samples", []))
+                          samples=final.get("samples", []),
+                          fingerprint={"files": [fingerprint.META, fingerprint.LOGITS], "rows": len(probe["rows"]),
+                                       "max_abs_logit": probe.get("max_abs_logit"), "skipped": probe.get("skipped")})
     return {}
 
 

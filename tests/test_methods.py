@@ -1,9 +1,12 @@
 """The method contract: every registered method joins as one row.
 
 For each method on a tiny Llama: only its intended parameters train (everything else is
-bit-for-bit unchanged), a few steps lower the loss, the saved state loads back onto a
-fresh base with identical outputs, and merging either stays within the method's own
-tolerance or refuses with the method's reason.
+bit-for-bit unchanged), one AdamW step through the update rule is exactly AdamW's first step
+on the method's gradient (so it points downhill: its product with the gradient is negative),
+the saved state loads back onto a fresh base with identical outputs, and merging either stays
+within the method's own tolerance or refuses with the method's reason. Whether a few steps
+lower the loss on a tiny random model depends on the learning rate and the CPU's arithmetic,
+so that is not what is asserted.
 """
 from __future__ import annotations
 
@@ -19,10 +22,6 @@ from jobs.loss import token_loss_sum
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows
 
-STEPS = 10
-# Tiny random models need larger steps than real ones to move visibly in a few steps;
-# one factor for all, so each method's own suggested_lr decides its scale.
-LR_FACTOR = 30
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +33,6 @@ def setting(tiny_model, tmp_path_factory):
     return src, tok, batch, tmp_path_factory
 
 
-def loss_of(model, batch) -> float:
-    with torch.no_grad():
-        total, n = token_loss_sum(model, batch, chunk=64)
-    return float(total) / n
-
-
 def logits_of(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -48,7 +41,7 @@ def logits_of(model, batch) -> torch.Tensor:
 def build(name: str, src, tok, tmp, seed: int = 0):
     method = METHODS.get(name)
     spec = parse_spec(make_spec(src.path, "unused.jsonl", tmp / "run", method={"name": name},
-                                optimizer={"name": "adamw", "lr": method.suggested_lr * LR_FACTOR}))
+                                optimizer={"name": "adamw", "lr": method.suggested_lr}))
     _, cfg = spec.method_config()
     ctx = Context(spec=spec, device=torch.device("cpu"), dtype=torch.float32, tokenizer=tok)
     torch.manual_seed(seed)
@@ -69,19 +62,42 @@ def test_method_contract(name, setting):
 
     rule, rcfg = spec.optimizer_config()
     stepper = rule.build(trainable, rcfg, ctx)
-    before = loss_of(model, batch)
     n_trained = int((batch["labels"][:, 1:] != -100).sum())
-    for _ in range(STEPS):
-        stepper.step([batch], lambda b: token_loss_sum(model, b, 64)[0] / n_trained, rcfg.lr)
-    model.eval()
-    after = loss_of(model, batch)
-    assert after < before * 0.99, f"{name}: loss {before:.4f} -> {after:.4f}"
+
+    def loss_fn(b):
+        return token_loss_sum(model, b, 64)[0] / n_trained
+    torch.manual_seed(1)  # the step below sees the same dropout masks
+    grads = torch.autograd.grad(loss_fn(batch), [p for _, p in trainable], allow_unused=True)
+    torch.manual_seed(1)
+    stepper.step([batch], loss_fn, rcfg.lr)
+
+    # AdamW's first step: bias-corrected moments are g and g², so each value moves by
+    # -lr·g/(|g| + eps), after clipping the global norm.
+    norm = sum(float(g.double().pow(2).sum()) for g in grads if g is not None) ** 0.5
+    clip = min(1.0, rcfg.max_grad_norm / (norm + 1e-6)) if rcfg.max_grad_norm > 0 else 1.0
+    descent = 0.0
+    for (n, p), g in zip(trainable, grads):
+        if g is None:
+            assert torch.equal(p, start[n]), f"{name}: {n} has no gradient but moved"
+            continue
+        g = g.double() * clip
+        expected = start[n].double() - rcfg.lr * g / (g.abs() + rcfg.eps)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-6, msg=f"{name}: {n}")
+        descent += float(((p.detach().double() - start[n].double()) * g).sum())
+    assert descent < 0, f"{name}: the step does not point downhill"
 
     # Only the intended parameters moved.
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"{name}: frozen {n} changed"
     assert any(not torch.equal(p, start[n]) for n, p in trainable)
+    # One step at a real learning rate barely moves an adapter: give the trained tensors visible
+    # values so that save/load and merging have something to carry.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for _, p in trainable:
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    model.eval()
 
     # Save -> load onto a fresh base gives the same outputs.
     expected = logits_of(model, batch)

@@ -139,17 +139,60 @@ def test_qlora_base_is_nf4_and_holds_a_fraction_of_loras_base_bytes():
     assert all(".lora_A." in n or ".lora_B." in n for n, p in qlora.named_parameters() if p.requires_grad)
 
 
-def test_qlora_8bit_base_trains_and_merges(tiny):
+def test_qlora_8bit_base_trains_saves_its_base_and_merges(tiny, tmp_path):
     import bitsandbytes as bnb
 
+    from jobs.loss import token_loss_sum
+
     src, batch = tiny
-    model = apply("qlora", models.load_model(src), bits=8)
+    cfg, ctx = method_config("qlora", bits=8)
+    method = METHODS.get("qlora")
+    model = apply("qlora", models.load_model(src), bits=8).train()
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    codes = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    start = {n: p.detach().clone() for n, p in trainable}
+    # One SGD step: the adapter moves by exactly -lr times the gradient through the 8-bit base.
+    lr = 0.5
+    loss = lambda b: token_loss_sum(model, b, 64)[0] / int((b["labels"][:, 1:] != -100).sum())  # noqa: E731
+    torch.manual_seed(0)
+    grads = torch.autograd.grad(loss(batch), [p for _, p in trainable])
+    opt = torch.optim.SGD([p for _, p in trainable], lr=lr)
+    torch.manual_seed(0)
+    loss(batch).backward()
+    opt.step()
+    for (n, p), g in zip(trainable, grads):
+        torch.testing.assert_close(p.detach(), start[n] - lr * g, rtol=0, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in grads)
+    assert all(torch.equal(m.weight.data, codes[n]) for n, m in model.named_modules() if n in codes)
+
+    # The 8-bit base is saved with the adapter and restored bit for bit, not re-quantized.
     randomize_trainables(model)
     expected = logits(model.eval(), batch)
-    merged = METHODS.get("qlora").merge(model)
+    method.save(model, tmp_path / "adapter")
+    reloaded = method.load(models.load_model(src), tmp_path / "adapter", cfg, ctx).eval()
+    restored = {n: m.weight.data for n, m in reloaded.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert sorted(restored) == sorted(codes) and all(torch.equal(restored[n], codes[n]) for n in codes)
+    assert float((logits(reloaded, batch) - expected).abs().max()) < EXACT
+    merged = method.merge(reloaded)
     assert not any(nf4.is_bnb_linear(m) for m in merged.modules())
     assert float((logits(merged, batch) - expected).abs().max()) < EXACT
+
+
+def test_qlora_keeps_the_nf4_base_it_trained_on(tiny, tmp_path):
+    """A bf16 run quantizes the bf16 copy of the base; export loads fp32. Re-quantizing that would
+    give other codes and block scales, so loading restores the saved layers instead."""
+    src, batch = tiny
+    cfg, ctx = method_config("qlora")
+    method = METHODS.get("qlora")
+    model = apply("qlora", models.load_model(src, torch.bfloat16))
+    method.save(model, tmp_path)
+    reloaded = method.load(models.load_model(src), tmp_path, cfg, ctx)
+    name = "model.layers.0.mlp.down_proj"
+    trained = nf4.dequantize(model.get_base_model().get_submodule(name).get_base_layer().weight)
+    restored = nf4.dequantize(reloaded.get_base_model().get_submodule(name).get_base_layer().weight)
+    fresh = nf4.dequantize(nf4.quantize(models.load_model(src).get_submodule(name).weight))
+    assert torch.equal(restored, trained) and not torch.equal(restored, fresh)
 
 
 # LoftQ.
@@ -276,6 +319,28 @@ def test_peqa_trains_only_the_scales(tiny, bits, group_size):
     assert all(not torch.equal(p, scales[n]) for n, p in trainable)
 
 
+def test_peqa_scales_never_decay_under_any_update_rule(tiny):
+    """With a zero gradient every rule's only change is weight decay: PEQA declares that its scales
+    (the sizes of whole rows of quantized weights) take none; LoRA's matrices do, by exactly lr x wd."""
+    from adapters import UPDATE_RULES
+    from adapters.base import decay_rule
+
+    src, _ = tiny
+    for rule in ("adamw", "sgd", "adamw_8bit", "lomo", "adalomo", "mezo"):
+        for name, shrinks in (("peqa", False), ("lora", True)):
+            model = apply(name, models.load_model(src)).train()
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            ctx = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32,
+                          decays=decay_rule(METHODS.get(name)))
+            r = UPDATE_RULES.get(rule)
+            stepper = r.build(trainable, r.Config(lr=0.01, weight_decay=0.5), ctx)
+            before = {n: p.detach().clone() for n, p in trainable}
+            stepper.step([None], lambda _: sum((p * 0).sum() for _, p in trainable), 0.01)  # zero gradient
+            for n, p in trainable:
+                expected = before[n] * (1 - 0.01 * 0.5) if shrinks and p.ndim >= 2 else before[n]
+                torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-9, msg=f"{rule}, {name}: {n}")
+
+
 # Export, from a real run folder.
 
 @pytest.mark.parametrize("name", ["qlora", "loftq", "qalora", "peqa"])
@@ -289,15 +354,16 @@ def test_exports_of_a_trained_run_match_it(name, tiny_model, toy_dataset, tmp_pa
 
     method, run_dir = METHODS.get(name), tmp_path / "run"
     train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, method={"name": name}, max_steps=2,
-                               optimizer={"name": "adamw", "lr": method.suggested_lr * 30},
+                               optimizer={"name": "adamw", "lr": method.suggested_lr},
                                eval_samples=0, exact_match_rows=0)))
     batch = toy_batch(models.resolve(str(tiny_model)))
     expected = logits(load_run(run_dir).model, batch)
-    export_merged(run_dir, tmp_path / "merged")
+    report = export_merged(run_dir, tmp_path / "merged")
+    assert 0 <= report["max_abs_logit_diff_vs_trained"] <= report["allowed_diff_vs_trained"]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert float((logits(plain, batch) - expected).abs().max()) < EXACT
 
-    if not hasattr(method, "export_quantized"):
+    if not hasattr(method, "to_quantized"):
         assert main(["export", str(run_dir), "--quantized", str(tmp_path / "q")]) == 2
         assert not (tmp_path / "q").exists()
         return

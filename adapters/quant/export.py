@@ -8,9 +8,8 @@ The weights file is not named ``model.safetensors`` on purpose: plain transforme
 load it with the grid layers missing and silently random-initialise them. Load it with
 ``load_quantized(folder)``.
 
-Before anything is written, the quantized model's logits are compared with the run's
-unmerged model on a few rows of its data, against the method's own merge tolerance
-(relative to the largest logit, as for merged exports).
+``jobs.export.export_quantized`` checks the quantized model against the run's unmerged
+reload and its trained fingerprint before anything is written.
 """
 from __future__ import annotations
 
@@ -29,8 +28,9 @@ INDEX = "quantization.json"
 FORMAT = "studio-intgrid-v1"
 
 
-def save_quantized(model: nn.Module, out: Path, tokenizer=None, method: str | None = None) -> None:
-    """Write a model whose quantized layers are GridLinear into the (new or empty) folder ``out``."""
+def save_quantized(model: nn.Module, out: Path, tokenizer=None, method: str | None = None) -> dict:
+    """Write a model whose quantized layers are GridLinear into the (new or empty) folder ``out``;
+    return how many layers are quantized and to how many bits."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -52,6 +52,7 @@ def save_quantized(model: nn.Module, out: Path, tokenizer=None, method: str | No
                    for name, g in grids.items()},
     }
     (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {"quantized_layers": len(grids), "bits": next(iter(grids.values())).bits}
 
 
 def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -74,24 +75,3 @@ def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn
                                            from_conv1d=layer.get("from_conv1d", False)))
     load_model(model, str(folder / WEIGHTS), strict=True)
     return model.requires_grad_(False).to(device).eval()
-
-
-def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
-    """Write the run's quantized model to ``out``, after checking it matches the trained model."""
-    from jobs.export import check_out, compare_or_refuse, logits_of, probe_batches, write_atomically
-    from jobs.inference import load_run
-
-    run_dir, out = Path(run_dir), Path(out)
-    check_out(out)
-    loaded = load_run(run_dir)
-    method = loaded.method
-    probes = probe_batches(loaded)
-    before = logits_of(loaded.model, probes)
-    quantized = method.to_quantized(loaded.model)
-    check = compare_or_refuse(method, before, logits_of(quantized, probes), run_dir,
-                              "the quantized model's logits and the trained model's",
-                              "export the dequantized model (--merged) or the adapter instead, and report this run.")
-    write_atomically(out, lambda folder: save_quantized(quantized, folder, loaded.tokenizer, method.name))
-    grids = outermost(quantized, (GridLinear,))
-    return {"path": str(out), "method": method.name, **check, "quantized_layers": len(grids),
-            "bits": next(iter(grids.values())).bits}

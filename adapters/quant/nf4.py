@@ -158,13 +158,35 @@ def dequantize_all(model: nn.Module) -> nn.Module:
 
 
 def state_of(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors that rebuild a 4-bit layer's weight bit for bit (packed codes + quant state)."""
+    """The tensors that rebuild a bitsandbytes layer's weight bit for bit: 4-bit packed codes + quant
+    state, or 8-bit codes + their per-row scales (SCB)."""
+    bnb = _bnb()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return {"weight": layer.weight.data.contiguous(), "SCB": scb.contiguous()}
     return {"weight": layer.weight.data.contiguous(),
             **{k: v.contiguous() for k, v in layer.weight.quant_state.as_dict(packed=True).items()}}
 
 
+def _int8_from_state(tensors: dict[str, torch.Tensor], like: nn.Module) -> nn.Module:
+    bnb = _bnb()
+    codes, scb = tensors["weight"], tensors["SCB"]
+    if tuple(codes.shape) != tuple(linear_weight(like).shape):
+        raise ValueError(f"saved 8-bit weight has shape {tuple(codes.shape)}, the base layer "
+                         f"{tuple(linear_weight(like).shape)}")
+    out_features, in_features = codes.shape
+    layer = _int8_linear_class()(in_features, out_features, bias=like.bias is not None,
+                                 has_fp16_weights=False, threshold=0.0, device="meta")
+    layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scb)
+    layer.bias = None if like.bias is None else nn.Parameter(like.bias.detach().clone(), requires_grad=False)
+    layer.from_conv1d = is_conv1d(like)
+    return layer.to(like.weight.device)  # already int8: moving keeps the codes and their scales
+
+
 def from_state(tensors: dict[str, torch.Tensor], like: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
-    """The 4-bit layer saved by ``state_of``, in place of the fp layer ``like`` (whose bias it keeps)."""
+    """The layer saved by ``state_of``, in place of the fp layer ``like`` (whose bias it keeps)."""
+    if "SCB" in tensors:
+        return _int8_from_state(tensors, like)
     bnb = _bnb()
     stats = {k: v for k, v in tensors.items() if k != "weight"}
     param = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,

@@ -1,7 +1,7 @@
 """Quantized layers written beside a run's adapter, so loading restores them bit for bit.
 
-Methods whose base is changed by initialisation (LoftQ) or whose quantized state trains
-(PEQA, QA-LoRA) keep that state here instead of re-quantizing the base at load time: the
+Methods that quantize the base (QLoRA), change it by initialisation (LoftQ) or train its
+quantized state (PEQA, QA-LoRA) keep that state here instead of re-quantizing the base at load time: the
 base may have been loaded in bf16 on a GPU for training and in fp32 on the CPU for export,
 and re-quantizing different inputs would give a slightly different model than the one
 that trained. The file holds only the quantized layers (about half a byte per weight at
@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from adapters.quant import nf4
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import outermost, set_module
 from jobs.errors import StudioError
@@ -50,6 +51,29 @@ def read_layers(folder: Path, device: torch.device | str = "cpu") -> tuple[dict,
             raise StudioError(f"unexpected tensor {key!r} in {TENSORS}.", str(folder), "retrain the run.")
         layers[name][key[len(name) + 1:]] = t
     return meta, layers
+
+
+def save_bnb_layers(model: nn.Module, out_dir: Path, method: str) -> None:
+    """Save every bitsandbytes layer of a (peft-wrapped) model bit for bit."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = {strip_wrapper(n): nf4.state_of(m) for n, m in base.named_modules() if nf4.is_bnb_linear(m)}
+    bits = 8 if any("SCB" in s for s in layers.values()) else 4
+    save_layers(out_dir, layers, {"method": method, "format": f"bitsandbytes-{bits}bit", "bits": bits})
+
+
+def has_saved_layers(folder: Path) -> bool:
+    return (Path(folder) / INDEX).is_file()
+
+
+def restore_bnb_layers(base: nn.Module, folder: Path, compute_dtype: torch.dtype) -> nn.Module:
+    """Put the saved bitsandbytes layers in place of the fresh base's linear layers, in place."""
+    base.requires_grad_(False)
+    meta, layers = read_layers(folder, next(base.parameters()).device)
+    for name, tensors in layers.items():
+        set_module(base, name, nf4.from_state(tensors, base.get_submodule(name), compute_dtype))
+    # peft picks its bitsandbytes-aware LoRA layers only for models flagged as loaded this way.
+    setattr(base, "is_loaded_in_8bit" if meta.get("bits") == 8 else "is_loaded_in_4bit", True)
+    return base
 
 
 def strip_wrapper(name: str) -> str:
