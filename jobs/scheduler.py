@@ -20,10 +20,12 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -41,10 +43,18 @@ PID_REUSE_MARGIN = 30.0
 
 
 def detect_gpus() -> list[str]:
-    """GPU ids this process may hand out, as CUDA_VISIBLE_DEVICES entries."""
-    import torch
+    """GPU ids this process may hand out, as CUDA_VISIBLE_DEVICES entries.
 
-    count = torch.cuda.device_count()
+    Counted by torch in a child process: the scheduler also runs inside the studio's web
+    process, which never imports torch (its import alone is hundreds of MB).
+    """
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=300)
+    try:
+        count = int(probe.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        log.warning("could not count the GPUs (%s); scheduling on the CPU only", probe.stderr.strip()[-300:])
+        count = 0
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible[:count] if visible else [str(i) for i in range(count)]
 
@@ -347,33 +357,40 @@ RUN_ENTRIES = {"run.json", "metrics.jsonl", "log.txt", "heartbeat", "adapter", "
 
 
 def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, priority: int = 0,
-               devices: int | None = None, where: str = "spec", base_dir: str | Path | None = None) -> Job:
+               devices: int | None = None, where: str = "spec", base_dir: str | Path | None = None,
+               validate: Callable[[dict, str], dict] | None = None) -> Job:
     """Validate a spec (nothing is stored when it is wrong) and queue it.
 
     Relative paths in the spec are taken from ``base_dir`` (the caller's folder), since
     the job runs elsewhere. Without ``output_dir`` the run goes to ``<home>/runs/<id>``.
+    ``validate(data, where)`` returns the resolved spec; the web process passes one that
+    asks its model process, since validating imports the methods (and torch).
     """
-    from jobs.spec import check_combination, parse_spec
-
     data = json.loads(json.dumps(data or {}))
     base = Path(base_dir or os.getcwd())
     named_dir = data.get("output_dir")
     if devices is not None:
         data.setdefault("training", {})["devices"] = devices
     # The real folder is known once the store assigns an id; validate with a stand-in.
-    spec = parse_spec({**data, "output_dir": named_dir or "<home>/runs/<id>"}, where)
-    check_combination(spec, where)
-    resolved = spec.resolved()
+    resolved = (validate or _validate_here)({**data, "output_dir": named_dir or "<home>/runs/<id>"}, where)
     for section, key in (("dataset", "path"), ("dataset", "eval_path")):
         value = resolved[section].get(key)
         if value and not Path(value).is_absolute():
             resolved[section][key] = str(base / value)
-    if (base / spec.model).exists():
-        resolved["model"] = str((base / spec.model).resolve())
+    if (base / resolved["model"]).exists():
+        resolved["model"] = str((base / resolved["model"]).resolve())
     run_dir = str(base / named_dir) if named_dir else None
-    name = name or f"{spec.method_name}-{Path(spec.model).name}"
-    return JobStore(home).submit(resolved, name=name, priority=priority, nprocs=spec.training.devices,
+    name = name or f"{resolved['method']['name']}-{Path(resolved['model']).name}"
+    return JobStore(home).submit(resolved, name=name, priority=priority, nprocs=resolved["training"]["devices"],
                                  run_dir=run_dir)
+
+
+def _validate_here(data: dict, where: str) -> dict:
+    from jobs.spec import check_combination, parse_spec
+
+    spec = parse_spec(data, where)
+    check_combination(spec, where)
+    return spec.resolved()
 
 
 def delete_job(home: str | Path | None, job_id: int | str, *, files: bool = False) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from jobs.allocator import preload_env, running_on
 from jobs.errors import StudioError
 from jobs.home import ENV_VAR
-from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder
 from jobs.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
@@ -90,10 +90,7 @@ class Heartbeat(threading.Thread):
 
 def heartbeat_age(run_dir: str | Path) -> float | None:
     """Seconds since the job last beat, or None when it never did."""
-    try:
-        return max(0.0, time.time() - (Path(run_dir) / HEARTBEAT_FILE).stat().st_mtime)
-    except FileNotFoundError:
-        return None
+    return RunFolder(run_dir).heartbeat_age()
 
 
 def progress(run_dir: str | Path) -> dict:
