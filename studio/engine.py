@@ -7,7 +7,7 @@ a child process that speaks JSON lines over a pipe:
   Kept warm (started when the studio starts), so checking a spec as the form changes
   takes the estimate's own time, not an interpreter and torch starting.
 - ``playground``: generation; it keeps the models it loaded, and exits (freeing them)
-  after ``jobs.engine.IDLE_SECONDS`` without a request.
+  after five minutes without a request (``IDLE``).
 - exports run in a process of their own that exits when done (``run_once``), so the
   memory of a merge goes back to the system.
 
@@ -32,6 +32,9 @@ log = logging.getLogger("studio.engine")
 CODE_ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("forms", "playground")
 LOG_NAME = "engine.log"
+LOG_LIMIT = 5 << 20
+# The forms' process holds tokenizers at most; the playground's holds whole models.
+IDLE = {"forms": 1800.0, "playground": 300.0}
 
 Progress = Callable[[dict], None]
 
@@ -40,10 +43,21 @@ class EngineFailed(RuntimeError):
     """The model process failed with something other than a user's error; the message says what."""
 
 
+class EngineGone(EngineFailed):
+    """The model process ended before answering; ``code`` is its exit status."""
+
+    def __init__(self, message: str, code: int | None, answered: bool):
+        super().__init__(message)
+        self.code, self.answered = code, answered
+
+
 def _log_file(home: Path):
     folder = home / "logs"
     folder.mkdir(parents=True, exist_ok=True)
-    return open(folder / LOG_NAME, "ab")
+    path = folder / LOG_NAME
+    if path.is_file() and path.stat().st_size > LOG_LIMIT:
+        path.replace(path.with_suffix(".log.1"))  # keep one older log, never an endless one
+    return open(path, "ab")
 
 
 def _start(home: Path, args: list[str]) -> subprocess.Popen:
@@ -65,7 +79,9 @@ def _exchange(proc: subprocess.Popen, rid: int, task: str, args: dict, progress:
         proc.stdin.flush()
     except (BrokenPipeError, OSError):
         pass  # the process is gone; reading says why
+    answered = False
     for line in proc.stdout:
+        answered = True
         try:
             message = json.loads(line)
         except json.JSONDecodeError:
@@ -80,8 +96,8 @@ def _exchange(proc: subprocess.Popen, rid: int, task: str, args: dict, progress:
             raise _error(message["error"], task)
         return message.get("result")
     code = proc.wait()
-    raise EngineFailed(f"the model process stopped while running {task!r} (exit code {code}; "
-                       f"killed for memory?). Its log: {log_tail(home)}")
+    raise EngineGone(f"the model process stopped while running {task!r} (exit code {code}; "
+                     f"killed for memory?). Its log: {log_tail(home)}", code, answered)
 
 
 def _error(err: dict, task: str) -> Exception:
@@ -112,11 +128,22 @@ class Engine:
     def call(self, task: str, progress: Progress | None = None, **args: Any) -> Any:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
-                extra = ["--idle", str(self.idle)] if self.idle is not None else []
-                self.proc = _start(self.home, extra)
+                self.proc = _start(self.home, self._args())
             self.requests += 1
             # An error answer leaves the process alive and in step; a dead one restarts next call.
+            try:
+                return _exchange(self.proc, self.requests, task, args, progress, self.home)
+            except EngineGone as e:
+                if e.code != 0 or e.answered:
+                    raise
+            # It exited cleanly without a word: it went idle just as the request came. Once more.
+            self.proc = _start(self.home, self._args())
+            self.requests += 1
             return _exchange(self.proc, self.requests, task, args, progress, self.home)
+
+    def _args(self) -> list[str]:
+        idle = self.idle if self.idle is not None else IDLE.get(self.role)
+        return ["--idle", str(idle)] if idle is not None else []
 
     @property
     def pid(self) -> int | None:

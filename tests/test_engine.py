@@ -53,6 +53,18 @@ def test_an_engine_process_reports_errors_and_is_restarted_when_it_dies(tmp_path
         engine.close()
 
 
+def test_an_idle_engine_exits_and_the_next_call_starts_another(tmp_path):
+    engine = Engine(tmp_path, "playground", idle=0.5)
+    try:
+        assert engine.call("validate", data={"dataset": {"path": "x"}, "output_dir": "o"})["model"]
+        first = engine.proc
+        assert first.wait(timeout=60) == 0  # idle: it exits by itself, freeing what it held
+        assert engine.call("validate", data={"dataset": {"path": "x"}, "output_dir": "o"})["model"]
+        assert engine.proc is not first
+    finally:
+        engine.close()
+
+
 def test_forms_rebuilt_from_the_catalog_match_every_config():
     for registry in (METHODS, UPDATE_RULES):
         for name, item in registry.items():
