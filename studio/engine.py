@@ -163,6 +163,8 @@ class Engine:
 
 def run_once(home: Path, task: str, progress: Progress | None = None, **args: Any) -> Any:
     """Run one task in a fresh process that exits when done."""
+    if progress:
+        progress({"message": f"starting a process for {task}"})
     proc = _start(home, ["--once"])
     try:
         return _exchange(proc, 1, task, args, progress, home)

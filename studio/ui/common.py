@@ -64,7 +64,11 @@ class Studio:
 
 @functools.lru_cache(maxsize=8)
 def _catalog(home: Path) -> Catalog:
-    return load_catalog(home, lambda task: engine(home, "forms").call(task))
+    try:
+        return load_catalog(home, lambda task: engine(home, "forms").call(task))
+    except EngineFailed as e:  # the page cannot be built without it: say why, at start-up
+        raise StudioError(f"the model process could not list the methods: {e}", "start-up",
+                          f"see {home / 'logs' / 'engine.log'}; check that torch, transformers and peft import.")
 
 
 # -- errors ---------------------------------------------------------------------------
