@@ -48,12 +48,16 @@ def detect_gpus() -> list[str]:
     Counted by torch in a child process: the scheduler also runs inside the studio's web
     process, which never imports torch (its import alone is hundreds of MB).
     """
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                           capture_output=True, text=True, timeout=300)
     try:
-        count = int(probe.stdout.strip().splitlines()[-1])
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                               capture_output=True, text=True, timeout=300)
+        out, err = probe.stdout, probe.stderr
+    except subprocess.TimeoutExpired:
+        out, err = "", "torch did not answer within 300 s"
+    try:
+        count = int(out.split()[-1])
     except (ValueError, IndexError):
-        log.warning("could not count the GPUs (%s); scheduling on the CPU only", probe.stderr.strip()[-300:])
+        log.warning("could not count the GPUs (%s); scheduling on the CPU only", err.strip()[-300:])
         count = 0
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible[:count] if visible else [str(i) for i in range(count)]

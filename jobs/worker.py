@@ -95,15 +95,11 @@ def heartbeat_age(run_dir: str | Path) -> float | None:
 
 def progress(run_dir: str | Path) -> dict:
     """How far a job has got, from its run folder (empty before it starts)."""
-    from jobs.runfolder import read_run
-
-    try:
-        run = read_run(run_dir) or {}
-    except ValueError:
-        run = {}
+    folder = RunFolder(run_dir)
+    run = folder.read()
     metrics = run.get("metrics") or {}
     out = {"step": run.get("step"), "max_steps": run.get("max_steps"), "run_status": run.get("status"),
-           "heartbeat_age": heartbeat_age(run_dir)}
+           "heartbeat_age": folder.heartbeat_age()}
     out.update({k: metrics[k] for k in ("train_loss", "eval_loss", "exact_match", "tokens_per_second")
                 if k in metrics})
     return out
