@@ -9,10 +9,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
+COMPLETED = "completed"
+RUN_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "run.json", "metrics.jsonl", "adapter", "checkpoints"
 # Written by the job runner before training starts; they do not make a folder "another run".
 LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"
 # Written into every folder the studio creates for a job or a dataset; deleting removes
@@ -20,8 +24,85 @@ LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"
 MARKER = ".studio-made"
 RUNNER_FILES = (LOG_FILE, HEARTBEAT_FILE, MARKER)
 # What the studio writes in a run folder (and the temporary names of its atomic writes).
-RUN_FILES = ("run.json", "metrics.jsonl", LOG_FILE, HEARTBEAT_FILE, "adapter", "checkpoints", MARKER)
+RUN_FILES = (RUN_FILE, METRICS_FILE, LOG_FILE, HEARTBEAT_FILE, ADAPTER_DIR, CHECKPOINTS_DIR, MARKER)
 RUN_TEMP_PREFIXES = (".run.json.", ".metrics.", ".adapter-", ".adapter.old", f".{MARKER}.")
+LOG_TAIL_BYTES = 12_000
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder, read side: where each file is, and what the run says about itself.
+
+    The UI and the CLI read runs through this (never by file name), so the names live here.
+    """
+
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def heartbeat_file(self) -> Path:
+        return self.path / HEARTBEAT_FILE
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    def read(self) -> dict:
+        """run.json, or {} before the run starts. It is replaced atomically, but a copy left by
+        an older version may be damaged: that reads as empty, not as an error."""
+        try:
+            return read_run(self.path) or {}
+        except ValueError:
+            return {}
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    @property
+    def completed(self) -> bool:
+        return self.read().get("status") == COMPLETED and self.adapter_dir.is_dir()
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the job last beat, or None when it never did."""
+        try:
+            return max(0.0, time.time() - self.heartbeat_file.stat().st_mtime)
+        except FileNotFoundError:
+            return None
+
+    def log_tail(self, limit: int = LOG_TAIL_BYTES) -> str:
+        """The end of the job's log, from a line start."""
+        if not self.log_file.is_file():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(max(0, self.log_file.stat().st_size - limit))
+            text = f.read().decode("utf-8", errors="replace")
+        return text if len(text) < limit else text.split("\n", 1)[-1]
+
+    def progress(self, finished: bool = False, running: bool = False) -> dict:
+        """Step, total, the fraction done and the time left, as run.json has them now."""
+        run = self.read()
+        metrics = run.get("metrics") or {}
+        step, total = run.get("step"), run.get("max_steps")
+        fraction = 1.0 if finished else min(step / total, 1.0) if step is not None and total else None
+        eta = None
+        if running and step and total and metrics.get("train_seconds"):
+            eta = metrics["train_seconds"] / step * max(total - step, 0)
+        return {"step": step, "max_steps": total, "progress": fraction, "eta_seconds": eta,
+                "run_status": run.get("status"), "metrics": metrics}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -39,7 +120,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_run(run_dir: str | Path) -> dict | None:
-    p = Path(run_dir) / "run.json"
+    p = Path(run_dir) / RUN_FILE
     if not p.is_file():
         return None
     return json.loads(p.read_text(encoding="utf-8"))
@@ -52,18 +133,18 @@ def update_run(run_dir: Path, **fields: Any) -> dict:
             run.setdefault("metrics", {}).update(value)
         else:
             run[key] = value
-    write_json_atomic(Path(run_dir) / "run.json", run)
+    write_json_atomic(Path(run_dir) / RUN_FILE, run)
     return run
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     # One short write per line; a reader may see a partial last line and must skip it.
-    with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=float) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
+    p = Path(run_dir) / METRICS_FILE
     if not p.is_file():
         return []
     rows = []
@@ -78,7 +159,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop lines logged after the checkpoint we continue from."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    p = Path(run_dir) / "metrics.jsonl"
+    p = Path(run_dir) / METRICS_FILE
     fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=run_dir)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

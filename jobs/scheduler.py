@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -41,10 +43,22 @@ PID_REUSE_MARGIN = 30.0
 
 
 def detect_gpus() -> list[str]:
-    """GPU ids this process may hand out, as CUDA_VISIBLE_DEVICES entries."""
-    import torch
+    """GPU ids this process may hand out, as CUDA_VISIBLE_DEVICES entries.
 
-    count = torch.cuda.device_count()
+    Counted by torch in a child process: the scheduler also runs inside the studio's web
+    process, which never imports torch (its import alone is hundreds of MB).
+    """
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                               capture_output=True, text=True, timeout=300)
+        out, err = probe.stdout, probe.stderr
+    except subprocess.TimeoutExpired:
+        out, err = "", "torch did not answer within 300 s"
+    try:
+        count = int(out.split()[-1])
+    except (ValueError, IndexError):
+        log.warning("could not count the GPUs (%s); scheduling on the CPU only", err.strip()[-300:])
+        count = 0
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return visible[:count] if visible else [str(i) for i in range(count)]
 
@@ -345,16 +359,16 @@ def _kill_tree(pid: int | None) -> None:
 
 def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, priority: int = 0,
                devices: int | None = None, where: str = "spec", base_dir: str | Path | None = None,
-               policy: Policy | None = None) -> Job:
+               policy: Policy | None = None, validate: Callable[[dict, str], dict] | None = None) -> Job:
     """Validate a spec (nothing is stored when it is wrong) and queue it.
 
     ``policy`` says what the caller may name (``jobs.confine``): the command line passes
-    none (anything), the web server a confined one. Relative paths in the spec are taken
-    from ``base_dir`` (the caller's folder), since the job runs elsewhere. Without
-    ``output_dir`` the run goes to ``<home>/runs/<id>``.
+    none (anything), the web server a confined one. ``validate(data, where)`` returns the
+    resolved spec; the web process passes one that asks its model process, since validating
+    imports the methods (and torch). Relative paths in the spec are taken from ``base_dir``
+    (the caller's folder), since the job runs elsewhere. Without ``output_dir`` the run goes
+    to ``<home>/runs/<id>``.
     """
-    from jobs.spec import check_combination, parse_spec
-
     home = studio_home(home)
     policy = policy or Policy.open(home)
     data = json.loads(json.dumps(data or {}))
@@ -362,10 +376,8 @@ def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, 
     if devices is not None:
         data.setdefault("training", {})["devices"] = devices
     # The real folder is known once the store assigns an id; validate with a stand-in.
-    spec = parse_spec({**data, "output_dir": named_dir or "<home>/runs/<id>"}, where)
-    check_combination(spec, where)
-    check_devices(spec.training.devices, f"{where}: training.devices")
-    resolved = spec.resolved()
+    resolved = (validate or _validate_here)({**data, "output_dir": named_dir or "<home>/runs/<id>"}, where)
+    check_devices(resolved["training"]["devices"], f"{where}: training.devices")
     if policy.confined:
         resolved = policy.check_spec(resolved, output_dir_given=bool(named_dir), where=where)
         run_dir = resolved["output_dir"] if named_dir else None
@@ -375,14 +387,23 @@ def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, 
             value = resolved[section].get(key)
             if value and not Path(value).is_absolute():
                 resolved[section][key] = str(base / value)
-        if (base / spec.model).exists():
-            resolved["model"] = str((base / spec.model).resolve())
+        if (base / resolved["model"]).exists():
+            resolved["model"] = str((base / resolved["model"]).resolve())
         run_dir = str(base / named_dir) if named_dir else None
     store = JobStore(home)
     if run_dir:
         _refuse_shared_folder(store, run_dir, None, where)
-    name = name or f"{spec.method_name}-{Path(spec.model).name}"
-    return store.submit(resolved, name=name, priority=priority, nprocs=spec.training.devices, run_dir=run_dir)
+    name = name or f"{resolved['method']['name']}-{Path(resolved['model']).name}"
+    return store.submit(resolved, name=name, priority=priority, nprocs=resolved["training"]["devices"],
+                        run_dir=run_dir)
+
+
+def _validate_here(data: dict, where: str) -> dict:
+    from jobs.spec import check_combination, parse_spec
+
+    spec = parse_spec(data, where)
+    check_combination(spec, where)
+    return spec.resolved()
 
 
 def delete_job(home: str | Path | None, job_id: int | str, *, files: bool = False) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from jobs.allocator import preload_env, running_on
 from jobs.errors import StudioError
 from jobs.home import AUTH_ENV, ENV_VAR
-from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, make_marked_folder
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder
 from jobs.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
@@ -90,23 +90,16 @@ class Heartbeat(threading.Thread):
 
 def heartbeat_age(run_dir: str | Path) -> float | None:
     """Seconds since the job last beat, or None when it never did."""
-    try:
-        return max(0.0, time.time() - (Path(run_dir) / HEARTBEAT_FILE).stat().st_mtime)
-    except FileNotFoundError:
-        return None
+    return RunFolder(run_dir).heartbeat_age()
 
 
 def progress(run_dir: str | Path) -> dict:
     """How far a job has got, from its run folder (empty before it starts)."""
-    from jobs.runfolder import read_run
-
-    try:
-        run = read_run(run_dir) or {}
-    except ValueError:
-        run = {}
+    folder = RunFolder(run_dir)
+    run = folder.read()
     metrics = run.get("metrics") or {}
     out = {"step": run.get("step"), "max_steps": run.get("max_steps"), "run_status": run.get("status"),
-           "heartbeat_age": heartbeat_age(run_dir)}
+           "heartbeat_age": folder.heartbeat_age()}
     out.update({k: metrics[k] for k in ("train_loss", "eval_loss", "exact_match", "tokens_per_second")
                 if k in metrics})
     return out

@@ -77,7 +77,9 @@ def test_upload_train_compare_and_download_in_the_browser(studio, page, tmp_path
     el(page, "datasets.upload", "input[type=file]").set_input_files(
         str(write_jsonl(tmp_path / "numbers.jsonl", toy_rows(40))))
     expect(el(page, "datasets.status")).to_contain_text("Stored 'counting': 40 rows, format instruction")
-    expect(el(page, "datasets.preview", ".ds-text .tok-trained").first).to_contain_text("the answer is")
+    # The first preview waits for the model process to start (the web process loads no tokenizer).
+    expect(el(page, "datasets.preview", ".ds-text .tok-trained").first).to_contain_text("the answer is",
+                                                                                         timeout=120_000)
     expect(el(page, "datasets.table")).to_contain_text("counting")
     stored = sorted(p.name for p in (studio["home"] / "datasets").iterdir())
 

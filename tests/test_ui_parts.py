@@ -3,8 +3,6 @@ job progress and ETA from a run folder, export refusals, spec differences and ch
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -57,18 +55,16 @@ def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch
 
 @pytest.mark.parametrize("total, verdict", [(10, "fits"), (90, "tight"), (120, "does not fit")])
 def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch, total, verdict):
-    fake = types.ModuleType("jobs.estimate")
-    fake.estimate = lambda spec, device=None: {"total_bytes": total, "breakdown": {"weights": total},
-                                               "peak_phase": "train", "assumptions": ["a note"]}
-    monkeypatch.setitem(sys.modules, "jobs.estimate", fake)
-    monkeypatch.setattr(train, "device_capacity", lambda device: ("test device", 100, "cpu"))
-    train.estimate_cached.cache_clear()
+    # The model process's answer, as jobs.tasks.check gives it; the verdict is the web process's.
+    answer = {"available": True, "total_bytes": total, "breakdown": {"weights": total}, "peak_phase": "train",
+              "assumptions": ["a note"]}
+    monkeypatch.setattr(train, "estimate_for", lambda studio, data, device: answer)
+    monkeypatch.setattr(train, "device_capacity", lambda studio, device: ("test device", 100, "cpu"))
     spec = {"model": str(tiny_model), "dataset": {"path": "demo"}, "method": {"name": "lora"}}
     result = train.check(Studio.at(studio_home, str(tiny_model)), spec, "cpu")
     assert result["verdict"] == verdict and result["total_bytes"] == total and result["device_bytes"] == 100
     page = train.check_html(result)
     assert verdict in page and "a note" in page and "highest while training" in page
-    train.estimate_cached.cache_clear()
 
 
 def test_an_invalid_combination_is_explained_before_launch(studio_home, tiny_model):

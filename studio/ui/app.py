@@ -1,7 +1,9 @@
 """The studio page: six tabs over one studio home, the named API endpoints, and the
 scheduler that starts queued jobs.
 
-The UI process never trains. Jobs run in their own processes, started by the scheduler
+The UI process never trains, and never imports torch: model work (estimates, previews,
+generation, export) runs in model processes (studio/engine.py, jobs/engine.py). Jobs run
+in their own processes, started by the scheduler
 (``jobs.scheduler``); when no ``studio worker`` serves this home, the UI runs one in a
 background thread, and keeps trying to take over if an outside one stops. Jobs outlive
 both the page and the UI process.
@@ -127,6 +129,14 @@ def _wire(studio, demo, tabs, tab, parts, header, service) -> None:
     parts["train"]["launched"].change(follow, parts["train"]["launched"], [tabs, parts["jobs"]["choice"]], **private)
 
 
+def _warm(studio: Studio) -> None:
+    """Start the forms' model process now, so the first estimate does not wait for torch to load."""
+    try:
+        studio.ask("warm")
+    except Exception:  # noqa: BLE001 - the first real request starts it again and reports the cause
+        log.warning("the model process did not start", exc_info=True)
+
+
 def header_html(studio: Studio, service: SchedulerService | None) -> str:
     import html
 
@@ -185,7 +195,8 @@ def launch(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 
                        allow_multi_node=allow_multi_node)
     prepare_environment(studio.home)
     service = SchedulerService(studio.home, poll_interval).start() if scheduler else None
-    demo = build_app(studio, service)
+    demo = build_app(studio, service)  # the method catalog: from the home's cache, or the model process once
+    threading.Thread(target=_warm, args=(studio,), name="studio-warm", daemon=True).start()
     demo.queue(default_concurrency_limit=4)
     guard = Middleware(RequestGuard, bound_host=host, allow_hosts=tuple(allow_hosts))
     demo.launch(server_name=host, server_port=port, auth=slow_login(*auth) if auth else None,

@@ -17,11 +17,13 @@ import gradio as gr
 from jobs.confine import Policy
 from jobs.errors import StudioError
 from jobs.home import studio_home
+from jobs.runfolder import RunFolder
 from jobs.store import Job, JobStore, Status
+from studio.catalog import Catalog, load_catalog
 from studio.datasets_store import DatasetStore
+from studio.engine import EngineFailed, engine
 
 log = logging.getLogger("studio.ui")
-LOG_TAIL_BYTES = 12_000
 MAX_IDS = 20  # runs one call may compare or generate with
 
 
@@ -60,11 +62,29 @@ class Studio:
     def datasets(self) -> DatasetStore:
         return DatasetStore(self.home)
 
+    def ask(self, task: str, progress: Callable[[dict], None] | None = None, **args: Any) -> Any:
+        """Run a task of ``jobs.tasks`` in the home's warm model process (validation, estimates, previews)."""
+        return engine(self.home, "forms").call(task, progress, **args)
+
+    @property
+    def catalog(self) -> Catalog:
+        """Every method and update rule with its Config, without importing them (studio/catalog.py)."""
+        return _catalog(self.home)
+
     @property
     def exports(self) -> Path:
         folder = self.home / "exports"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+@functools.lru_cache(maxsize=8)
+def _catalog(home: Path) -> Catalog:
+    try:
+        return load_catalog(home, lambda task: engine(home, "forms").call(task))
+    except EngineFailed as e:  # the page cannot be built without it: say why, at start-up
+        raise StudioError(f"the model process could not list the methods: {e}", "start-up",
+                          f"see {home / 'logs' / 'engine.log'}; check that torch, transformers and peft import.")
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -83,6 +103,8 @@ def for_api(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except StudioError as e:
             raise gr.Error(e.message, print_exception=False) from None
+        except EngineFailed as e:  # the model process's own failure: its type and message, no traceback
+            raise gr.Error(str(e), print_exception=False) from None
     return wrapper
 
 
@@ -90,6 +112,8 @@ def describe_failure(e: BaseException) -> str:
     """The message for the page: a StudioError as written, anything else in one line."""
     if isinstance(e, StudioError):
         return e.message
+    if isinstance(e, EngineFailed):  # already logged with its traceback; the message names the cause
+        return str(e)
     log.exception("unexpected error in a UI handler")
     return f"unexpected {type(e).__name__}: {e}"
 
@@ -137,36 +161,34 @@ def want_dict(value: Any, name: str) -> dict:
     return value
 
 
+def progress_reporter(progress: Any) -> Callable[[dict], None]:
+    """Pass the model process's progress lines ({message, done, total}) to a gr.Progress."""
+    def report(p: dict) -> None:
+        done, total = p.get("done"), p.get("total")
+        try:
+            progress(done / total if done is not None and total else None, desc=p.get("message"))
+        except Exception:  # noqa: BLE001 - progress is decoration; outside a page event it may not bind
+            pass
+    return report
+
+
 # -- jobs ------------------------------------------------------------------------------
 
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as the tabs and the API show it: store row plus progress from its run folder."""
-    from jobs.runfolder import read_run
-    from jobs.worker import heartbeat_age
-
-    try:
-        run = read_run(job.run_dir) or {}
-    except ValueError:  # run.json is replaced atomically, but an old copy may be damaged
-        run = {}
-    metrics = run.get("metrics") or {}
-    step, total = run.get("step"), run.get("max_steps")
-    fraction = None
-    if job.status == Status.COMPLETED:
-        fraction = 1.0
-    elif step is not None and total:
-        fraction = min(step / total, 1.0)
-    eta = None
-    if job.status == Status.RUNNING and step and total and metrics.get("train_seconds"):
-        eta = metrics["train_seconds"] / step * max(total - step, 0)
+    running = job.status == Status.RUNNING
+    run = RunFolder(job.run_dir)
+    p = run.progress(finished=job.status == Status.COMPLETED, running=running)
+    metrics = p["metrics"]
     return {
         "id": job.id, "name": job.name, "status": job.status.value, "attempt": job.attempt,
         "method": job.spec.get("method", {}).get("name"), "optimizer": job.spec.get("optimizer", {}).get("name"),
-        "model": job.spec.get("model"), "step": step, "max_steps": total, "progress": fraction,
-        "eta_seconds": eta, "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
+        "model": job.spec.get("model"), "step": p["step"], "max_steps": p["max_steps"], "progress": p["progress"],
+        "eta_seconds": p["eta_seconds"], "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
         "exact_match": metrics.get("exact_match"), "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at, "devices": job.devices, "error": job.error,
         "cancel_requested": job.cancel_requested, "run_dir": job.run_dir,
-        "heartbeat_age": heartbeat_age(job.run_dir) if job.status == Status.RUNNING else None,
+        "heartbeat_age": run.heartbeat_age() if running else None,
     }
 
 
@@ -180,16 +202,9 @@ def job_choices(studio: Studio, completed_only: bool = False) -> list[tuple[str,
     return [(job_label(j), str(j.id)) for j in reversed(jobs)]
 
 
-def log_tail(run_dir: str, limit: int = LOG_TAIL_BYTES) -> str:
-    from jobs.worker import LOG_FILE
-
-    path = Path(run_dir) / LOG_FILE
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - limit))
-        text = f.read().decode("utf-8", errors="replace")
-    return text if len(text) < limit else text.split("\n", 1)[-1]
+def log_tail(run_dir: str, limit: int | None = None) -> str:
+    folder = RunFolder(run_dir)
+    return folder.log_tail(limit) if limit else folder.log_tail()
 
 
 def completed_run(studio: Studio, job_id: int | str) -> Job:

@@ -7,7 +7,7 @@ from typing import Any
 import gradio as gr
 
 from jobs.errors import StudioError
-from jobs.runfolder import read_run
+from jobs.runfolder import RunFolder
 from studio.ui.common import Studio, describe_failure, fmt_bytes, fmt_num, fmt_seconds, for_api, message_html, parse_ids
 from studio.ui.charts import loss_chart
 from studio.ui.jobs import curve_points
@@ -24,11 +24,7 @@ def compare(studio: Studio, job_ids: list) -> dict:
     runs, curves, specs = [], [], {}
     for jid in dict.fromkeys(ids):
         job = studio.jobs.get(jid)
-        try:
-            run = read_run(job.run_dir) or {}
-        except ValueError:
-            run = {}
-        m = run.get("metrics") or {}
+        m = RunFolder(job.run_dir).read().get("metrics") or {}
         label = f"#{job.id} {job.name}"
         runs.append({"id": job.id, "label": label, "status": job.status.value,
                      "method": job.spec["method"]["name"], "optimizer": job.spec["optimizer"]["name"],

@@ -3,8 +3,6 @@ of rows exactly as the model will see them, with trained tokens told apart from 
 from __future__ import annotations
 
 import html
-import threading
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,7 @@ from jobs.errors import StudioError
 from studio.ui.charts import length_histogram
 from studio.ui.common import Studio, describe_failure, for_api, message_html, want_int, want_text
 
-PREVIEW_ROWS = 3
-LENGTH_SAMPLE = 2000  # rows tokenized for the histogram; enough for its shape, quick on any file
 COLUMNS = ["Name", "Format", "Rows", "Eval rows", "Source"]
-_tokenizer_lock = threading.Lock()
 
 
 # -- the work, shared by the page and the API ------------------------------------------------
@@ -31,40 +26,19 @@ def list_all(studio: Studio) -> list[dict]:
     return [e.to_dict() for e in studio.datasets.list()]
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(ref: str):
-    from jobs import models
-
-    return models.load_tokenizer(models.resolve(ref))
-
-
-def tokenizer_for(ref: str):
-    with _tokenizer_lock:  # loading one tokenizer twice at once only wastes the CPU
-        return _tokenizer(ref)
-
-
 def preview(studio: Studio, key: str, model_ref: str, max_seq_len: int) -> dict:
-    """The first rows as token spans (trained or prompt) and the token lengths of up to LENGTH_SAMPLE rows."""
-    from jobs.data import encode, render_preview
-    from jobs.rows import read_rows
-    from jobs.spec import DatasetSpec
+    """The first rows as token spans (trained or prompt) and the token lengths of a sample of rows.
 
+    Tokenizing needs transformers, so the model process does it (jobs.tasks.preview)."""
     from jobs.spec import MAX_SEQ_LEN
 
     max_seq_len = want_int(max_seq_len, "max_seq_len", 8, MAX_SEQ_LEN)
     model_ref = want_text(model_ref, "model", 4096).strip()
     entry = studio.datasets.get(key)
-    rows, _, fmt = read_rows(DatasetSpec(path=entry.file, eval_fraction=0.0))
-    tok = tokenizer_for(studio.policy.model(model_ref, "model") if model_ref else studio.default_model)
-    shown = []
-    for example in encode(rows[:PREVIEW_ROWS], fmt, tok, int(max_seq_len), entry.name):
-        trained = sum(1 for lab in example.labels if lab != -100)
-        shown.append({"tokens": len(example.input_ids), "trained_tokens": trained,
-                      "spans": render_preview(example, tok)})
-    # Lengths without truncation, so the histogram shows what max_seq_len would cut.
-    lengths = [len(e.input_ids) for e in encode(rows[:LENGTH_SAMPLE], fmt, tok, 10**9, entry.name)]
-    return {"dataset": entry.to_dict(), "format": fmt, "rows": shown, "lengths": lengths,
-            "sampled": len(lengths), "over_max_seq_len": sum(n > max_seq_len for n in lengths)}
+    model = studio.policy.model(model_ref, "model") if model_ref else studio.default_model
+    data = studio.ask("preview", file=entry.file, name=entry.name, model_ref=model, max_seq_len=max_seq_len)
+    data["rows"] = [{**r, "spans": [tuple(s) for s in r["spans"]]} for r in data["rows"]]
+    return {"dataset": entry.to_dict(), **data}
 
 
 def preview_html(data: dict) -> str:

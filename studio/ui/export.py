@@ -19,10 +19,12 @@ from gradio.data_classes import FileData
 
 from jobs.errors import StudioError
 from studio.datasets_store import slug
-from studio.ui.common import Studio, completed_run, describe_failure, for_api, job_choices, message_html
+from studio.engine import Progress, run_once
+from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
+                              progress_reporter)
 
 KINDS = ("merged", "adapter")
-_lock = threading.Lock()  # one export at a time: each loads a whole model
+_lock = threading.Lock()  # one export at a time: each loads a whole model (in its own process)
 
 
 def archive_path(studio: Studio, job, kind: str) -> Path:
@@ -34,10 +36,11 @@ def archive_path(studio: Studio, job, kind: str) -> Path:
     return studio.exports / f"{slug(job.name)}-job{job.id}-{run}-{kind}.zip"
 
 
-def export(studio: Studio, job_id: int | str, kind: str) -> tuple[Path, dict]:
-    """Write (or reuse) the zip of a run's merged model or adapter; returns its path and the report."""
-    from jobs.export import export_adapter, export_merged
+def export(studio: Studio, job_id: int | str, kind: str, progress: Progress | None = None) -> tuple[Path, dict]:
+    """Write (or reuse) the zip of a run's merged model or adapter; returns its path and the report.
 
+    The export itself runs in a process of its own (studio.engine.run_once): merging loads
+    the whole model, and that memory goes back to the system when the process ends."""
     if kind not in KINDS:
         raise StudioError(f"unknown export kind {kind!r}.", "kind", f"use one of: {', '.join(KINDS)}.")
     job = completed_run(studio, job_id)
@@ -50,7 +53,7 @@ def export(studio: Studio, job_id: int | str, kind: str) -> tuple[Path, dict]:
         work = Path(tempfile.mkdtemp(prefix=".export-", dir=studio.exports))
         try:
             folder = work / target.stem
-            report = (export_merged if kind == "merged" else export_adapter)(job.run_dir, folder)
+            report = run_once(studio.home, "export", progress, run_dir=job.run_dir, kind=kind, out=str(folder))
             report = {**report, "path": target.name, "job": job.id, "run_dir": job.run_dir, "kind": kind}
             (folder / "export.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
             partial = work / target.name
@@ -66,11 +69,10 @@ def export(studio: Studio, job_id: int | str, kind: str) -> tuple[Path, dict]:
 
 def describe(studio: Studio, job_id: int | str) -> tuple[str, bool]:
     """What the chosen run will export, and whether it can merge."""
-    from adapters import METHODS
-
+    methods = studio.catalog.methods
     job = completed_run(studio, job_id)
     name = job.spec["method"]["name"]
-    blocker = getattr(METHODS.get(name), "merge_blocker", None) if name in METHODS else None
+    blocker = methods.get(name).merge_blocker if name in methods else None
     base = html.escape(str(job.spec.get("model")))
     if blocker:
         return message_html(f"{name} cannot be merged into the base model: {blocker} "
@@ -99,11 +101,11 @@ def build(studio: Studio) -> dict:
         return text, gr.update(interactive=can_merge)
 
     def on_export(kind: str):
-        def run(selected):
+        def run(selected, progress=gr.Progress()):
             try:
                 if not selected:
                     raise StudioError("no run chosen.", "run", "choose a completed run.")
-                path, report = export(studio, selected, kind)
+                path, report = export(studio, selected, kind, progress_reporter(progress))
             except Exception as e:
                 return message_html(describe_failure(e), "error"), None
             extra = (f"; merged and unmerged logits differ by at most {report['max_abs_logit_diff']:.2g}"

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from jobs.runfolder import read_metrics, read_run
+from jobs.runfolder import RunFolder
 from jobs.store import Status
 from studio.ui.charts import loss_chart
 from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, job_choices,
@@ -33,10 +33,7 @@ def status(studio: Studio, job_id: int | str, log_bytes: int = 4000) -> dict:
     """One job in detail: its summary, loss points, final metrics, samples and log tail."""
     job = studio.jobs.get(job_id)
     out = job_summary(job)
-    try:
-        run = read_run(job.run_dir) or {}
-    except ValueError:
-        run = {}
+    run = RunFolder(job.run_dir).read()
     # The spec goes out as YAML text: gradio_client would take its dataset section, a dict
     # with a "path", for a file to download.
     out.update(curve=curve_points(job.run_dir), metrics=run.get("metrics") or {}, samples=run.get("samples") or [],
@@ -46,7 +43,7 @@ def status(studio: Studio, job_id: int | str, log_bytes: int = 4000) -> dict:
 
 def curve_points(run_dir: str) -> list[dict]:
     points = []
-    for rec in read_metrics(run_dir):
+    for rec in RunFolder(run_dir).metrics():
         if "loss" in rec and "step" in rec:
             points.append({"step": rec["step"], "loss": rec["loss"], "series": "train"})
         if rec.get("eval_loss") is not None and "step" in rec:

@@ -1,47 +1,28 @@
 """The Playground tab: one prompt, the base model's answer beside those of chosen runs.
 
-Loaded models stay in a small cache, so trying prompt after prompt loads each model once.
-Generation is inference only; nothing trains in the UI process.
+The models live in the playground's model process (studio.engine, role ``playground``),
+never in the web process: it keeps the last few it loaded, so trying prompt after prompt
+loads each model once, and it exits, freeing them, after a few quiet minutes.
 """
 from __future__ import annotations
 
 import html
-import threading
-import time
-from collections import OrderedDict
+from typing import Any, Callable
 
 import gradio as gr
 
 from jobs.errors import StudioError
+from studio.engine import engine
 from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
-                              parse_ids, want_bool, want_float, want_int, want_text)
+                              parse_ids, progress_reporter, want_bool, want_float, want_int, want_text)
 
-CACHED_MODELS = 3
 # Caps on one request: the prompt and the answer both cost memory and minutes of CPU.
 PROMPT_LIMIT, MAX_NEW_TOKENS, MAX_TEMPERATURE, MAX_RUNS = 8000, 1024, 5.0, 8
-_cache: OrderedDict[str, object] = OrderedDict()
-_lock = threading.Lock()
-
-
-def loaded(ref: str):
-    """A model (run folder or base reference), loaded once and kept while recently used."""
-    from jobs.inference import load_any
-
-    with _lock:  # one load at a time: two at once only double the memory peak
-        if ref in _cache:
-            _cache.move_to_end(ref)
-            return _cache[ref]
-        model = load_any(ref)
-        _cache[ref] = model
-        while len(_cache) > CACHED_MODELS:
-            _cache.popitem(last=False)
-        return model
 
 
 def generate(studio: Studio, prompt: str, job_ids: list, include_base: bool = True, base_model: str = "",
-             max_new_tokens: int = 64, temperature: float = 0.0) -> list[dict]:
-    from jobs.inference import generate_text
-
+             max_new_tokens: int = 64, temperature: float = 0.0,
+             progress: Callable[[dict], Any] | None = None) -> list[dict]:
     prompt = want_text(prompt, "prompt", PROMPT_LIMIT)
     if not prompt.strip():
         raise StudioError("the prompt is empty.", "prompt", "type a prompt.")
@@ -57,16 +38,12 @@ def generate(studio: Studio, prompt: str, job_ids: list, include_base: bool = Tr
     if include_base:
         base = studio.policy.model(base_model, "base_model") if base_model else (
             jobs[0].spec["model"] if jobs else studio.default_model)
-        targets.append((f"base: {base}", base))
-    targets += [(f"#{j.id} {j.name}", j.run_dir) for j in jobs]
+        targets.append([f"base: {base}", base])
+    targets += [[f"#{j.id} {j.name}", j.run_dir] for j in jobs]
     if not targets:
         raise StudioError("nothing to generate with.", "runs", "choose runs, or include the base model.")
-    out = []
-    for label, ref in targets:
-        started = time.perf_counter()
-        text = generate_text(loaded(ref), prompt, int(max_new_tokens), float(temperature))
-        out.append({"label": label, "ref": ref, "output": text, "seconds": time.perf_counter() - started})
-    return out
+    return engine(studio.home, "playground").call("generate", progress, targets=targets, prompt=prompt,
+                                                  max_new_tokens=int(max_new_tokens), temperature=float(temperature))
 
 
 def cards_html(results: list[dict]) -> str:
@@ -92,9 +69,10 @@ def build(studio: Studio) -> dict:
     note = gr.HTML(elem_id="playground.status")
     shown = gr.HTML(elem_id="playground.outputs")
 
-    def on_generate(text, chosen, base_ref, with_base, n, temp):
+    def on_generate(text, chosen, base_ref, with_base, n, temp, progress=gr.Progress()):
         try:
-            results = generate(studio, text, chosen or [], with_base, base_ref, n or 64, temp or 0.0)
+            results = generate(studio, text, chosen or [], with_base, base_ref, n or 64, temp or 0.0,
+                               progress_reporter(progress))
         except Exception as e:
             return message_html(describe_failure(e), "error"), gr.skip()
         return "", cards_html(results)

@@ -1,22 +1,23 @@
 """The Train tab: base model, dataset, method, update rule and training settings, a live
 memory estimate with a verdict for the chosen device, and launch into the job queue.
 
-Every method's and update rule's fields come from its registered Config (see forms.py):
-one hidden group of widgets per registry entry, the chosen one shown.
+Every method's and update rule's fields come from its registered Config (see forms.py), as
+the method catalog describes it (studio/catalog.py: the web process imports no method):
+one hidden group of widgets per registry entry, the chosen one shown. Checking and
+estimating a spec run in the model process (studio/engine.py).
 """
 from __future__ import annotations
 
 import html
-import inspect
-import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
+from jobs.confine import check_devices
 from jobs.errors import StudioError
 from jobs.spec import DatasetSpec, TrainingSpec
+from studio.estimates import EstimateCache
 from studio.ui.common import (Studio, describe_failure, fmt_bytes, for_api, job_summary, message_html, want_dict,
                               want_int, want_text)
 from studio.ui.forms import Form, build_form
@@ -62,57 +63,53 @@ def resolve_dataset(studio: Studio, data: dict) -> dict:
     return data
 
 
-def device_choices() -> list[tuple[str, str]]:
+def device_choices(studio: Studio) -> list[tuple[str, str]]:
     import psutil
-    import torch
 
-    out = []
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        out.append((f"GPU {i}: {props.name} ({fmt_bytes(props.total_memory)})", f"cuda:{i}"))
+    out = [(f"GPU {d['id'].partition(':')[2]}: {d['name']} ({fmt_bytes(d['total_memory'])})", d["id"])
+           for d in studio.catalog.devices]
     out.append((f"CPU ({fmt_bytes(psutil.virtual_memory().available)} RAM available)", "cpu"))
     return out
 
 
-def device_capacity(device: str) -> tuple[str, int, str]:
-    """What the estimate is compared with (a GPU's total memory, or the RAM available now), and the device."""
-    import psutil
-    import torch
+def device_capacity(studio: Studio, device: str) -> tuple[str, int, str]:
+    """What the estimate is compared with (a GPU's total memory, or the RAM available now), and the device.
 
+    The GPUs come from the catalog (the model process lists them): the web process has no torch."""
+    import psutil
+
+    gpus = {d["id"]: d for d in studio.catalog.devices}
     if device in ("", "auto"):
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device = "cuda:0" if gpus else "cpu"
     if device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
+        index = device.partition(":")[2] or "0"
+        if f"cuda:{index}" not in gpus:
             raise StudioError(f"there is no GPU {index} on this machine.", "device", "choose cpu or an existing GPU.")
-        props = torch.cuda.get_device_properties(index)
-        return f"GPU {index} ({props.name})", int(props.total_memory), f"cuda:{index}"
+        gpu = gpus[f"cuda:{index}"]
+        return f"GPU {index} ({gpu['name']})", int(gpu["total_memory"]), gpu["id"]
     if device != "cpu":
         raise StudioError(f"unknown device {device!r}.", "device", "use cpu, cuda:N or auto.")
     return "CPU RAM available", int(psutil.virtual_memory().available), "cpu"
 
 
 def check(studio: Studio, data: dict, device: str = "auto") -> dict:
-    """Validate a spec as launch would, then estimate its memory against ``device``."""
-    from jobs.confine import check_devices
-    from jobs.spec import check_combination, parse_spec
+    """Validate a spec as launch would, then estimate its memory against ``device``.
 
+    Both run in the model process (studio.engine); a spec seen before, with the same files
+    and code, is answered from the home's cache (studio/estimates.py) without asking it."""
     data = resolve_dataset(studio, data)
     device = want_text(device, "device", 16) or "auto"
-    spec = parse_spec({**data, "output_dir": data.get("output_dir") or PLACEHOLDER_DIR}, "spec")
-    check_combination(spec, "spec")
-    check_devices(spec.training.devices, "spec: training.devices")
+    given_dir = bool(data.get("output_dir"))
+    data = {**data, "output_dir": data.get("output_dir") or PLACEHOLDER_DIR}
+    resolved = studio.ask("validate", data=data, where="spec")
+    check_devices(resolved["training"]["devices"], "spec: training.devices")
     # What the estimate loads is confined like what a launch would train on.
-    spec = parse_spec(studio.policy.check_spec(spec.resolved(), output_dir_given=bool(data.get("output_dir"))),
-                      "spec")
-    where, capacity, device = device_capacity(device)
+    resolved = studio.policy.check_spec(resolved, output_dir_given=given_dir)
+    where, capacity, device = device_capacity(studio, device)
+    result = estimate_for(studio, resolved, device)
     out: dict[str, Any] = {"valid": True, "device": where, "device_bytes": capacity}
-    try:
-        result = estimate_cached(spec.model_dump_json(), device)
-    except ImportError:
-        return {**out, "available": False, "reason": "the memory estimator is not installed"}
-    except Exception as e:  # the estimate is advice; a failure must not block launching
-        return {**out, "available": False, "reason": describe_failure(e)}
+    if not result.get("available"):
+        return {**out, "available": False, "reason": result.get("reason")}
     total = int(result["total_bytes"])
     share = total / capacity if capacity else float("inf")
     verdict = "fits" if share < FITS else "tight" if share <= TIGHT else "does not fit"
@@ -121,16 +118,17 @@ def check(studio: Studio, data: dict, device: str = "auto") -> dict:
             "share": share, "verdict": verdict}
 
 
-@lru_cache(maxsize=64)
-def estimate_cached(spec_json: str, device: str) -> dict:
-    """The estimator probes a small copy of the model (seconds of CPU): each spec once per process."""
-    from jobs.estimate import estimate
-    from jobs.spec import parse_spec
-
-    spec = parse_spec(json.loads(spec_json))
-    if "device" in inspect.signature(estimate).parameters:
-        return estimate(spec, device=device)
-    return estimate(spec)
+def estimate_for(studio: Studio, data: dict, device: str) -> dict:
+    """The model process's validation and estimate of ``data`` on ``device``, cached in the home."""
+    cache = EstimateCache(studio.home)
+    key = cache.key(data, device)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    result = studio.ask("check", data=data, device=device, where="spec")
+    if result.get("available"):
+        cache.put(key, result)  # a failed estimate is asked again: its cause may be gone next time
+    return result
 
 
 def launch(studio: Studio, data: dict, name: str = "", priority: int = 0) -> dict:
@@ -139,7 +137,8 @@ def launch(studio: Studio, data: dict, name: str = "", priority: int = 0) -> dic
     data = resolve_dataset(studio, data)
     name = want_text(name, "name", NAME_LIMIT).strip() or None
     priority = want_int(priority or 0, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
-    job = submit_job(studio.home, data, name=name, priority=priority, where="spec", policy=studio.policy)
+    job = submit_job(studio.home, data, name=name, priority=priority, where="spec", policy=studio.policy,
+                     validate=lambda spec, where: studio.ask("validate", data=spec, where=where))
     return job_summary(job)
 
 
@@ -166,8 +165,7 @@ class TrainForm:
     """Every widget of the tab, and the spec they describe."""
 
     def __init__(self, studio: Studio):
-        from adapters import METHODS, UPDATE_RULES
-
+        METHODS, UPDATE_RULES = studio.catalog.methods, studio.catalog.rules  # noqa: N806 - the registries' view
         self.studio = studio
         start = starting_values()
         method0 = (start.get("method") or {}).get("name", "lora")
@@ -240,8 +238,7 @@ class TrainForm:
 
     def on_method(self, name: str) -> dict:
         """Show the chosen method's fields and start every learning rate at its suggestion."""
-        from adapters import METHODS
-
+        METHODS = self.studio.catalog.methods  # noqa: N806
         out = {self.method_note: self._summary(METHODS, name)}
         out.update({group: gr.update(visible=m == name) for m, (group, _) in self.methods.items()})
         lr = getattr(METHODS.get(name), "suggested_lr", None) if name in METHODS else None
@@ -252,8 +249,7 @@ class TrainForm:
         return out
 
     def on_rule(self, name: str) -> dict:
-        from adapters import UPDATE_RULES
-
+        UPDATE_RULES = self.studio.catalog.rules  # noqa: N806
         out = {self.rule_note: self._summary(UPDATE_RULES, name)}
         out.update({group: gr.update(visible=r == name) for r, (group, _) in self.rules.items()})
         return out
@@ -262,7 +258,7 @@ class TrainForm:
 def build(studio: Studio) -> dict:
     form = TrainForm(studio)
     with gr.Row(equal_height=True):
-        device = gr.Dropdown(label="Estimate memory for", choices=device_choices(), scale=2, elem_id="train.device")
+        device = gr.Dropdown(label="Estimate memory for", choices=device_choices(studio), scale=2, elem_id="train.device")
         name = gr.Textbox(label="Job name", placeholder="method-model", max_lines=1, scale=2, elem_id="train.name")
         priority = gr.Number(label="Priority", value=0, precision=0, scale=1, elem_id="train.priority",
                              info="Higher starts first.")
