@@ -1,4 +1,4 @@
-"""The studio page: six tabs over one studio home, the named API endpoints, and the
+"""The studio page: seven tabs over one studio home, the named API endpoints, and the
 scheduler that starts queued jobs.
 
 The UI process never trains. Jobs run in their own processes, started by the scheduler
@@ -16,14 +16,15 @@ from pathlib import Path
 import gradio as gr
 
 from jobs.errors import StudioError
-from studio.ui import compare, datasets, export, jobs, playground, train
+from studio.ui import bakeoff, compare, datasets, export, jobs, playground, train
 from studio.ui.common import Studio, job_choices
 
 log = logging.getLogger("studio.ui")
 CSS = Path(__file__).resolve().parents[2] / "assets" / "studio.css"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TABS = (("Datasets", "datasets", datasets), ("Train", "train", train), ("Jobs", "jobs", jobs),
-        ("Compare", "compare", compare), ("Playground", "playground", playground), ("Export", "export", export))
+        ("Compare", "compare", compare), ("Playground", "playground", playground), ("Export", "export", export),
+        ("Bake-off", "bakeoff", bakeoff))
 
 
 class SchedulerService:
@@ -120,6 +121,11 @@ def _wire(studio, demo, tabs, tab, parts, header, service) -> None:
             return gr.skip(), gr.skip()
         return gr.Tabs(selected="jobs"), gr.update(choices=job_choices(studio), value=str(job_id))
 
+    def bakeoff_choices(current):
+        options = bakeoff.choices(studio)
+        return gr.update(choices=options, value=current if current in {v for _, v in options} else None)
+
+    tab["bakeoff"].select(bakeoff_choices, parts["bakeoff"]["choice"], parts["bakeoff"]["choice"], **private)
     parts["train"]["launched"].change(follow, parts["train"]["launched"], [tabs, parts["jobs"]["choice"]], **private)
 
 

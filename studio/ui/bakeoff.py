@@ -1,0 +1,243 @@
+"""The Bake-off tab: which method for this data on this machine. Launch a bake-off, watch
+its jobs, read its report (table, Pareto plot, recommendation) and download it.
+
+This process only writes the request and reads files: planning (the registry, the memory
+estimator) and waiting for the jobs happen in the bake-off's own driver process
+(``python -m jobs.bakeoff drive``), and the jobs run under the scheduler like any other.
+"""
+from __future__ import annotations
+
+import html
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import yaml
+from gradio.data_classes import FileData
+
+from jobs import bakeoff
+from jobs.errors import StudioError
+from jobs.store import FINISHED
+from studio.ui.common import Studio, describe_failure, fmt_bytes, fmt_seconds, for_api, message_html
+
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "assets" / "specs" / "demo_lora.yaml"
+REPORT_FILES = ("report.json", "report.md", "pareto.png")
+TICK_SECONDS = 3.0
+COLUMNS = ["Candidate", "lr", "Held-out loss", "Exact match", "Peak memory", "Predicted", "Train time",
+           "Trainable params", "Adapter on disk", "Merges", "Runs ok"]
+
+
+def default_spec_text(studio: Studio) -> str:
+    """The demo spec with absolute paths and this studio's default model: a base to edit."""
+    data = yaml.safe_load(DEMO_SPEC.read_text(encoding="utf-8"))
+    for key in ("path", "eval_path"):
+        if data["dataset"].get(key):
+            data["dataset"][key] = str((DEMO_SPEC.parent / data["dataset"][key]).resolve())
+    data["model"] = studio.default_model
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _names(text: Any) -> list[str] | None:
+    items = text if isinstance(text, list) else str(text or "").replace(",", " ").split()
+    return [str(n).strip() for n in items if str(n).strip()] or None
+
+
+def start(studio: Studio, spec: Any, methods: Any = None, rules: Any = None, budget_steps: int | None = None,
+          budget_minutes: float | None = None, seeds: int = 2, spawn: bool = True) -> dict:
+    """Record a bake-off and start its driver; ``spec`` is a mapping or YAML text."""
+    from studio.ui.train import resolve_dataset
+
+    if isinstance(spec, str):
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError as e:
+            raise StudioError(f"the base spec is not valid YAML: {e}", "base spec", "fix the line shown.") from None
+    if not isinstance(spec, dict):
+        raise StudioError("the base spec must be a mapping (model, dataset, training, ...).", "base spec",
+                          "start from the spec shown when the tab opens.")
+    manifest = bakeoff.create(studio.home, resolve_dataset(studio, spec), methods=_names(methods),
+                              rules=_names(rules), budget_steps=int(budget_steps) if budget_steps else None,
+                              budget_minutes=float(budget_minutes) if budget_minutes else None, seeds=int(seeds or 2))
+    if spawn:
+        bakeoff.spawn_driver(studio.home, manifest["id"])
+    return {"id": manifest["id"], "status": manifest["status"]}
+
+
+def status(studio: Studio, bid: str) -> dict:
+    """A bake-off as the tab and the API show it: phase, its jobs' progress, the report once written."""
+    manifest = bakeoff.load(studio.home, bid)
+    store = studio.jobs
+    counts = {}
+    for phase in ("search", "final"):
+        done = total = 0
+        for entry in manifest[phase]:
+            total += 1
+            try:
+                done += store.get(entry["job_id"]).status in FINISHED
+            except StudioError:
+                done += 1  # deleted: it will not finish
+        counts[phase] = {"done": done, "total": total}
+    report_path = bakeoff.folder(studio.home, bid) / "report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if manifest["status"] == "done" and \
+        report_path.is_file() else None
+    return {"id": bid, "status": manifest["status"], "error": manifest.get("error"),
+            "driver_running": manifest.get("driver_pid") is not None, "jobs": counts,
+            "candidates": [{k: c.get(k) for k in ("key", "lr", "lr_grid", "steps", "skipped", "predicted_peak_bytes")}
+                           for c in manifest["candidates"]],
+            "report": report}
+
+
+def archive(studio: Studio, bid: str) -> Path:
+    """The report's files as one zip in the studio's exports folder (what the page serves)."""
+    src = bakeoff.folder(studio.home, bid)
+    if not (src / "report.json").is_file():
+        raise StudioError(f"bake-off {bid} has no report yet.", f"bake-off {bid}", "wait until it is done.")
+    target = studio.exports / f"bakeoff-{bid}.zip"
+    partial = target.with_name(f".{target.name}.partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in REPORT_FILES:
+            if (src / name).is_file():
+                z.write(src / name, f"bakeoff-{bid}/{name}")
+    partial.replace(target)
+    return target
+
+
+def choices(studio: Studio) -> list[tuple[str, str]]:
+    return [(f"{m['id']} ({m['status']})", m["id"]) for m in bakeoff.list_bakeoffs(studio.home)]
+
+
+def progress_html(s: dict) -> str:
+    phase = {"planned": "planning: validating candidates and estimating memory", "searching": "learning-rate search",
+             "training": "training the candidates", "reporting": "writing the report", "done": "done",
+             "failed": "failed"}.get(s["status"], s["status"])
+    jobs = " &middot; ".join(f"{name}: {c['done']}/{c['total']} jobs finished"
+                             for name, c in (("search", s["jobs"]["search"]), ("training", s["jobs"]["final"]))
+                             if c["total"])
+    parts = [f"<b>{html.escape(s['id'])}</b>: {html.escape(phase)}" + (f" &middot; {jobs}" if jobs else "")]
+    if s["status"] not in ("done", "failed") and not s["driver_running"]:
+        parts.append("its driver is not running: continue it with <code>studio bakeoff --resume "
+                     f"{html.escape(s['id'])}</code>")
+    if s["error"]:
+        parts.append(f"error: {html.escape(s['error'])}")
+    for c in s["candidates"]:
+        if c["skipped"]:
+            parts.append(f"skipped {html.escape(c['key'])}: {html.escape(c['skipped'])}")
+        elif c["lr"] is not None:
+            parts.append(f"{html.escape(c['key'])}: learning rate {c['lr']:.2g} chosen")
+    return '<div class="studio-msg studio-msg-info">' + "<br>".join(parts) + "</div>"
+
+
+def summary_rows(report: dict) -> list[list[Any]]:
+    def spread(s, key, fmt):
+        if s.get(key) is None:
+            return "-"
+        sp = s.get(f"{key}_spread")
+        return fmt(s[key]) + ("" if sp is None else f" ± {fmt(sp / 2)}")
+
+    return [[s["candidate"], "-" if s["lr"] is None else f"{s['lr']:.2g}",
+             spread(s, "eval_loss", lambda v: f"{v:.3f}"), spread(s, "exact_match", lambda v: f"{v:.0%}"),
+             fmt_bytes(s.get("peak_memory_bytes")), fmt_bytes(s.get("predicted_peak_bytes")),
+             fmt_seconds(s.get("train_seconds")),
+             "-" if s.get("trainable_params") is None else f"{s['trainable_params']:,}",
+             fmt_bytes(s.get("adapter_bytes")), "yes" if s["merges"] else "no", f"{s['completed']}/{s['runs']}"]
+            for s in report["summary"]]
+
+
+def build(studio: Studio) -> dict:
+    with gr.Row(equal_height=False):
+        spec = gr.Code(default_spec_text(studio), language="yaml", label="Base spec (model, data, training)",
+                       elem_id="bakeoff.spec", scale=3)
+        with gr.Column(scale=2):
+            methods = gr.Textbox(label="Methods (empty: every method with AdamW + memory-saving rules on full)",
+                                 elem_id="bakeoff.methods")
+            rules = gr.Textbox(label="Update rules (empty: the defaults above)", elem_id="bakeoff.rules")
+            with gr.Row():
+                steps = gr.Number(label="Budget: steps", value=None, precision=0, minimum=1, elem_id="bakeoff.steps")
+                minutes = gr.Number(label="or minutes", value=None, minimum=0, elem_id="bakeoff.minutes")
+                seeds = gr.Number(label="Seeds", value=2, precision=0, minimum=1, elem_id="bakeoff.seeds")
+            go = gr.Button("Launch bake-off", variant="primary", elem_id="bakeoff.launch")
+    with gr.Row(equal_height=False, elem_classes=["studio-actions"]):
+        choice = gr.Dropdown(label="Bake-off", choices=choices(studio), value=None, scale=4, elem_id="bakeoff.choice")
+        download_btn = gr.Button("Download report (zip)", scale=1, elem_id="bakeoff.download")
+    note = gr.HTML(elem_id="bakeoff.status")
+    progress = gr.HTML(elem_id="bakeoff.progress")
+    advice = gr.Markdown(elem_id="bakeoff.recommendation")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Candidates (mean over seeds, ± half the spread)",
+                         elem_id="bakeoff.table", wrap=True)
+    image = gr.Image(label="Pareto fronts", type="filepath", interactive=False, elem_id="bakeoff.plot")
+    download = gr.File(label="Report", interactive=False, elem_id="bakeoff.file")
+    timer = gr.Timer(TICK_SECONDS)
+
+    def on_launch(text, m, r, n_steps, n_minutes, n_seeds):
+        try:
+            out = start(studio, text, m, r, n_steps, n_minutes, n_seeds)
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), gr.skip()
+        return (message_html(f"Bake-off {out['id']} started; its jobs appear in the Jobs tab."),
+                gr.update(choices=choices(studio), value=out["id"]))
+
+    def refresh(selected):
+        if not selected:
+            return "", "", None, None
+        try:
+            s = status(studio, selected)
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), "", None, None
+        report = s["report"]
+        if not report:
+            return progress_html(s), "", None, None
+        png = bakeoff.folder(studio.home, selected) / "pareto.png"
+        text = f"**Recommendation:** {report['recommendation']}\n\n" + \
+            f"Pareto front (quality against memory): {', '.join(report['pareto']) or '-'}; " \
+            f"against time: {', '.join(report['pareto_time']) or '-'}."
+        return progress_html(s), text, summary_rows(report), str(archive_png(studio, selected, png))
+
+    def on_download(selected):
+        try:
+            if not selected:
+                raise StudioError("no bake-off chosen.", "bake-off", "choose one.")
+            return "", str(archive(studio, selected))
+        except Exception as e:
+            return message_html(describe_failure(e), "error"), None
+
+    private = {"api_visibility": "private"}
+    go.click(on_launch, [spec, methods, rules, steps, minutes, seeds], [note, choice], **private)
+    outputs = [progress, advice, table, image]
+    choice.change(refresh, choice, outputs, show_progress="hidden", **private)
+    timer.tick(refresh, choice, outputs, show_progress="hidden", **private)
+    download_btn.click(on_download, choice, [note, download], **private)
+    return {"choice": choice}
+
+
+def archive_png(studio: Studio, bid: str, png: Path) -> Path | None:
+    """The plot copied beside the downloads, the one folder the page serves files from."""
+    if not png.is_file():
+        return None
+    target = studio.exports / f"bakeoff-{bid}-pareto.png"
+    if not target.is_file() or target.stat().st_mtime < png.stat().st_mtime:
+        target.write_bytes(png.read_bytes())
+    return target
+
+
+def register_api(studio: Studio) -> None:
+    @for_api
+    def bakeoff_start(spec: dict, methods: list[str] | None = None, rules: list[str] | None = None,
+                      budget_steps: int | None = None, budget_minutes: float | None = None, seeds: int = 2) -> dict:
+        """Start a bake-off from a base spec; returns its id (its jobs join the queue)."""
+        return start(studio, spec, methods, rules, budget_steps, budget_minutes, seeds)
+
+    @for_api
+    def bakeoff_status(bakeoff_id: str) -> dict:
+        """A bake-off's phase, its jobs' progress and, once done, its report (report.json)."""
+        return status(studio, bakeoff_id)
+
+    @for_api
+    def bakeoff_report(bakeoff_id: str) -> FileData:
+        """Zip of the report: report.json, report.md and pareto.png."""
+        return FileData(path=str(archive(studio, bakeoff_id)))
+
+    gr.api(bakeoff_start, api_name="bakeoff_start")
+    gr.api(bakeoff_status, api_name="bakeoff_status")
+    gr.api(bakeoff_report, api_name="bakeoff_report")
