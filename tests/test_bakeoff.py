@@ -260,3 +260,29 @@ def test_without_a_worker_the_bakeoff_serves_the_home_itself(studio_home, tiny_m
     assert job.devices == "cpu" and job.pid is not None  # a job process, not this one
     assert scheduler_pid(studio_home) is None  # the lock is given back
     assert "no noise floor" in report["recommendation"]
+
+
+def test_the_page_launches_a_bakeoff_whose_driver_and_jobs_run_elsewhere(tmp_path):
+    """Through the named endpoints: the app writes the request and starts the driver process;
+    the app's scheduler runs the jobs; the report comes back as a zip."""
+    import time
+    import zipfile
+
+    from conftest import toy_rows, write_jsonl
+    from gradio_client import Client
+    from test_ui_api import running_studio
+
+    with running_studio(tmp_path) as s:
+        client = Client(s["url"], verbose=False)
+        data = write_jsonl(tmp_path / "toy.jsonl", toy_rows())
+        spec = make_spec(s["model"], data, Path("unused"))
+        started = client.predict(spec, ["lora"], None, 2, None, 1, [1.0], api_name="/bakeoff_start")
+        deadline = time.monotonic() + 240
+        while (st := client.predict(started["id"], api_name="/bakeoff_status"))["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, st
+            time.sleep(1.0)
+        log = (s["home"] / "bakeoffs" / started["id"] / "driver.log").read_text()
+        assert st["status"] == "done", (st["error"], log[-2000:])
+        assert st["report"]["candidates"][0]["status"] == "completed" and st["jobs"]["search"]["total"] == 0
+        with zipfile.ZipFile(client.predict(started["id"], api_name="/bakeoff_report")) as z:
+            assert json.loads(z.read(f"bakeoff-{started['id']}/report.json"))["id"] == started["id"]

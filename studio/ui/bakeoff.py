@@ -45,7 +45,8 @@ def _names(text: Any) -> list[str] | None:
 
 
 def start(studio: Studio, spec: Any, methods: Any = None, rules: Any = None, budget_steps: int | None = None,
-          budget_minutes: float | None = None, seeds: int = 2, spawn: bool = True) -> dict:
+          budget_minutes: float | None = None, seeds: int = 2, lr_factors: list[float] | None = None,
+          spawn: bool = True) -> dict:
     """Record a bake-off and start its driver; ``spec`` is a mapping or YAML text."""
     from studio.ui.train import resolve_dataset
 
@@ -59,7 +60,8 @@ def start(studio: Studio, spec: Any, methods: Any = None, rules: Any = None, bud
                           "start from the spec shown when the tab opens.")
     manifest = bakeoff.create(studio.home, resolve_dataset(studio, spec), methods=_names(methods),
                               rules=_names(rules), budget_steps=int(budget_steps) if budget_steps else None,
-                              budget_minutes=float(budget_minutes) if budget_minutes else None, seeds=int(seeds or 2))
+                              budget_minutes=float(budget_minutes) if budget_minutes else None, seeds=int(seeds or 2),
+                              lr_factors=tuple(lr_factors or bakeoff.LR_FACTORS))
     if spawn:
         bakeoff.spawn_driver(studio.home, manifest["id"])
     return {"id": manifest["id"], "status": manifest["status"]}
@@ -224,9 +226,11 @@ def archive_png(studio: Studio, bid: str, png: Path) -> Path | None:
 def register_api(studio: Studio) -> None:
     @for_api
     def bakeoff_start(spec: dict, methods: list[str] | None = None, rules: list[str] | None = None,
-                      budget_steps: int | None = None, budget_minutes: float | None = None, seeds: int = 2) -> dict:
-        """Start a bake-off from a base spec; returns its id (its jobs join the queue)."""
-        return start(studio, spec, methods, rules, budget_steps, budget_minutes, seeds)
+                      budget_steps: int | None = None, budget_minutes: float | None = None, seeds: int = 2,
+                      lr_factors: list[float] | None = None) -> dict:
+        """Start a bake-off from a base spec; returns its id (its jobs join the queue). ``lr_factors``:
+        multiples of each candidate's suggested rate to search (default 0.3, 1, 3; one value: no search)."""
+        return start(studio, spec, methods, rules, budget_steps, budget_minutes, seeds, lr_factors)
 
     @for_api
     def bakeoff_status(bakeoff_id: str) -> dict:
