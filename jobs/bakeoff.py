@@ -13,19 +13,15 @@ Fairness, as a practitioner would set it up:
 - each candidate gets its own learning rate from a short, bounded search: a few multiples
   of its suggested rate, each trained on a slice of the budget, the lowest held-out loss wins.
 
-Driving is idempotent: ``drive`` picks up from what the manifest records, so a bake-off
-whose driver stopped continues with ``studio bakeoff --resume ID``. Nothing here imports
-torch at module level: the UI writes requests with ``create`` and starts
-``python -m jobs.bakeoff drive HOME ID`` in its own process.
+This module holds the request, the plan and the choices; ``jobs.bakeoff_driver`` queues the
+jobs and waits for them. Nothing here imports torch at module level: the UI writes requests
+with ``create`` and starts the driver in a process of its own.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import secrets
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +29,7 @@ from pathlib import Path
 from jobs.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import read_run, write_json_atomic
-from jobs.store import FINISHED, JobStore, Status
+from jobs.store import JobStore
 
 MANIFEST = "bakeoff.json"
 # Rules that trade quality or speed for memory; they only make sense on full fine-tuning,
@@ -212,32 +208,12 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
                           "bake-off", "choose other methods or rules, or a smaller batch or model.")
     manifest.update(candidates=candidates, device=device, capacity_bytes=capacity,
                     seeds=[seed0 + k for k in range(req["seeds"])], search_steps=search_steps,
-                    memory_budget_bytes=req["memory_budget_bytes"] or capacity, status="searching")
+                    memory_budget_bytes=req["memory_budget_bytes"] or capacity)
     save(home, manifest)
     return manifest
 
 
-# -- driving ----------------------------------------------------------------------------
-
-def _submit(home: Path, bid: str, data: dict, name: str) -> int:
-    from jobs.scheduler import submit_job
-
-    return submit_job(home, data, name=f"bakeoff {bid} {name}", where=f"bake-off {bid}: {name}").id
-
-
-def submit_search(home: Path, manifest: dict) -> None:
-    bid, seed0 = manifest["id"], manifest["seeds"][0]
-    for cand in manifest["candidates"]:
-        if cand["skipped"] or len(cand["lr_grid"]) < 2:
-            continue
-        for lr in cand["lr_grid"]:
-            data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], lr, manifest["search_steps"],
-                                  seed0, search=True)
-            jid = _submit(home, bid, data, f"{cand['key']} lr={lr:.3g} (search)")
-            manifest["search"].append({"key": cand["key"], "lr": lr, "job_id": jid})
-    manifest["status"] = "searching"
-    save(home, manifest)
-
+# -- the learning-rate choice -------------------------------------------------------
 
 def choose_rates(home: Path, manifest: dict) -> None:
     """Each candidate's rate: the lowest held-out loss among its search runs; timed budgets
@@ -260,19 +236,6 @@ def choose_rates(home: Path, manifest: dict) -> None:
             per_step = secs / done if done and secs else None
             cand["seconds_per_step"] = per_step
             cand["steps"] = max(1, int(minutes * 60 / per_step)) if per_step else manifest["search_steps"]
-    manifest["status"] = "training"
-    save(home, manifest)
-
-
-def submit_final(home: Path, manifest: dict) -> None:
-    for cand in manifest["candidates"]:
-        if cand["skipped"] or cand["lr"] is None:
-            continue
-        for seed in manifest["seeds"]:
-            data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], cand["lr"], cand["steps"],
-                                  seed, search=False)
-            jid = _submit(home, manifest["id"], data, f"{cand['key']} seed {seed}")
-            manifest["final"].append({"key": cand["key"], "seed": seed, "lr": cand["lr"], "job_id": jid})
     save(home, manifest)
 
 
@@ -282,109 +245,3 @@ def _metrics(store: JobStore, job_id: int) -> dict:
     except (StudioError, ValueError):
         return {}
     return run.get("metrics") or {}
-
-
-def wait(home: Path, job_ids: list[int], inline: bool = False, say=lambda text: None, poll: float = 1.0) -> None:
-    """Until every job has finished: run them here one by one (``inline``), leave them to the
-    scheduler serving this home, or, when none does, serve the home ourselves (one process
-    per job, so each run's peak memory is its own)."""
-    from jobs.scheduler import Scheduler, run_inline, scheduler_pid
-
-    store = JobStore(home)
-    if inline:
-        for jid in job_ids:
-            if store.get(jid).status == Status.QUEUED:
-                say(f"job {jid}: {store.get(jid).name}")
-                run_inline(home, jid)
-        return
-    sched = None
-    try:
-        while True:
-            pending = [j for j in job_ids if store.get(j).status not in FINISHED]
-            if not pending:
-                return
-            if sched is None and scheduler_pid(home) is None:
-                try:
-                    sched = Scheduler(home, poll_interval=poll)
-                    sched.acquire()
-                    sched.reconcile()
-                    say("no `studio worker` serves this home: this process starts the jobs")
-                except StudioError:
-                    sched = None  # another scheduler started meanwhile; it serves the queue
-            if sched is not None:
-                sched.tick()
-            time.sleep(poll)
-    finally:
-        if sched is not None:
-            sched.release()
-
-
-def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda text: None) -> Path:
-    """Run a bake-off to its report from wherever it stands; returns the report folder."""
-    from jobs.bakeoff_report import write_report
-
-    home = studio_home(home)
-    manifest = load(home, bid)
-    manifest.update(driver_pid=os.getpid(), error=None, inline=inline)
-    save(home, manifest)
-    try:
-        if not manifest["candidates"]:
-            say("planning: validating candidates and estimating their memory")
-            plan(home, manifest)
-        if manifest["status"] == "searching":
-            if not manifest["search"]:
-                submit_search(home, manifest)
-            say(f"learning-rate search: {len(manifest['search'])} short runs")
-            wait(home, [s["job_id"] for s in manifest["search"]], inline, say)
-            choose_rates(home, manifest)
-        if manifest["status"] == "training":
-            if not manifest["final"]:
-                submit_final(home, manifest)
-            say(f"training: {len(manifest['final'])} runs")
-            wait(home, [f["job_id"] for f in manifest["final"]], inline, say)
-            manifest["status"] = "reporting"
-            save(home, manifest)
-        out = write_report(home, manifest)
-        manifest.update(status="done", finished_at=time.time(), report_dir=str(out))
-        return out
-    except BaseException as e:
-        manifest.update(status="failed" if not isinstance(e, KeyboardInterrupt) else manifest["status"],
-                        error=e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        manifest["driver_pid"] = None
-        save(home, manifest)
-
-
-def spawn_driver(home: Path, bid: str) -> int:
-    """Start ``drive`` in a process of its own (the UI's launch); its output goes to driver.log."""
-    import subprocess
-
-    code_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p),
-           "PYTHONUNBUFFERED": "1"}
-    with open(folder(home, bid) / "driver.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.bakeoff", "drive", str(home), bid],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
-    return proc.pid
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bakeoff")
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("drive", help="run a recorded bake-off to its report")
-    d.add_argument("home")
-    d.add_argument("id")
-    args = parser.parse_args(argv)
-    try:
-        out = drive(args.home, args.id, say=lambda text: print(text, flush=True))
-    except StudioError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

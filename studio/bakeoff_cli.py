@@ -32,12 +32,13 @@ def add_bakeoff_command(subparsers) -> None:
                    help="memory budget for the recommendation (default: the device's memory)")
     p.add_argument("--inline", action="store_true",
                    help="run the jobs one by one in this process (peak memory is then not per run)")
-    p.add_argument("--resume", metavar="ID", help="continue an unfinished bake-off instead of starting one")
+    p.add_argument("--resume", metavar="ID", help="continue an unfinished or cancelled bake-off (its stopped jobs resume from their checkpoints)")
     p.set_defaults(func=cmd_bakeoff)
 
 
 def cmd_bakeoff(args) -> int:
-    from jobs.bakeoff import create, drive
+    from jobs.bakeoff import create
+    from jobs.bakeoff_driver import drive, resume
     from jobs.errors import StudioError
     from jobs.spec import apply_overrides, read_spec_file, with_paths
 
@@ -46,6 +47,8 @@ def cmd_bakeoff(args) -> int:
 
     if args.resume:
         bid = args.resume
+        queued = resume(args.home, bid)
+        say(f"bake-off {bid}: continuing" + (f"; {len(queued)} stopped job(s) queued again" if queued else ""))
     else:
         if not args.spec:
             raise StudioError("no base spec given.", "studio bakeoff", "pass a spec file, or --resume ID.")

@@ -137,7 +137,9 @@ def test_learning_rates_come_from_held_out_loss_and_minutes_from_step_time(studi
     manifest.update(seeds=[0], search_steps=2, candidates=[
         {"key": k, "method": k.split("+")[0], "rule": "adamw", "lr_grid": [1e-3, 1e-2], "skipped": None, "lr": None,
          "steps": None} for k in ("lora+adamw", "ia3+adamw")])
-    bakeoff.submit_search(studio_home, manifest)
+    from jobs.bakeoff_driver import submit_search
+
+    submit_search(studio_home, manifest)
     store = JobStore(studio_home)
     results = {("lora+adamw", 1e-3): 0.9, ("lora+adamw", 1e-2): 0.7,  # 1e-2 wins
                ("ia3+adamw", 1e-3): math.nan, ("ia3+adamw", 1e-2): None}  # diverged, failed
@@ -251,7 +253,9 @@ def test_without_a_worker_the_bakeoff_serves_the_home_itself(studio_home, tiny_m
 
     spec = make_spec(tiny_model, toy_dataset, Path("unused"))
     manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_steps=2, seeds=1, lr_factors=(1.0,))
-    out = bakeoff.drive(studio_home, manifest["id"])
+    from jobs.bakeoff_driver import drive
+
+    out = drive(studio_home, manifest["id"])
     report = json.loads((out / "report.json").read_text())
     (row,) = report["candidates"]
     assert row["status"] == "completed" and report["lr_search"]["runs"] == []
@@ -286,3 +290,35 @@ def test_the_page_launches_a_bakeoff_whose_driver_and_jobs_run_elsewhere(tmp_pat
         assert st["report"]["candidates"][0]["status"] == "completed" and st["jobs"]["search"]["total"] == 0
         with zipfile.ZipFile(client.predict(started["id"], api_name="/bakeoff_report")) as z:
             assert json.loads(z.read(f"bakeoff-{started['id']}/report.json"))["id"] == started["id"]
+
+
+def test_the_benchmark_runs_on_a_tiny_budget(tiny_model, toy_dataset, tmp_path):
+    from bench import bakeoff as bench_bakeoff
+
+    spec = make_spec(tiny_model, toy_dataset, Path("unused"))
+    out = bench_bakeoff.run(spec=spec, steps=2, seeds=1, methods=["lora"], lr_factors=(1.0,),
+                            results_dir=tmp_path / "results", home=tmp_path / "home", inline=True)
+    saved = json.loads((tmp_path / "results" / "bakeoff.json").read_text())
+    assert saved["benchmark"] == "bakeoff" and saved["wall_seconds"] > 0 and "machine" in saved
+    assert saved["report"]["candidates"][0]["status"] == "completed" == out["report"]["candidates"][0]["status"]
+    assert (tmp_path / "results" / "bakeoff.png").is_file()
+
+
+def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, tiny_model, toy_dataset):
+    from jobs.bakeoff_driver import cancel, drive, resume
+    from jobs.store import JobStore
+
+    spec = make_spec(tiny_model, toy_dataset, Path("unused"))
+    manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_steps=2, seeds=1, lr_factors=(1.0,))
+    assert cancel(studio_home, manifest["id"]) == []  # nothing queued yet; the driver stops at its first wait
+    with pytest.raises(StudioError, match="cancelled.*--resume"):
+        drive(studio_home, manifest["id"], inline=True)
+    stopped = bakeoff.load(studio_home, manifest["id"])
+    assert stopped["status"] == "cancelled" and stopped["driver_pid"] is None
+    (entry,) = stopped["final"]
+    assert JobStore(studio_home).get(entry["job_id"]).status == "cancelled"
+    assert resume(studio_home, manifest["id"]) == [entry["job_id"]]
+    out = drive(studio_home, manifest["id"], inline=True)
+    report = json.loads((out / "report.json").read_text())
+    assert [r["job_id"] for r in report["candidates"]] == [entry["job_id"]]
+    assert report["candidates"][0]["status"] == "completed"

@@ -3,7 +3,7 @@ its jobs, read its report (table, Pareto plot, recommendation) and download it.
 
 This process only writes the request and reads files: planning (the registry, the memory
 estimator) and waiting for the jobs happen in the bake-off's own driver process
-(``python -m jobs.bakeoff drive``), and the jobs run under the scheduler like any other.
+(``python -m jobs.bakeoff_driver drive``), and the jobs run under the scheduler like any other.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import gradio as gr
 import yaml
 from gradio.data_classes import FileData
 
-from jobs import bakeoff
+from jobs import bakeoff, bakeoff_driver
 from jobs.errors import StudioError
 from jobs.store import FINISHED
 from studio.ui.common import Studio, describe_failure, fmt_bytes, fmt_seconds, for_api, message_html
@@ -63,7 +63,7 @@ def start(studio: Studio, spec: Any, methods: Any = None, rules: Any = None, bud
                               budget_minutes=float(budget_minutes) if budget_minutes else None, seeds=int(seeds or 2),
                               lr_factors=tuple(lr_factors or bakeoff.LR_FACTORS))
     if spawn:
-        bakeoff.spawn_driver(studio.home, manifest["id"])
+        bakeoff_driver.spawn_driver(studio.home, manifest["id"])
     return {"id": manifest["id"], "status": manifest["status"]}
 
 
@@ -85,10 +85,36 @@ def status(studio: Studio, bid: str) -> dict:
     report = json.loads(report_path.read_text(encoding="utf-8")) if manifest["status"] == "done" and \
         report_path.is_file() else None
     return {"id": bid, "status": manifest["status"], "error": manifest.get("error"),
-            "driver_running": manifest.get("driver_pid") is not None, "jobs": counts,
+            "driver_running": driver_alive(manifest), "jobs": counts,
             "candidates": [{k: c.get(k) for k in ("key", "lr", "lr_grid", "steps", "skipped", "predicted_peak_bytes")}
                            for c in manifest["candidates"]],
             "report": report}
+
+
+def driver_alive(manifest: dict) -> bool:
+    import psutil
+
+    pid = manifest.get("driver_pid")
+    return pid is not None and psutil.pid_exists(pid)
+
+
+def cancel(studio: Studio, bid: str) -> dict:
+    """Stop a bake-off and its unfinished jobs (running ones keep a checkpoint)."""
+    stopped = bakeoff_driver.cancel(studio.home, bid)
+    return {"id": bid, "cancelled_jobs": stopped}
+
+
+def resume(studio: Studio, bid: str) -> dict:
+    """Continue a stopped bake-off: its stopped jobs are queued again and a driver started."""
+    manifest = bakeoff.load(studio.home, bid)
+    if driver_alive(manifest):
+        raise StudioError(f"bake-off {bid} is still being driven (pid {manifest['driver_pid']}).",
+                          f"bake-off {bid}", "wait for it, or cancel it first.")
+    if manifest["status"] == "done":
+        raise StudioError(f"bake-off {bid} is done.", f"bake-off {bid}", "start a new one to compare again.")
+    queued = bakeoff_driver.resume(studio.home, bid)
+    bakeoff_driver.spawn_driver(studio.home, bid)
+    return {"id": bid, "resumed_jobs": queued}
 
 
 def archive(studio: Studio, bid: str) -> Path:
@@ -118,9 +144,9 @@ def progress_html(s: dict) -> str:
                              for name, c in (("search", s["jobs"]["search"]), ("training", s["jobs"]["final"]))
                              if c["total"])
     parts = [f"<b>{html.escape(s['id'])}</b>: {html.escape(phase)}" + (f" &middot; {jobs}" if jobs else "")]
-    if s["status"] not in ("done", "failed") and not s["driver_running"]:
-        parts.append("its driver is not running: continue it with <code>studio bakeoff --resume "
-                     f"{html.escape(s['id'])}</code>")
+    if s["status"] != "done" and not s["driver_running"]:
+        parts.append("its driver is not running: Resume continues it (or <code>studio bakeoff --resume "
+                     f"{html.escape(s['id'])}</code>)")
     if s["error"]:
         parts.append(f"error: {html.escape(s['error'])}")
     for c in s["candidates"]:
@@ -162,6 +188,8 @@ def build(studio: Studio) -> dict:
             go = gr.Button("Launch bake-off", variant="primary", elem_id="bakeoff.launch")
     with gr.Row(equal_height=False, elem_classes=["studio-actions"]):
         choice = gr.Dropdown(label="Bake-off", choices=choices(studio), value=None, scale=4, elem_id="bakeoff.choice")
+        cancel_btn = gr.Button("Cancel", variant="stop", scale=0, min_width=100, elem_id="bakeoff.cancel")
+        resume_btn = gr.Button("Resume", scale=0, min_width=100, elem_id="bakeoff.resume")
         download_btn = gr.Button("Download report (zip)", scale=1, elem_id="bakeoff.download")
     note = gr.HTML(elem_id="bakeoff.status")
     progress = gr.HTML(elem_id="bakeoff.progress")
@@ -204,7 +232,22 @@ def build(studio: Studio) -> dict:
         except Exception as e:
             return message_html(describe_failure(e), "error"), None
 
+    def act(fn, text):
+        def run(selected):
+            try:
+                if not selected:
+                    raise StudioError("no bake-off chosen.", "bake-off", "choose one.")
+                out = fn(studio, selected)
+            except Exception as e:
+                return message_html(describe_failure(e), "error")
+            return message_html(text(out))
+        return run
+
     private = {"api_visibility": "private"}
+    cancel_btn.click(act(cancel, lambda o: f"Bake-off {o['id']}: cancelled, {len(o['cancelled_jobs'])} job(s) "
+                                           "asked to stop."), choice, note, **private)
+    resume_btn.click(act(resume, lambda o: f"Bake-off {o['id']}: continuing, {len(o['resumed_jobs'])} job(s) "
+                                           "queued again."), choice, note, **private)
     go.click(on_launch, [spec, methods, rules, steps, minutes, seeds], [note, choice], **private)
     outputs = [progress, advice, table, image]
     choice.change(refresh, choice, outputs, show_progress="hidden", **private)
@@ -242,6 +285,18 @@ def register_api(studio: Studio) -> None:
         """Zip of the report: report.json, report.md and pareto.png."""
         return FileData(path=str(archive(studio, bakeoff_id)))
 
+    @for_api
+    def bakeoff_cancel(bakeoff_id: str) -> dict:
+        """Stop a bake-off and its unfinished jobs."""
+        return cancel(studio, bakeoff_id)
+
+    @for_api
+    def bakeoff_resume(bakeoff_id: str) -> dict:
+        """Continue a stopped bake-off: its stopped jobs resume from their checkpoints."""
+        return resume(studio, bakeoff_id)
+
     gr.api(bakeoff_start, api_name="bakeoff_start")
+    gr.api(bakeoff_cancel, api_name="bakeoff_cancel")
+    gr.api(bakeoff_resume, api_name="bakeoff_resume")
     gr.api(bakeoff_status, api_name="bakeoff_status")
     gr.api(bakeoff_report, api_name="bakeoff_report")
