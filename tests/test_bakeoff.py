@@ -322,3 +322,44 @@ def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, 
     report = json.loads((out / "report.json").read_text())
     assert [r["job_id"] for r in report["candidates"]] == [entry["job_id"]]
     assert report["candidates"][0]["status"] == "completed"
+
+
+@pytest.mark.browser
+def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
+    """In Chromium: choose a finished bake-off, see its recommendation and table, download the zip."""
+    import zipfile
+
+    from conftest import toy_rows, write_jsonl
+    from test_browser import CHROMIUM, el
+    from test_ui_api import running_studio
+
+    from jobs.bakeoff_driver import drive
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    with running_studio(tmp_path) as s:
+        spec = make_spec(s["model"], write_jsonl(tmp_path / "toy.jsonl", toy_rows()), Path("unused"))
+        manifest = bakeoff.create(s["home"], spec, methods=["lora", "ia3"], budget_steps=2, seeds=1,
+                                  lr_factors=(1.0,))
+        drive(s["home"], manifest["id"], inline=True)
+        report = json.loads((s["home"] / "bakeoffs" / manifest["id"] / "report.json").read_text())
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True).new_page()
+            page.set_default_timeout(30_000)
+            page.goto(s["url"])
+            page.get_by_role("tab", name="Bake-off").click()
+            expect(el(page, "bakeoff.spec")).to_contain_text("demo")  # the base spec to edit
+            el(page, "bakeoff.choice", "input").click()
+            page.get_by_role("option", name=f"{manifest['id']} (done)").click()
+            expect(el(page, "bakeoff.recommendation")).to_contain_text(report["recommendation"][:40])
+            expect(el(page, "bakeoff.table")).to_contain_text("ia3+adamw")
+            expect(el(page, "bakeoff.progress")).to_contain_text("done")
+            el(page, "bakeoff.download").click()
+            with page.expect_download() as dl:
+                el(page, "bakeoff.file", "a").first.click()
+            with zipfile.ZipFile(dl.value.path()) as z:
+                assert f"bakeoff-{manifest['id']}/report.md" in z.namelist()
+            browser.close()
