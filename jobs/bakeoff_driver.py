@@ -33,27 +33,33 @@ def _submit(home: Path, bid: str, data: dict, name: str) -> int:
 
 def submit_search(home: Path, manifest: dict) -> None:
     bid, seed0 = manifest["id"], manifest["seeds"][0]
+    queued = {(s["key"], s["lr"]) for s in manifest["search"]}  # a driver that stopped midway
     for cand in manifest["candidates"]:
         if cand["skipped"] or len(cand["lr_grid"]) < 2:
             continue
         for lr in cand["lr_grid"]:
+            if (cand["key"], lr) in queued:
+                continue
             data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], lr, manifest["search_steps"],
                                   seed0, search=True)
             jid = _submit(home, bid, data, f"{cand['key']} lr={lr:.3g} (search)")
             manifest["search"].append({"key": cand["key"], "lr": lr, "job_id": jid})
-    save(home, manifest)
+            save(home, manifest)
 
 
 def submit_final(home: Path, manifest: dict) -> None:
+    queued = {(f["key"], f["seed"]) for f in manifest["final"]}
     for cand in manifest["candidates"]:
         if cand["skipped"] or cand["lr"] is None:
             continue
         for seed in manifest["seeds"]:
+            if (cand["key"], seed) in queued:
+                continue
             data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], cand["lr"], cand["steps"],
                                   seed, search=False)
             jid = _submit(home, manifest["id"], data, f"{cand['key']} seed {seed}")
             manifest["final"].append({"key": cand["key"], "seed": seed, "lr": cand["lr"], "job_id": jid})
-    save(home, manifest)
+            save(home, manifest)
 
 
 def _jobs(manifest: dict) -> list[int]:
@@ -140,6 +146,9 @@ def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda te
 
     home = studio_home(home)
     manifest = load(home, bid)
+    if driver_alive(manifest):
+        raise StudioError(f"bake-off {bid} is already being driven by process {manifest['driver_pid']}.",
+                          f"bake-off {bid}", "wait for it, or cancel the bake-off first.")
     manifest.update(driver_pid=os.getpid(), error=None, inline=inline)
     save(home, manifest)
     previous = os.environ.get(ENV_VAR)
@@ -151,14 +160,12 @@ def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda te
             say("planning: validating candidates and estimating their memory")
             plan(home, manifest)
         if any(c["skipped"] is None and c["lr"] is None for c in manifest["candidates"]):
-            if not manifest["search"]:
-                submit_search(home, manifest)
+            submit_search(home, manifest)
             _phase(home, manifest, "searching")
             say(f"learning-rate search: {len(manifest['search'])} short runs")
             wait(home, [s["job_id"] for s in manifest["search"]], **watch)
             choose_rates(home, manifest)
-        if not manifest["final"]:
-            submit_final(home, manifest)
+        submit_final(home, manifest)
         _phase(home, manifest, "training")
         say(f"training: {len(manifest['final'])} runs")
         wait(home, [f["job_id"] for f in manifest["final"]], **watch)
@@ -182,6 +189,19 @@ def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda te
             os.environ[ENV_VAR] = previous
         manifest["driver_pid"] = None
         save(home, manifest)
+
+
+def driver_alive(manifest: dict) -> bool:
+    """Whether the process recorded as the bake-off's driver still runs (and is one)."""
+    import psutil
+
+    pid = manifest.get("driver_pid")
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        return any("bakeoff" in part for part in psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def _phase(home: Path, manifest: dict, status: str) -> None:

@@ -85,17 +85,10 @@ def status(studio: Studio, bid: str) -> dict:
     report = json.loads(report_path.read_text(encoding="utf-8")) if manifest["status"] == "done" and \
         report_path.is_file() else None
     return {"id": bid, "status": manifest["status"], "error": manifest.get("error"),
-            "driver_running": driver_alive(manifest), "jobs": counts,
+            "driver_running": bakeoff_driver.driver_alive(manifest), "jobs": counts,
             "candidates": [{k: c.get(k) for k in ("key", "lr", "lr_grid", "steps", "skipped", "predicted_peak_bytes")}
                            for c in manifest["candidates"]],
             "report": report}
-
-
-def driver_alive(manifest: dict) -> bool:
-    import psutil
-
-    pid = manifest.get("driver_pid")
-    return pid is not None and psutil.pid_exists(pid)
 
 
 def cancel(studio: Studio, bid: str) -> dict:
@@ -107,7 +100,7 @@ def cancel(studio: Studio, bid: str) -> dict:
 def resume(studio: Studio, bid: str) -> dict:
     """Continue a stopped bake-off: its stopped jobs are queued again and a driver started."""
     manifest = bakeoff.load(studio.home, bid)
-    if driver_alive(manifest):
+    if bakeoff_driver.driver_alive(manifest):
         raise StudioError(f"bake-off {bid} is still being driven (pid {manifest['driver_pid']}).",
                           f"bake-off {bid}", "wait for it, or cancel it first.")
     if manifest["status"] == "done":
