@@ -76,6 +76,9 @@ def markdown(report: dict) -> str:
         lines += _table(["candidate", "lr", "held-out loss", "status", "chosen"],
                         [[r["candidate"], f"{r['lr']:.2g}", _num(r["eval_loss"]), r["status"],
                           "yes" if search["chosen"].get(r["candidate"]) == r["lr"] else ""] for r in search["runs"]])
+    if search.get("at_edge"):
+        lines += ["", f"Chosen at the edge of the grid: {', '.join(search['at_edge'])}. The best rate may lie "
+                  "beyond it; a wider `--lr-factors` would tell."]
     if report["skipped"]:
         lines += ["", "## Skipped", ""]
         lines += _table(["candidate", "predicted peak", "why"],

@@ -207,7 +207,10 @@ def search_table(manifest: dict) -> dict:
         runs.append({"candidate": s["key"], "lr": s["lr"], "job_id": s["job_id"], "eval_loss": m.get("eval_loss"),
                      "status": job.status.value if job else "deleted"})
     chosen = {c["key"]: c["lr"] for c in manifest["candidates"] if not c["skipped"]}
-    return {"runs": runs, "chosen": chosen, "train_seconds": seconds, "wall_seconds": wall,
+    # A rate at the end of the grid is the best of those tried, not necessarily a good one.
+    at_edge = sorted(c["key"] for c in manifest["candidates"] if not c["skipped"] and len(c["lr_grid"]) > 1
+                     and c["lr"] in (min(c["lr_grid"]), max(c["lr_grid"])))
+    return {"runs": runs, "chosen": chosen, "at_edge": at_edge, "train_seconds": seconds, "wall_seconds": wall,
             "steps_per_run": manifest.get("search_steps")}
 
 

@@ -220,6 +220,7 @@ def test_every_candidate_gets_its_searched_rate_and_the_same_data(finished):
         assert len(tried) == 2 and lr == min(tried, key=lambda r: r["eval_loss"])["lr"]
         assert {r["lr"] for r in report["candidates"] if r["candidate"] == key} == {lr}
     assert search["train_seconds"] > 0
+    assert search["at_edge"] == sorted(search["chosen"])  # two factors: every choice is at an edge
     jobs = [j for j in JobStore(home).list() if j.name.startswith(f"bakeoff {report['id']} ")]
     assert len(jobs) == 12  # 6 search + 6 final, all ordinary jobs
     finals = [j.spec for j in jobs if "seed" in j.name]
