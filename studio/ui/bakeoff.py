@@ -201,21 +201,26 @@ def build(studio: Studio) -> dict:
         return (message_html(f"Bake-off {out['id']} started; its jobs appear in the Jobs tab."),
                 gr.update(choices=choices(studio), value=out["id"]))
 
-    def refresh(selected):
+    def refresh(selected, last=None):
+        """Progress every tick; the report's parts only when what is shown changed (a tick
+        that redraws the table would reset the user's scrolling)."""
         if not selected:
-            return "", "", None, None
+            return "", "", None, None, None
         try:
             s = status(studio, selected)
         except Exception as e:
-            return message_html(describe_failure(e), "error"), "", None, None
+            return message_html(describe_failure(e), "error"), "", None, None, None
         report = s["report"]
+        key = [selected, report and report["written_at"]]
+        if key == last:
+            return progress_html(s), gr.skip(), gr.skip(), gr.skip(), key
         if not report:
-            return progress_html(s), "", None, None
+            return progress_html(s), "", None, None, key
         png = bakeoff.folder(studio.home, selected) / "pareto.png"
         text = f"**Recommendation:** {report['recommendation']}\n\n" + \
             f"Pareto front (quality against memory): {', '.join(report['pareto']) or '-'}; " \
             f"against time: {', '.join(report['pareto_time']) or '-'}."
-        return progress_html(s), text, summary_rows(report), str(archive_png(studio, selected, png))
+        return progress_html(s), text, summary_rows(report), archive_png(studio, selected, png), key
 
     def on_download(selected):
         try:
@@ -242,21 +247,22 @@ def build(studio: Studio) -> dict:
     resume_btn.click(act(resume, lambda o: f"Bake-off {o['id']}: continuing, {len(o['resumed_jobs'])} job(s) "
                                            "queued again."), choice, note, **private)
     go.click(on_launch, [spec, methods, rules, steps, minutes, seeds], [note, choice], **private)
-    outputs = [progress, advice, table, image]
+    shown = gr.State(None)  # (bake-off, report written at) the page last drew
+    outputs = [progress, advice, table, image, shown]
     choice.change(refresh, choice, outputs, show_progress="hidden", **private)
-    timer.tick(refresh, choice, outputs, show_progress="hidden", **private)
+    timer.tick(refresh, [choice, shown], outputs, show_progress="hidden", **private)
     download_btn.click(on_download, choice, [note, download], **private)
     return {"choice": choice}
 
 
-def archive_png(studio: Studio, bid: str, png: Path) -> Path | None:
+def archive_png(studio: Studio, bid: str, png: Path) -> str | None:
     """The plot copied beside the downloads, the one folder the page serves files from."""
     if not png.is_file():
         return None
     target = studio.exports / f"bakeoff-{bid}-pareto.png"
     if not target.is_file() or target.stat().st_mtime < png.stat().st_mtime:
         target.write_bytes(png.read_bytes())
-    return target
+    return str(target)
 
 
 def register_api(studio: Studio) -> None:
