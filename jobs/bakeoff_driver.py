@@ -34,8 +34,10 @@ def _submit(home: Path, bid: str, data: dict, name: str) -> int:
 def submit_search(home: Path, manifest: dict) -> None:
     bid, seed0 = manifest["id"], manifest["seeds"][0]
     queued = {(s["key"], s["lr"]) for s in manifest["search"]}  # a driver that stopped midway
+    timed = manifest["request"]["budget_minutes"] is not None
     for cand in manifest["candidates"]:
-        if cand["skipped"] or len(cand["lr_grid"]) < 2:
+        # One rate needs no search, unless the runs must also measure the step time.
+        if cand["skipped"] or len(cand["lr_grid"]) < 2 and not timed:
             continue
         for lr in cand["lr_grid"]:
             if (cand["key"], lr) in queued:

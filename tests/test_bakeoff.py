@@ -364,3 +364,18 @@ def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
             with zipfile.ZipFile(dl.value.path()) as z:
                 assert f"bakeoff-{manifest['id']}/report.md" in z.namelist()
             browser.close()
+
+
+def test_a_time_budget_runs_one_measuring_run_even_without_a_search(studio_home, tiny_model, toy_dataset):
+    from jobs.bakeoff_driver import drive
+
+    spec = make_spec(tiny_model, toy_dataset, Path("unused"))
+    manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_minutes=0.02, search_steps=2, seeds=1,
+                              lr_factors=(1.0,))
+    out = drive(studio_home, manifest["id"], inline=True)
+    done = bakeoff.load(studio_home, manifest["id"])
+    (cand,) = done["candidates"]
+    assert len(done["search"]) == 1 and cand["seconds_per_step"] > 0
+    assert cand["steps"] == max(1, int(0.02 * 60 / cand["seconds_per_step"]))
+    report = json.loads((out / "report.json").read_text())
+    assert report["candidates"][0]["steps"] == cand["steps"] and report["budget"]["minutes"] == 0.02
