@@ -158,7 +158,7 @@ def recommend(summary: list[dict], metric: str, budget_bytes: int | None) -> str
     return text + "."
 
 
-def build_report(manifest: dict, rows: list[dict]) -> dict:
+def build_report(manifest: dict, rows: list[dict], home: Path | None = None) -> dict:
     summary = summarize(rows)
     metric = quality_metric(summary)
     done = [s for s in summary if s["completed"]]
@@ -181,16 +181,15 @@ def build_report(manifest: dict, rows: list[dict]) -> dict:
                         for m in SUMMARY_METRICS},
         "skipped": [{"candidate": c["key"], "reason": c["skipped"], "predicted_peak_bytes": c["predicted_peak_bytes"]}
                     for c in manifest["candidates"] if c["skipped"]],
-        "lr_search": search_table(manifest),
+        "lr_search": search_table(manifest, home),
         "memory_note": ("runs shared one process (inline): peak memory is not per run"
                         if any(r.get("memory_kind") == "cpu_peak_rss" for r in rows) and manifest.get("inline")
                         else None),
     }
 
 
-def search_table(manifest: dict) -> dict:
-    """What the learning-rate search tried, chose and cost."""
-    home = manifest.get("_home")
+def search_table(manifest: dict, home: Path | None) -> dict:
+    """What the learning-rate search tried, chose and cost (its runs read from ``home``'s store)."""
     store = JobStore(home) if home else None
     runs, seconds, wall = [], 0.0, 0.0
     for s in manifest["search"]:
@@ -217,7 +216,7 @@ def search_table(manifest: dict) -> dict:
 def write_report(home: Path, manifest: dict) -> Path:
     out = Path(home) / "bakeoffs" / manifest["id"]
     rows = collect(Path(home), manifest)
-    report = build_report({**manifest, "_home": home}, rows)
+    report = build_report(manifest, rows, Path(home))
     png = plot(report, out / "pareto.png")
     report["plot"] = png.name if png else None
     write_json_atomic(out / "report.json", report)
