@@ -169,6 +169,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
     from jobs.estimate import estimate
     from jobs.spec import check_combination, parse_spec
 
+    started = time.time()
     req = manifest["request"]
     base = manifest["spec"]
     parse_spec({**base, "output_dir": "<bake-off>"}, "base spec")  # a broken base fails once, clearly
@@ -208,7 +209,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
                           "bake-off", "choose other methods or rules, or a smaller batch or model.")
     manifest.update(candidates=candidates, device=device, capacity_bytes=capacity,
                     seeds=[seed0 + k for k in range(req["seeds"])], search_steps=search_steps,
-                    memory_budget_bytes=req["memory_budget_bytes"] or capacity)
+                    memory_budget_bytes=req["memory_budget_bytes"] or capacity, plan_seconds=time.time() - started)
     save(home, manifest)
     return manifest
 

@@ -38,7 +38,10 @@ def markdown(report: dict) -> str:
              f"- seeds: {', '.join(map(str, b['seeds'] or []))}; {b['data_order']}",
              f"- learning rate: each candidate's own, searched over {', '.join(f'{f:g}' for f in b['lr_factors'])} "
              f"x its suggested rate on {b['search_steps']} steps, picked by held-out loss",
-             f"- quality measure: {metric.replace('_', ' ')}", "",
+             f"- quality measure: {metric.replace('_', ' ')}",
+             f"- cost: {report['wall_seconds'] / 60:.1f} min in all, of which planning (a memory estimate per "
+             f"candidate) {(report.get('plan_seconds') or 0) / 60:.1f} min and the learning-rate search "
+             f"{report['lr_search']['wall_seconds'] / 60:.1f} min of job time", "",
              "## Recommendation", "", report["recommendation"], ""]
     if report["recommendations_by_memory"]:
         lines += ["At each point of the memory front:", ""] + [f"- {r}" for r in report["recommendations_by_memory"]]

@@ -182,6 +182,8 @@ def build_report(manifest: dict, rows: list[dict], home: Path | None = None) -> 
         "skipped": [{"candidate": c["key"], "reason": c["skipped"], "predicted_peak_bytes": c["predicted_peak_bytes"]}
                     for c in manifest["candidates"] if c["skipped"]],
         "lr_search": search_table(manifest, home),
+        # What the answer cost: planning (one memory estimate per candidate) and the whole bake-off so far.
+        "plan_seconds": manifest.get("plan_seconds"), "wall_seconds": time.time() - manifest["created_at"],
         "memory_note": ("runs shared one process (inline): peak memory is not per run"
                         if any(r.get("memory_kind") == "cpu_peak_rss" for r in rows) and manifest.get("inline")
                         else None),
