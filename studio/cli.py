@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_estimate_command(sub)
+    try:
+        from studio.bakeoff_cli import add_bakeoff_command
+    except ImportError:
+        pass
+    else:
+        add_bakeoff_command(sub)
     return p
 
 

@@ -1,4 +1,4 @@
-"""The studio page: six tabs over one studio home, the named API endpoints, and the
+"""The studio page: seven tabs over one studio home, the named API endpoints, and the
 scheduler that starts queued jobs.
 
 The UI process never trains, and never imports torch: model work (estimates, previews,
@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 
 from jobs.errors import StudioError
 from jobs.home import LOCK_FILE, STORE_FILE, uploads_dir
-from studio.ui import compare, datasets, export, jobs, playground, train
+from studio.ui import bakeoff, compare, datasets, export, jobs, playground, train
 from studio.ui.common import Studio, job_choices
 from studio.ui.guard import RequestGuard, slow_login
 
@@ -29,7 +29,8 @@ CSS = Path(__file__).resolve().parents[2] / "assets" / "studio.css"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 200.0  # a fine-tuning set of this size is already a long run on one GPU
 TABS = (("Datasets", "datasets", datasets), ("Train", "train", train), ("Jobs", "jobs", jobs),
-        ("Compare", "compare", compare), ("Playground", "playground", playground), ("Export", "export", export))
+        ("Compare", "compare", compare), ("Playground", "playground", playground), ("Export", "export", export),
+        ("Bake-off", "bakeoff", bakeoff))
 
 
 class SchedulerService:
@@ -126,6 +127,11 @@ def _wire(studio, demo, tabs, tab, parts, header, service) -> None:
             return gr.skip(), gr.skip()
         return gr.Tabs(selected="jobs"), gr.update(choices=job_choices(studio), value=str(job_id))
 
+    def bakeoff_choices(current):
+        options = bakeoff.choices(studio)
+        return gr.update(choices=options, value=current if current in {v for _, v in options} else None)
+
+    tab["bakeoff"].select(bakeoff_choices, parts["bakeoff"]["choice"], parts["bakeoff"]["choice"], **private)
     parts["train"]["launched"].change(follow, parts["train"]["launched"], [tabs, parts["jobs"]["choice"]], **private)
 
 
