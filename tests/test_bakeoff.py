@@ -274,13 +274,15 @@ def test_the_page_launches_a_bakeoff_whose_driver_and_jobs_run_elsewhere(tmp_pat
     import zipfile
 
     from conftest import toy_rows, write_jsonl
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
     from test_ui_api import running_studio
 
     with running_studio(tmp_path) as s:
         client = Client(s["url"], verbose=False)
+        # A web caller names datasets inside the home: upload first, then refer to it by name.
         data = write_jsonl(tmp_path / "toy.jsonl", toy_rows())
-        spec = make_spec(s["model"], data, Path("unused"))
+        name = client.predict(handle_file(str(data)), "toy", api_name="/upload_dataset")["name"]
+        spec = make_spec(s["model"], Path(name), Path("unused"))
         started = client.predict(spec, ["lora"], None, 2, None, 1, [1.0], api_name="/bakeoff_start")
         deadline = time.monotonic() + 240
         while (st := client.predict(started["id"], api_name="/bakeoff_status"))["status"] not in ("done", "failed"):

@@ -145,6 +145,11 @@ CASES = [
     ("NaN temperature", "/generate", lambda p: ["hi", [], True, "", 4, "nan"], "temperature must be"),
     ("include_base as text", "/generate", lambda p: ["hi", [], "false", "", 4, 0.0], "include_base must be"),
     ("compare a thousand runs", "/compare", lambda p: [list(range(1, 1001))], "choose at most"),
+    ("bake-off on a dataset outside", "/bakeoff_start", lambda p: [p.spec(dataset={"path": str(p.outside / "data.jsonl")}), ["lora"], None, 2, None, 1, [1.0]], "outside the folders"),
+    ("bake-off with remote code", "/bakeoff_start", lambda p: [p.spec(trust_remote_code=True), ["lora"], None, 2, None, 1, [1.0]], "--allow-remote-code"),
+    ("bake-off with a million seeds", "/bakeoff_start", lambda p: [p.spec(), ["lora"], None, 2, None, 10**6, [1.0]], "seeds must be"),
+    ("bake-off with a NaN rate factor", "/bakeoff_start", lambda p: [p.spec(), ["lora"], None, 2, None, 1, ["nan"]], "lr_factors must be"),
+    ("bake-off id by ..", "/bakeoff_status", lambda p: ["../runs"], "no bake-off"),
 ]
 
 

@@ -63,11 +63,10 @@ def start(studio: Studio, spec: Any, methods: Any = None, rules: Any = None, bud
                           "start from the spec shown when the tab opens.")
     # The base spec names files and flags like a launch does, so it is confined the same way
     # (validated in the model process, then checked against the server's policy).
-    spec = resolve_dataset(studio, spec)
-    given_dir = bool(spec.get("output_dir"))
-    resolved = studio.ask("validate", data={**spec, "output_dir": spec.get("output_dir") or PLACEHOLDER_DIR},
-                          where="base spec")
-    resolved = studio.policy.check_spec(resolved, output_dir_given=given_dir, where="base spec")
+    # Each candidate gets a run folder the studio picks, so the base spec's output_dir is not used.
+    spec = {k: v for k, v in resolve_dataset(studio, spec).items() if k != "output_dir"}
+    resolved = studio.ask("validate", data={**spec, "output_dir": PLACEHOLDER_DIR}, where="base spec")
+    resolved = studio.policy.check_spec(resolved, output_dir_given=False, where="base spec")
     factors = lr_factors or bakeoff.LR_FACTORS
     if not isinstance(factors, (list, tuple)) or len(factors) > MAX_LR_FACTORS:
         raise StudioError(f"lr_factors must be a list of at most {MAX_LR_FACTORS} numbers.", "lr_factors",
