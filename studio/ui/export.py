@@ -19,6 +19,7 @@ from gradio.data_classes import FileData
 
 from jobs.errors import StudioError
 from studio.datasets_store import slug
+from studio.ui import gguf
 from studio.ui.common import Studio, completed_run, describe_failure, for_api, job_choices, message_html
 
 KINDS = ("merged", "adapter")
@@ -110,6 +111,7 @@ def build(studio: Studio) -> dict:
     choice.change(on_choose, choice, [info, merged_btn], **private)
     merged_btn.click(on_export("merged"), choice, [note, download], **private)
     adapter_btn.click(on_export("adapter"), choice, [note, download], **private)
+    gguf.build(studio, choice, note, download)
     return {"choice": choice, "choices": lambda: job_choices(studio, completed_only=True)}
 
 
@@ -126,3 +128,4 @@ def register_api(studio: Studio) -> None:
 
     gr.api(export_merged, api_name="export_merged")
     gr.api(export_adapter, api_name="export_adapter")
+    gguf.register_api(studio)
