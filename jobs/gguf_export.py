@@ -67,8 +67,15 @@ def interleave_heads(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def encode_tensor(data: np.ndarray, gguf_type: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+# Tensors kept at 8 bits in a 4-bit file: the embedding (also the output layer when tied) and
+# the output layer decide every logit, and llama.cpp's quantizer likewise gives them more bits.
+KEEP_8BIT = ("token_embd.weight", "output.weight")
+
+
+def encode_tensor(data: np.ndarray, gguf_type: str, name: str = "") -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     qtype, _ = TYPES[gguf_type]
+    if qtype == gguf.GGMLQuantizationType.Q4_0 and name in KEEP_8BIT:
+        qtype = gguf.GGMLQuantizationType.Q8_0
     if data.ndim < 2:
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -116,7 +123,7 @@ def add_tensors(w: gguf.GGUFWriter, model, arch: gguf.MODEL_ARCH, gguf_type: str
         data = tensor.detach().float().cpu().numpy()
         if arch == gguf.MODEL_ARCH.LLAMA and name.endswith(("attn_q.weight", "attn_k.weight")):
             data = interleave_heads(data, heads if "attn_q" in name else (kv_heads or heads))
-        data, qtype = encode_tensor(data, gguf_type)
+        data, qtype = encode_tensor(data, gguf_type, name)
         w.add_tensor(name, data, raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
     return counts
@@ -200,10 +207,26 @@ def measure(merged, path: Path, probes: list[torch.Tensor]) -> dict:
             "top1_agreement": agree / max(total, 1)}
 
 
+def refuse_early(run_dir: Path) -> None:
+    """An unsupported family fails from the base model's config, before minutes of loading and merging."""
+    from transformers import AutoConfig
+
+    from jobs.inference import run_spec
+
+    spec = run_spec(run_dir)
+    src = models.resolve(spec.model)
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=spec.trust_remote_code, **src.kwargs())
+    except Exception:
+        return  # the full load below reports what is wrong with the model
+    architecture(config)
+
+
 def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> dict:
     run_dir, out = Path(run_dir), Path(out)
     check_target(out, gguf_type)
     mergeable_method(run_dir)
+    refuse_early(run_dir)
     result = merge_checked(run_dir)
     model, loaded = result.model, result.loaded
     arch = architecture(model.config)
