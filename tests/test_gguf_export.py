@@ -273,6 +273,7 @@ def probe_prompts(smollm_run) -> list[list[int]]:
 
 
 @pytest.mark.smollm
+@pytest.mark.timeout(1500)  # the first user of the shared run pays for training, merging and the export
 def test_bundled_model_f16_gguf_answers_like_the_merged_model(smollm_run):
     from jobs.inference import Loaded, generate_text
 

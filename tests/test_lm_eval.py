@@ -84,6 +84,7 @@ def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir
 
 
 @pytest.mark.smollm
+@pytest.mark.timeout(1500)  # pays for the shared SmolLM2 run when it is the first to use it
 def test_bundled_model_heldout_evaluation(smollm_lora_run, monkeypatch):
     from jobs.lm_eval_task import evaluate_run
 
