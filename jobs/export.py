@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -80,14 +81,26 @@ def probe_batches(loaded, n_rows: int = 4) -> list[torch.Tensor]:
         return [torch.tensor([tok(PROBE_TEXT)["input_ids"]])]
 
 
-def export_merged(run_dir: str | Path, out: str | Path) -> dict:
-    run_dir, out = Path(run_dir), Path(out)
-    spec = run_spec(run_dir)
-    method, _ = spec.method_config()
+@dataclass
+class MergedRun:
+    loaded: object                 # the run as loaded (tokenizer, spec, method)
+    model: torch.nn.Module         # the merged model
+    probes: list[torch.Tensor]     # token rows the merge was checked on
+    check: dict                    # merged-vs-unmerged logit difference
+
+
+def mergeable_method(run_dir: Path):
+    """The run's method, or CannotMerge with the method's reason: checked before anything is loaded."""
+    method, _ = run_spec(run_dir).method_config()
     if method.merge_blocker:
         raise CannotMerge(method.merge_blocker, f"{run_dir} (method {method.name})",
                           f"export the adapter instead: studio export {run_dir} --adapter OUT.")
-    check_out(out)
+    return method
+
+
+def merge_checked(run_dir: Path) -> MergedRun:
+    """Load a run, merge it and refuse when merging changed its logits: what every merged export starts from."""
+    method = mergeable_method(run_dir)
     loaded = load_run(run_dir)
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
@@ -97,13 +110,23 @@ def export_merged(run_dir: str | Path, out: str | Path) -> dict:
         raise RuntimeError(f"merged model still holds adapter modules: {leftovers[:3]}")
     check = compare_or_refuse(method, before, logits_of(merged, probes), run_dir, "merged and unmerged logits",
                               "export the adapter instead and report this run.")
+    # The merged model answers for the trained one: every merged format (safetensors, GGUF) is
+    # checked against the run's fingerprint before anything is written.
     trained = check_trained(method, merged, run_dir, "the merged model", loaded.check)
+    return MergedRun(loaded, merged, probes, {"method": method.name, **check, **trained})
+
+
+def export_merged(run_dir: str | Path, out: str | Path) -> dict:
+    run_dir, out = Path(run_dir), Path(out)
+    mergeable_method(run_dir)
+    check_out(out)
+    result = merge_checked(run_dir)
 
     def write(folder: Path) -> None:
-        merged.save_pretrained(folder, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(folder)
+        result.model.save_pretrained(folder, safe_serialization=True)
+        result.loaded.tokenizer.save_pretrained(folder)
     write_atomically(out, write)
-    return {"path": str(out), "method": method.name, **check, **trained}
+    return {"path": str(out), **result.check}
 
 
 def check_trained(method, model, run_dir: Path, what: str, reload: dict | None) -> dict:

@@ -74,6 +74,10 @@ class TrainingSpec(Section):
     node_rank: int = Field(0, ge=0, le=MAX_DEVICES - 1, description="This machine's index; node 0 hosts the rendezvous.")
     rdzv_endpoint: str | None = Field(
         None, max_length=261, pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$", description="host:port on node 0 that every node reaches; required when nnodes > 1.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, max_length=2, description="Experiment trackers to log to: tensorboard, mlflow (extra [trackers]).")
+    mlflow_tracking_uri: str | None = Field(
+        None, max_length=2048, description="MLflow server or store; empty: mlruns/ in the studio home.")
 
     @model_validator(mode="after")
     def _multi_node(self):

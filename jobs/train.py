@@ -37,6 +37,7 @@ from jobs.memory import peak_memory
 from jobs.runfolder import (RUNNER_FILES, append_metrics, read_run, replace_dir_atomic, truncate_metrics,
                             update_run)
 from jobs.spec import JobSpec, check_combination
+from jobs.trackers import NO_TRACKERS, Trackers
 
 StopFn = Callable[[], bool]
 ProgressFn = Callable[[dict], None]
@@ -156,6 +157,7 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
     data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
     continuing = check_run_folder(run_dir, spec, resume)
+    trackers = NO_TRACKERS
 
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,9 +166,13 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
                    data={"format": data.format, "train_rows": data.train_rows, "eval_rows": data.eval_rows},
                    world_size=world.size, device=str(device), dtype=str(dtype).removeprefix("torch."))
     try:
+        if world.main:  # a tracker that cannot start fails the job here, before the model loads
+            trackers = Trackers.start(spec, run_dir)
         result = _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
-                        continuing, stop, progress)
+                        continuing, stop, progress, trackers)
+        trackers.close(result.get("status", "completed"))
     except BaseException as e:
+        trackers.close("failed")
         if world.main:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             message = e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
@@ -178,7 +184,7 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
 
 
 def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
-           continuing, stop, progress) -> dict:
+           continuing, stop, progress, trackers=NO_TRACKERS) -> dict:
     t = spec.training
     # 2. Model, method, update rule. Frozen base weights may live in the compute dtype;
     # trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning keeps fp32 masters).
@@ -262,6 +268,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
             metrics = evaluate(model, tokenizer, data.eval, lambda ex: collate(ex, tokenizer.pad_token_id),
                                spec, device, autocast)
             append_metrics(run_dir, {"step": step, **metrics, "time": now()})
+            trackers.log({"step": step, **metrics})
         distributed.barrier()
         return metrics
 
@@ -306,6 +313,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
                       "trained_tokens_per_second": step_trained / max(elapsed, 1e-9),
                       "epoch": step * t.grad_accum / per_epoch, "time": now()}
             append_metrics(run_dir, record)
+            trackers.log(record)
             update_run(run_dir, step=step, metrics={"train_loss": loss, "train_seconds": train_seconds,
                                                     "steps": step})
             if progress:
@@ -334,6 +342,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
                    "trained_tokens_per_second": trained_seen / max(train_seconds, 1e-9),
                    "trainable_params": n_trainable, "total_params": n_total,
                    **{k: v for k, v in final.items() if k != "samples"}, **peak}
+        trackers.log({"step": step, **peak})
         if progress:
             progress({"event": "done", **metrics})
         return update_run(run_dir, status="completed", error=None, finished_at=now(), step=step, metrics=metrics,

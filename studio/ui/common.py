@@ -4,6 +4,7 @@ API error), never a traceback."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import logging
 import time
@@ -20,7 +21,7 @@ from jobs.home import studio_home
 from jobs.runfolder import RunFolder
 from jobs.store import Job, JobStore, Status
 from studio.catalog import Catalog, load_catalog
-from studio.datasets_store import DatasetStore
+from studio.datasets_store import DatasetStore, slug
 from studio.engine import EngineFailed, engine
 
 log = logging.getLogger("studio.ui")
@@ -205,6 +206,14 @@ def job_choices(studio: Studio, completed_only: bool = False) -> list[tuple[str,
 def log_tail(run_dir: str, limit: int | None = None) -> str:
     folder = RunFolder(run_dir)
     return folder.log_tail(limit) if limit else folder.log_tail()
+
+
+def archive_path(studio: Studio, job, kind: str) -> Path:
+    """Where an export of ``job`` is zipped: unique per job and run folder, so two jobs never share
+    an archive, and a retried job (a new run folder) or a store recreated in an old home never
+    reuses an old one."""
+    run = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:10]
+    return studio.exports / f"{slug(job.name)}-job{job.id}-{run}-{kind}.zip"
 
 
 def completed_run(studio: Studio, job_id: int | str) -> Job:

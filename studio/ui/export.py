@@ -18,22 +18,13 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from jobs.errors import StudioError
-from studio.datasets_store import slug
 from studio.engine import Progress, run_once
-from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
-                              progress_reporter)
+from studio.ui import gguf
+from studio.ui.common import (Studio, archive_path, completed_run, describe_failure, for_api, job_choices,
+                              message_html, progress_reporter)
 
 KINDS = ("merged", "adapter")
 _lock = threading.Lock()  # one export at a time: each loads a whole model (in its own process)
-
-
-def archive_path(studio: Studio, job, kind: str) -> Path:
-    """Unique per job and run folder: two jobs never share an archive, and a retried job
-    (a new run folder) or a store recreated in an old home never reuses an old one."""
-    import hashlib
-
-    run = hashlib.sha256(str(job.run_dir).encode()).hexdigest()[:10]
-    return studio.exports / f"{slug(job.name)}-job{job.id}-{run}-{kind}.zip"
 
 
 def export(studio: Studio, job_id: int | str, kind: str, progress: Progress | None = None) -> tuple[Path, dict]:
@@ -117,6 +108,7 @@ def build(studio: Studio) -> dict:
     choice.change(on_choose, choice, [info, merged_btn], **private)
     merged_btn.click(on_export("merged"), choice, [note, download], **private)
     adapter_btn.click(on_export("adapter"), choice, [note, download], **private)
+    gguf.build(studio, choice, note, download)
     return {"choice": choice, "choices": lambda: job_choices(studio, completed_only=True)}
 
 
@@ -133,3 +125,4 @@ def register_api(studio: Studio) -> None:
 
     gr.api(export_merged, api_name="export_merged")
     gr.api(export_adapter, api_name="export_adapter")
+    gguf.register_api(studio)

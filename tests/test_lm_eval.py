@@ -1,0 +1,94 @@
+"""`studio evaluate`: EleutherAI's lm-eval harness on a run's model, offline, with the run's held-out rows as a task."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import hide_package, make_spec
+from jobs.errors import StudioError
+from jobs.runfolder import read_run
+
+pytest.importorskip("lm_eval", reason="the [eval] extra is not installed: pip install -e '.[eval]'")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model):
+    from conftest import toy_rows, write_jsonl
+    from jobs.spec import parse_spec
+    from jobs.train import train
+
+    root = tmp_path_factory.mktemp("lm-eval")
+    data = write_jsonl(root / "toy.jsonl", toy_rows())
+    # 10 held-out rows, 4 of them scored by the studio's own exact match.
+    assert train(parse_spec(make_spec(tiny_model, data, root / "run", max_steps=2)))["status"] == "completed"
+    return root / "run"
+
+
+def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home):
+    from jobs.lm_eval_task import evaluate_run
+
+    result = evaluate_run(run_dir, ["heldout"], limit=4)
+    scores = result["scores"]["heldout"]
+    assert result["model_form"] == "merged" and scores["sample_len"] == 4
+    assert 0.0 <= scores["exact_match"] <= 1.0
+    report = json.loads((run_dir / "eval" / "lm_eval.json").read_text())
+    assert report["scores"] == result["scores"] and "heldout" in report["results"]
+    assert report["configs"]["heldout"]["output_type"] == "generate_until"
+    assert read_run(run_dir)["metrics"]["lm_eval"]["heldout"] == scores
+    assert not list(run_dir.glob(".lm-eval-*"))  # its work folder is gone
+
+
+def test_named_tasks_without_cached_data_are_refused_not_waited_for(run_dir, monkeypatch):
+    from jobs import models
+    from jobs.lm_eval_task import evaluate_run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+    with pytest.raises(StudioError, match="'arc_easy' is not in the local cache and the Hub is unreachable"):
+        evaluate_run(run_dir, ["heldout", "arc_easy"])
+    with pytest.raises(StudioError, match="no task named not_a_task"):
+        evaluate_run(run_dir, ["not_a_task"])
+
+
+def test_missing_harness_names_the_extra(run_dir, monkeypatch):
+    from jobs.lm_eval_task import evaluate_run
+
+    hide_package(monkeypatch, "lm_eval")
+    with pytest.raises(StudioError, match=r"\.\[eval\]"):
+        evaluate_run(run_dir, ["heldout"])
+
+
+def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir, tmp_path, monkeypatch):
+    """The Compare tab's Evaluate starts `studio evaluate` in another process; its table shows the scores."""
+    import sys
+
+    from jobs.store import Status
+    from studio.ui import child, compare
+    from studio.ui.common import Studio
+
+    studio = Studio.at(tmp_path / "home")
+    job = studio.jobs.submit(read_run(run_dir)["spec"], name="tiny", run_dir=str(run_dir))
+    studio.jobs.claim(job.id, "cpu")
+    studio.jobs.finish(job.id, Status.COMPLETED)
+    started = []
+    real_run = child.subprocess.run
+    monkeypatch.setattr(child.subprocess, "run", lambda cmd, **kw: started.append(cmd) or real_run(cmd, **kw))
+    result = compare.evaluate(studio, job.id, "heldout", limit=2)
+    assert started[0][:4] == [sys.executable, "-m", "studio.cli", "evaluate"]
+    assert result["scores"]["heldout"]["sample_len"] == 2
+    (row,) = compare.runs_table(compare.compare(studio, [job.id])["runs"])
+    assert row[compare.COLUMNS.index("Benchmarks (lm-eval)")].startswith("heldout exact_match ")
+    with pytest.raises(StudioError, match="no task named"):
+        compare.evaluate(studio, job.id, "not_a_task")
+
+
+@pytest.mark.smollm
+@pytest.mark.timeout(1500)  # pays for the shared SmolLM2 run when it is the first to use it
+def test_bundled_model_heldout_evaluation(smollm_lora_run, monkeypatch):
+    from jobs.lm_eval_task import evaluate_run
+
+    monkeypatch.setenv("STUDIO_HOME", str(smollm_lora_run["home"]))
+    result = evaluate_run(smollm_lora_run["run_dir"], ["heldout"], limit=2)
+    assert result["scores"]["heldout"]["sample_len"] == 2
+    assert 0.0 <= result["scores"]["heldout"]["exact_match"] <= 1.0
