@@ -7,6 +7,10 @@ import os
 import sys
 import time
 
+from studio.bakeoff_cli import add_bakeoff_command
+from studio.estimate_cli import add_estimate_command
+from studio.jobs_cli import add_jobs_commands
+
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,11 +45,29 @@ class ProgressBar:
 
 def cmd_train(args) -> int:
     from jobs.spec import load_spec
-    from jobs.train import train
 
     spec = load_spec(args.spec, args.set)
+    if args.argv is not None:
+        _restart_on_job_allocator(args.argv)
+    from jobs.train import train
+
     run = train(spec, resume=not args.no_resume, progress=None if args.quiet else ProgressBar())
     return _summary(spec.output_dir, run)
+
+
+def _restart_on_job_allocator(argv: list[str]) -> None:
+    """Run an inline fine-tune on the malloc a queued job gets (jobs/allocator.py): otherwise
+    `studio train` would peak higher and run slower on glibc than the same spec as a job, and
+    `studio estimate`, which predicts for the job's allocator, would be wrong for it.
+    The process replaces itself before torch is imported; nothing happens where the system
+    has no such library, with STUDIO_ALLOCATOR=system, or once it is preloaded."""
+    from jobs.allocator import preload_env
+
+    env = preload_env()
+    if env:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "studio.cli", *argv], {**os.environ, **env})
 
 
 def _summary(run_dir: str, run: dict) -> int:
@@ -156,24 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list methods and update rules with their parameters")
     m.set_defaults(func=cmd_methods)
 
-    try:
-        from studio.jobs_cli import add_jobs_commands
-    except ImportError:
-        pass
-    else:
-        add_jobs_commands(sub)
-    try:
-        from studio.estimate_cli import add_estimate_command
-    except ImportError:
-        pass
-    else:
-        add_estimate_command(sub)
-    try:
-        from studio.bakeoff_cli import add_bakeoff_command
-    except ImportError:
-        pass
-    else:
-        add_bakeoff_command(sub)
+    add_jobs_commands(sub)
+    add_estimate_command(sub)
+    add_bakeoff_command(sub)
     return p
 
 
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.errors import StudioError
 
     args = build_parser().parse_args(argv)
+    # Only a process started as the command may replace itself (never a caller of main()).
+    args.argv = sys.argv[1:] if argv is None else None
     _quiet_libraries()
     try:
         return args.func(args)

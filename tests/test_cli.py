@@ -71,3 +71,25 @@ def test_failed_run_exits_nonzero(tiny_model, toy_dataset, tmp_path, studio_home
     code = main(["train", str(spec), "--quiet"])
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert code == 2 and run["status"] == "failed" and "loss became" in run["error"]
+
+
+def test_an_inline_run_restarts_on_the_jobs_allocator(monkeypatch):
+    """`studio train` replaces itself with a process on the malloc queued jobs get, so its peak
+    is what `studio estimate` predicts; a caller of main() (argv given) is never replaced."""
+    import os
+    import sys
+
+    from jobs import allocator
+    from studio import cli
+
+    execs = []
+    monkeypatch.setattr(os, "execve", lambda exe, args, env: execs.append((exe, args, env)))
+    monkeypatch.setattr(allocator, "preload_env", lambda environ=None: {"LD_PRELOAD": "libtcmalloc_minimal.so.4"})
+    cli._restart_on_job_allocator(["train", "spec.yaml", "--set", "training.max_steps=2"])
+    assert execs == [(sys.executable, [sys.executable, "-m", "studio.cli", "train", "spec.yaml", "--set",
+                                       "training.max_steps=2"], {**os.environ, "LD_PRELOAD": "libtcmalloc_minimal.so.4"})]
+
+    monkeypatch.setattr(allocator, "preload_env", lambda environ=None: {})  # none, system, or already on it
+    cli._restart_on_job_allocator(["train", "spec.yaml"])
+    assert len(execs) == 1
+    assert cli.build_parser().parse_args(["train", "x.yaml"]).func is cli.cmd_train
