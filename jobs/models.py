@@ -162,7 +162,14 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
         drop_gguf_quantizer(model)
     if src.kind == "bundled":
         cache_converted(src, model, torch.float32)
-        model = model.to(dtype)
+        cached = resolve(src.ref)
+        if dtype != torch.float32 and cached.kind == "bundled-cache":
+            # Load as every later run and every reload will: `.to(dtype)` would also round the
+            # buffers that from_pretrained keeps in fp32 (the rotary frequencies), so the first
+            # bf16 run in a new home would train a model no reload can rebuild.
+            del model
+            return load_model(cached, dtype, trust_remote_code)
+        model = model.to(dtype)  # the cache could not be written: convert in memory
     if src.kind in ("bundled", "bundled-cache") and stored_dtype(src.path) != dtype:
         cache_converted(src, model, dtype)
     return model
