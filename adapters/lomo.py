@@ -21,8 +21,8 @@ from pydantic import Field
 
 from adapters.base import Context, DecayFn, LossFn, Params, decays_by_default
 from adapters.registry import UPDATE_RULES
-from jobs.errors import StudioError
-from jobs.memory import HeapReturner
+from adapters.core.errors import StudioError
+from adapters.core.memory import HeapReturner
 
 # update(name, param, gradient, lr): change ``param`` in place; the gradient is already
 # unscaled and clipped, and is the caller's to overwrite.

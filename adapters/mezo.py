@@ -24,7 +24,7 @@ from pydantic import Field
 from adapters.base import Context, LossFn, Params
 from adapters.lomo import RngReplay
 from adapters.registry import UPDATE_RULES
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 # Elements of noise drawn at once: 4 MB in fp32, whatever the size of the largest tensor
 # (SmolLM2's embedding would otherwise need 113 MB of noise beside it).

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from adapters.base import Context, Params
-from jobs.errors import CannotMerge, StudioError
+from adapters.core.errors import CannotMerge, StudioError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from pydantic import Field
 from torch import nn
 
 from adapters.base import Context, Params
-from adapters.quant.export import save_quantized
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
 from adapters.quant.targets import check_groups, find_linears, set_module
@@ -74,9 +73,6 @@ class PeqaMethod:
 
     def to_quantized(self, model: nn.Module) -> nn.Module:
         return model  # already the quantized model, with its tuned scales
-
-    def save_quantized(self, model: nn.Module, folder: Path, tokenizer) -> dict:
-        return save_quantized(model, folder, tokenizer, self.name)
 
 
 METHODS.register(PeqaMethod())

@@ -28,7 +28,7 @@ from adapters.quant import nf4
 from adapters.quant.saved import has_saved_layers, restore_bnb_layers, save_bnb_layers
 from adapters.quant.targets import find_linears, set_module
 from adapters.registry import METHODS
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

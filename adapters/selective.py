@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from adapters._blocks import find_blocks
 from adapters.base import Context, Params
 from adapters.registry import METHODS
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 WEIGHTS_FILE = "selected.safetensors"
 CONFIG_FILE = "selected.json"

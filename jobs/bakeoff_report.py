@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import read_run, write_json_atomic
 from jobs.store import JobStore
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.rows import FORMAT_FIELDS, Row, detect_format, read_rows
 from jobs.spec import DatasetSpec
 

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from jobs.data import encode, read_rows
-from jobs.errors import CannotMerge, StudioError
+from adapters.core.errors import CannotMerge, StudioError
+from adapters.quant.export import save_quantized
 from jobs import fingerprint
 from jobs.inference import load_run, run_spec
 from jobs.runfolder import replace_dir_atomic
@@ -129,7 +130,8 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
 
 def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
     """The run's quantized model (integer codes + scales + zeros), for methods whose result is one:
-    those with ``to_quantized(model)`` and ``save_quantized(model, folder, tokenizer)``."""
+    those declaring ``to_quantized(model)``. The folder's format is the integer grid's own
+    (``adapters.quant.export``); the method only turns its trained model into grid layers."""
     run_dir, out = Path(run_dir), Path(out)
     method, _ = run_spec(run_dir).method_config()
     if not hasattr(method, "to_quantized"):
@@ -148,5 +150,5 @@ def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
                               "export the dequantized model (--merged) or the adapter instead, and report this run.")
     trained = check_trained(method, quantized, run_dir, "the quantized model", loaded.check)
     written: dict = {}
-    write_atomically(out, lambda folder: written.update(method.save_quantized(quantized, folder, loaded.tokenizer)))
+    write_atomically(out, lambda folder: written.update(save_quantized(quantized, folder, loaded.tokenizer, method.name)))
     return {"path": str(out), "method": method.name, **check, **trained, **written}

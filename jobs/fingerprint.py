@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 META, LOGITS = "fingerprint.json", "fingerprint.safetensors"
 PROBE_ROWS = 4       # rows of the run's data (held-out rows first)

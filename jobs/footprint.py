@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.models import frozen_base_dtype
 from jobs.spec import JobSpec
 

@@ -13,7 +13,7 @@ import torch
 
 from adapters.base import Context
 from jobs import fingerprint, models
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import read_run
 from jobs.spec import JobSpec, parse_spec
 

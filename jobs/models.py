@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 
 # Hub ids that a pip package ships offline, as (package, file inside it).

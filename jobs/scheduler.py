@@ -29,7 +29,7 @@ from typing import Callable
 import psutil
 
 from jobs.confine import Policy, check_devices
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import ENV_VAR, lock_path, studio_home
 from jobs.store import Job, JobStore, Status
 from jobs.worker import execute, heartbeat_age, spawn

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text")

@@ -30,7 +30,7 @@ import torch
 from adapters.base import Context, decay_rule
 from jobs import checkpoint, distributed, fingerprint, fused, memory, models
 from jobs.data import collate, plan_batches, prepare
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.evaluate import evaluate
 from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory

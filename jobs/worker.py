@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 
 from jobs.allocator import preload_env, running_on
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import AUTH_ENV, ENV_VAR
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder
 from jobs.store import Job, JobStore, Status

@@ -17,7 +17,7 @@ from adapters import METHODS, UPDATE_RULES
 from adapters.base import Context
 from jobs import models
 from jobs.data import collate, encode
-from jobs.errors import CannotMerge
+from adapters.core.errors import CannotMerge
 from jobs.loss import token_loss_sum
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows

@@ -16,7 +16,7 @@ from adapters.quant.export import load_quantized, save_quantized
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import held_bytes
 from jobs import models
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows
 

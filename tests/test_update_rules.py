@@ -12,7 +12,7 @@ import torch
 from adapters import METHODS, UPDATE_RULES
 from adapters.base import Context
 from adapters.mezo import seeded_noise
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import check_combination, parse_spec
@@ -106,7 +106,7 @@ def test_lomo_never_holds_the_gradients_of_the_model(batch):
 
 
 def test_lomo_hands_freed_gradient_memory_back_every_so_many_bytes(batch):
-    from jobs.memory import HeapReturner
+    from adapters.core.memory import HeapReturner
 
     model = tiny_llama()
     lomo, _ = stepper_for("lomo", model, lr=0.1)

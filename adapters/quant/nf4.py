@@ -125,7 +125,7 @@ def returner(linears: list[tuple[str, nn.Module]]):
     Without it glibc keeps them, and applying QLoRA or LoftQ to SmolLM2 peaked 0.1-0.3 GB
     higher from one run to the next (the peak of a quantizing method on the CPU is this loop).
     """
-    from jobs.memory import HeapReturner
+    from adapters.core.memory import HeapReturner
 
     device = linear_weight(linears[0][1]).device if linears else torch.device("meta")
     return HeapReturner(device, every=64 * 2**20)

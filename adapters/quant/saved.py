@@ -19,7 +19,7 @@ from torch import nn
 from adapters.quant import nf4
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import outermost, set_module
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 TENSORS = "quantized_layers.safetensors"
 INDEX = "quantized_layers.json"

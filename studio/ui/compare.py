@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import RunFolder
 from studio.ui.common import Studio, describe_failure, fmt_bytes, fmt_num, fmt_seconds, for_api, message_html, parse_ids
 from studio.ui.charts import loss_chart

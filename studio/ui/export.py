@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.data_classes import FileData
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from studio.datasets_store import slug
 from studio.engine import Progress, run_once
 from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
