@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, field_validator
 
 from adapters._blocks import ATTENTION_NAMES, MLP_NAMES, child_named, require_blocks
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
 from adapters.core.errors import CannotMerge, StudioError
 
@@ -103,7 +103,7 @@ def _hidden_size(model: torch.nn.Module) -> int:
 
 
 @dataclass(frozen=True)
-class BottleneckMethod:
+class BottleneckMethod(Method):
     name: str
     summary: str
     Config: type[Params]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
 
 
@@ -16,7 +16,7 @@ class FullParams(Params):
 
 
 @dataclass(frozen=True)
-class FullMethod:
+class FullMethod(Method):
     name: str = "full"
     summary: str = "Every weight trains; nothing to merge."
     Config: type[Params] = FullParams

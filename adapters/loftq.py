@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.lora import lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.qlora import Nf4Params, compute_dtype, merge_dequantized
@@ -94,13 +94,16 @@ def lora_scaling(cfg: LoftqParams) -> float:
 
 
 @dataclass(frozen=True)
-class LoftqMethod:
+class LoftqMethod(Method):
     name: str = "loftq"
     summary: str = "QLoRA with a base and adapter initialised together to match the full-precision weights."
     Config: type[Params] = LoftqParams
     merge_tolerance: float = 1e-4  # as QLoRA: the same dequantized weights on both sides
     merge_blocker: str | None = None
     suggested_lr: float = 2e-4
+    # Its initialisation needs an SVD of real weights; QLoRA holds the same tensors on the meta device.
+    memory_twin: str | None = "qlora"
+    merged_away: tuple[str, ...] = ("lora_", "base_layer")
     lora: PeftMethod = field(default_factory=lambda: PeftMethod(
         name="loftq", summary="", Config=LoftqParams, to_peft_config=lora_peft_config))
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params
+from adapters.base import Context, LossFn, Params, RuleMemory, UpdateRule
 from adapters.lomo import RngReplay
 from adapters.registry import UPDATE_RULES
 from adapters.core.errors import StudioError
@@ -126,10 +126,12 @@ class MezoStepper:
 
 
 @dataclass(frozen=True)
-class MezoRule:
+class MezoRule(UpdateRule):
     name: str = "mezo"
     summary: str = "Zeroth-order SGD from two forward passes (MeZO): inference memory, no gradients, no state."
     Config: type[Params] = MezoParams
+    # No gradients and no state: only one slice of regenerated fp32 noise at a time.
+    memory: RuleMemory = RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, 4 * NOISE_SLICE))
 
     def check(self, cfg: Params, spec: Any) -> None:
         t = spec.training

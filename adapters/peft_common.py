@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 import torch
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.core.errors import CannotMerge, StudioError
 
 
 @dataclass(frozen=True)
-class PeftMethod:
+class PeftMethod(Method):
     name: str
     summary: str
     Config: type[Params]
@@ -25,6 +25,8 @@ class PeftMethod:
     suggested_lr: float = 2e-4
     merge_blocker: str | None = None
     checks: tuple[Callable[[Params, Any], None], ...] = ()
+    # peft's layer names that only the unmerged model has (merge_and_unload removes them).
+    merged_away: tuple[str, ...] = ()
     # Initialisation peft cannot do on its own (e.g. from our tokenizer), run after wrapping.
     after_apply: Callable[[torch.nn.Module, Params, Context], None] | None = None
 

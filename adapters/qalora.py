@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.lora import LoraParams
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
@@ -77,7 +77,7 @@ def merge_into_grids(model: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class QaloraMethod:
+class QaloraMethod(Method):
     name: str = "qalora"
     summary: str = "LoRA on group-pooled inputs over an integer-grid base; merges into the quantized model."
     Config: type[Params] = QaloraParams

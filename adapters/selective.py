@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from adapters._blocks import find_blocks
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
 from adapters.core.errors import StudioError
 
@@ -146,7 +146,7 @@ def _nothing_message(cfg: SelectiveParams, names: list[str], blocks) -> str:
 
 
 @dataclass(frozen=True)
-class SelectiveMethod:
+class SelectiveMethod(Method):
     name: str = "selective"
     summary: str = "Train only chosen tensors of the base (by name, kind or block); merging is trivial."
     Config: type[Params] = SelectiveParams

@@ -93,7 +93,7 @@ def export_merged(run_dir: str | Path, out: str | Path) -> dict:
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
     merged = method.merge(loaded.model)
-    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n or "ia3_" in n or "base_layer" in n]
+    leftovers = [n for n, _ in merged.named_modules() if any(part in n for part in method.merged_away)]
     if leftovers:
         raise RuntimeError(f"merged model still holds adapter modules: {leftovers[:3]}")
     check = compare_or_refuse(method, before, logits_of(merged, probes), run_dir, "merged and unmerged logits",
@@ -134,10 +134,10 @@ def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
     (``adapters.quant.export``); the method only turns its trained model into grid layers."""
     run_dir, out = Path(run_dir), Path(out)
     method, _ = run_spec(run_dir).method_config()
-    if not hasattr(method, "to_quantized"):
+    if method.to_quantized is None:
         from adapters import METHODS
 
-        able = [name for name, m in METHODS.items() if hasattr(m, "to_quantized")]
+        able = [name for name, m in METHODS.items() if m.to_quantized is not None]
         raise StudioError(f"method {method.name} has no quantized form to export.", f"{run_dir} (method {method.name})",
                           f"use --merged or --adapter instead; quantized export exists for: {', '.join(able)}.")
     check_out(out)

@@ -24,9 +24,6 @@ from jobs.spec import JobSpec
 PROBE_BLOCKS = 2
 # Small enough to build in milliseconds; the vocabulary only sizes embeddings, not activations.
 PROBE_VOCAB = 1024
-# Methods that cannot be applied on the meta device (their initialisation needs real numbers,
-# e.g. an SVD), and a method holding the same tensors. A method may name its own as ``memory_twin``.
-STAND_INS = {"loftq": "qlora"}
 
 
 def _text(config):
@@ -146,7 +143,7 @@ def _forget_meta_caches() -> None:
 def _stand_in(method, mcfg):
     from adapters import METHODS
 
-    name = getattr(method, "memory_twin", None) or STAND_INS.get(method.name)
+    name = method.memory_twin  # a method that cannot be applied on the meta device names one that can
     if not name:
         return None
     twin = METHODS.get(name)

@@ -105,7 +105,7 @@ def frozen_base_dtype(method, dtype: torch.dtype) -> torch.dtype:
     """The dtype a run loads its base in: the compute dtype, so frozen weights take half the memory
     in bf16, unless the method trains the base itself and keeps fp32 masters (``base_dtype``).
     Reloading a run uses the same dtype, so its frozen weights are exactly those that trained."""
-    if getattr(method, "base_dtype", None) == "fp32":
+    if method.base_dtype == "fp32":
         return torch.float32
     return dtype
 
