@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from adapters.core import compat
 from adapters.base import Context, Method, Params
 from adapters.lora import lora_peft_config
 from adapters.peft_common import PeftMethod
@@ -126,7 +127,7 @@ class LoftqMethod(Method):
                 base = nf4.quantize(linear_weight(module), cfg.quant_type, cfg.double_quant)
             set_module(model, name, nf4.linear4bit(base, module.bias, dtype, is_conv1d(module)))
             heap.freed(4 * linear_weight(module).numel())
-        model.is_loaded_in_4bit = True
+        compat.mark_quantized_base(model, 4)
         wrapped = self.lora.apply(model, cfg, ctx)
         inner = wrapped.get_base_model()
         with torch.no_grad():

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from adapters.core import compat
 from adapters.base import Context, Method, Params
 from adapters.core.errors import CannotMerge, StudioError
 
@@ -72,11 +73,7 @@ def keep_input_dtype(model: torch.nn.Module) -> None:
     on SmolLM2 in bf16 on the CPU, 7% of the step time and 120 MB of peak memory. The
     adapter weights stay fp32; autocast decides the matmul dtype, as for the base layers.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+    compat.keep_peft_input_dtype(model)
 
 
 def no_gradient_checkpointing(reason: str) -> Callable[[Params, Any], None]:

@@ -9,7 +9,6 @@ first batch is the longest of the run: batches are grouped by length and the lon
 from __future__ import annotations
 
 import copy
-import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from adapters.core import compat
 from adapters.core.errors import StudioError
 from jobs.models import frozen_base_dtype
 from jobs.spec import JobSpec
@@ -127,17 +127,7 @@ def _apply(method, mcfg, model, spec: JobSpec, device: torch.device, dtype: torc
         return twin[0].apply(model, twin[1], ctx)
     finally:
         if device.type == "meta":
-            _forget_meta_caches()
-
-
-def _forget_meta_caches() -> None:
-    """bitsandbytes caches its code book on the device of the first tensor it quantizes: one
-    made on the meta device would break every later real quantization in this process."""
-    functional = sys.modules.get("bitsandbytes.functional")
-    cache = getattr(functional, "name2qmap", None)
-    if isinstance(cache, dict):
-        for key in [k for k, v in cache.items() if getattr(v, "is_meta", False)]:
-            del cache[key]
+            compat.forget_meta_code_books()  # bitsandbytes cached a meta-device code book
 
 
 def _stand_in(method, mcfg):

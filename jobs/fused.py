@@ -21,11 +21,12 @@ instead, recomputed in backward from what the function keeps anyway.
 from __future__ import annotations
 
 import contextlib
-import types
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from adapters.core import compat
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -248,8 +249,7 @@ def cpu_autocast_below_fp32() -> bool:
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The model's SDPA attention, except while training on short rows under CPU autocast."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = compat.sdpa_attention()
     t = query.shape[2]
     lean = (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)) and query.device.type == "cpu"
             and cpu_autocast_below_fp32() and t <= SHORT_ROWS and key.shape[2] == t and dropout == 0.0
@@ -271,17 +271,11 @@ ATTENTION = "studio_sdpa"
 
 def _install_attention(model: torch.nn.Module) -> int:
     """Route ``model``'s SDPA attention through ``_attention``; how many models were switched."""
-    from transformers import AttentionInterface, PreTrainedModel
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    compat.register_attention(ATTENTION, _attention, mask_like="sdpa")
     switched = 0
     for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(module, PreTrainedModel) and getattr(config, "_attn_implementation", None) == "sdpa" \
-                and module._can_set_attn_implementation():
-            config._attn_implementation_internal = ATTENTION
+        if compat.attention_of(module) == "sdpa" and compat.can_switch_attention(module):
+            compat.set_attention(module, ATTENTION)
             switched += 1
     return switched
 
@@ -312,9 +306,9 @@ def install(model: torch.nn.Module) -> dict[str, int]:
     counts = {"rms_norm": 0, "swiglu": 0, "attention": _install_attention(model)}
     for module in model.modules():
         if _is_rms_norm(module):
-            module.forward = types.MethodType(_norm_forward, module)
+            compat.replace_forward(module, _norm_forward)
             counts["rms_norm"] += 1
         elif _is_swiglu(module):
-            module.forward = types.MethodType(_mlp_forward, module)
+            compat.replace_forward(module, _mlp_forward)
             counts["swiglu"] += 1
     return counts

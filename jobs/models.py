@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.core import compat
 from adapters.core.errors import StudioError
 from jobs.home import studio_home
 
@@ -159,30 +160,13 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     except OSError as e:
         raise _load_error(src, e) from None
     if src.gguf_file:
-        drop_gguf_quantizer(model)
+        compat.drop_gguf_quantizer(model)
     if src.kind == "bundled":
         cache_converted(src, model, torch.float32)
         model = model.to(dtype)
     if src.kind in ("bundled", "bundled-cache") and stored_dtype(src.path) != dtype:
         cache_converted(src, model, dtype)
     return model
-
-
-def drop_gguf_quantizer(model) -> None:
-    """Make a model loaded from a GGUF file an ordinary one.
-
-    transformers dequantizes GGUF weights to plain tensors (without its optional GGUF kernels)
-    but leaves the model marked as quantized, and then refuses to save it: the first full
-    fine-tune of the bundled model trained all its steps and failed at the end. The weights
-    are ordinary tensors, so the quantizer's own clean-up makes the model ordinary too.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    if not all(p.is_floating_point() for p in model.parameters()):
-        model.dequantize()  # weights still in GGUF blocks (transformers' GGUF kernels installed)
-    else:
-        quantizer.remove_quantization_config(model)
 
 
 def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:
