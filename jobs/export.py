@@ -23,7 +23,7 @@ from adapters.core.errors import CannotMerge, StudioError
 from adapters.quant.export import save_quantized
 from jobs import fingerprint
 from jobs.inference import load_run, run_spec
-from jobs.runfolder import replace_dir_atomic
+from jobs.runfolder import RunFolder, replace_dir_atomic
 
 PROBE_TEXT = "The studio checks that merging changed nothing: one, two, three, four, five."
 
@@ -124,7 +124,7 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
     spec = run_spec(run_dir)
     check_out(out)
     loaded = load_run(run_dir)  # refuses (nothing written) when base + adapter is not what trained
-    write_atomically(out, lambda folder: shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True))
+    write_atomically(out, lambda folder: shutil.copytree(RunFolder(run_dir).adapter_dir, folder, dirs_exist_ok=True))
     return {"path": str(out), "method": spec.method_name, **loaded.check}
 
 

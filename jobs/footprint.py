@@ -8,6 +8,7 @@ first batch is the longest of the run: batches are grouped by length and the lon
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, field
@@ -219,8 +220,9 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
-    if spec.training.lean_activations:
-        fused.install(model)  # as the training loop does
+    saved = fused.SavedOutputs() if spec.training.lean_activations else None  # as the training loop does
+    if saved is not None:
+        fused.install(model, saved)
     model.train()
     blocks = find_blocks(model)
     where = ["outside"]
@@ -238,11 +240,11 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
             seen.append((weakref.ref(t), where[0]))
             return t
 
-        # The loss sees what the model keeps through fused.observe_saved (its own hooks are innermost).
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused.observe_saved(pack), \
+        # The loss sees what the model keeps through saved.observing (its own hooks are innermost).
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), (saved.observing(pack) if saved else contextlib.nullcontext()), \
                 _Shapes(shapes):
             loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
-                                     spec.training.loss_chunk_tokens)
+                                     spec.training.loss_chunk_tokens, saved)
             # Only what is still alive when the forward ends: a side computation whose graph was
             # dropped (e.g. a detached weight norm) has already given its memory back.
             alive: dict[int, tuple] = {}

@@ -18,6 +18,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from adapters.core.errors import StudioError
+from jobs.runfolder import RunFolder
 from studio.datasets_store import slug
 from studio.engine import Progress, run_once
 from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
@@ -45,7 +46,7 @@ def export(studio: Studio, job_id: int | str, kind: str, progress: Progress | No
         raise StudioError(f"unknown export kind {kind!r}.", "kind", f"use one of: {', '.join(KINDS)}.")
     job = completed_run(studio, job_id)
     target = archive_path(studio, job, kind)
-    run_json = Path(job.run_dir) / "run.json"
+    run_json = RunFolder(job.run_dir).run_file
     with _lock:
         if target.is_file() and target.stat().st_mtime >= run_json.stat().st_mtime:
             with zipfile.ZipFile(target) as z:
