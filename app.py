@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
 
     args = build_parser().parse_args(argv)
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")

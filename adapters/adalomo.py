@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, DecayFn, Params, decays_by_default
+from adapters.base import Context, DecayFn, Params, RuleMemory, UpdateRule, decays_by_default, numel
 from adapters.lomo import FusedStepper, decay, reject_accumulation_and_devices
 from adapters.registry import UPDATE_RULES
 
@@ -115,11 +115,19 @@ class AdaLomoStepper(FusedStepper):
         self.state.load_state_dict(state["adalomo"], {n: p.device for n, p in self.params})
 
 
+def _factored_bytes(shapes) -> int:
+    """A mean per row and per column of every matrix, the whole square for vectors (fp32)."""
+    return sum(4 * (numel(s[:-1]) + numel(s[:-2] + s[-1:])) if len(s) >= 2 else 4 * numel(s) for s in shapes)
+
+
 @dataclass(frozen=True)
-class AdaLomoRule:
+class AdaLomoRule(UpdateRule):
     name: str = "adalomo"
     summary: str = "LOMO with factored adaptive step sizes (AdaLomo): Adam-like results at LOMO's memory."
     Config: type[Params] = AdaLomoParams
+    # One gradient at a time. It is squared too, then the update is built in the gradient's own
+    # storage (the square is freed first): one temporary, as LOMO.
+    memory: RuleMemory = RuleMemory("one", lambda shapes, cfg: _factored_bytes(shapes), lambda largest: largest)
 
     def check(self, cfg: Params, spec: Any) -> None:
         reject_accumulation_and_devices(self.name, spec)

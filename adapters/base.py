@@ -1,10 +1,14 @@
 """The two contracts every fine-tuning method and every update rule fulfil.
 
-They are ``Protocol``s, not base classes: a method is any object with these
-attributes, usually a small frozen dataclass instance built in its own module.
+They are ``Protocol``s: a method is a small frozen dataclass built in its own module that
+subclasses ``Method`` explicitly, which gives it the defaults of everything it need not declare
+(its base dtype policy, estimator stand-in, merge leftovers, quantized form, decay rule); an
+update rule likewise subclasses ``UpdateRule`` (its memory traits). The contract tests
+(tests/test_methods.py, tests/test_update_rules.py) check every registered one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
@@ -29,8 +33,8 @@ DecayFn = Callable[[str, torch.Tensor], bool]
 
 
 def decay_rule(method: Any) -> DecayFn:
-    """The method's own declaration of which trained tensors decay (``decays``), else the default."""
-    return getattr(method, "decays", decays_by_default)
+    """The method's own declaration of which trained tensors decay (``Method.decays``)."""
+    return method.decays
 
 
 @dataclass
@@ -51,6 +55,11 @@ class Context:
 
 
 class Method(Protocol):
+    """A fine-tuning method. Implementations subclass this Protocol explicitly to inherit the
+    defaults below, and override a default only to declare something of their own: what a
+    method is (how its base loads, what the estimator builds for it, what its merge removes,
+    whether it has a quantized form) is said here, in the method's file, not by name elsewhere."""
+
     name: str
     summary: str
     Config: type[Params]
@@ -60,12 +69,28 @@ class Method(Protocol):
     merge_blocker: str | None
     # A good AdamW peak learning rate on a real model (the UI's default for this method).
     suggested_lr: float
-    # Optional: ``decays(name, param) -> bool``, which trained tensors weight decay applies to
-    # (decays_by_default when absent: matrices only, never biases or norms). A method whose
-    # trained matrices are not weights (quantization scales) declares its own.
-    # Optional: ``fingerprint_tolerance``, the largest logit difference (per unit of the largest
-    # logit) between a reload or export and the trained model; the merge tolerance when absent
-    # (jobs/fingerprint.py).
+
+    # The dtype its base loads in: "compute" (frozen weights in the run's dtype, half the memory
+    # in bf16) or "fp32" (the method trains the base itself and keeps fp32 masters).
+    base_dtype: str = "compute"
+    # The method the memory estimator builds on the meta device instead of this one, when this
+    # one cannot be applied there (its initialisation needs real numbers, e.g. an SVD) and the
+    # other holds the same tensors; None: this method itself.
+    memory_twin: str | None = None
+    # Fragments of module names that only the unmerged model has (peft's ``lora_``, ``base_layer``):
+    # a merged model still holding one is a broken merge and is not exported.
+    merged_away: tuple[str, ...] = ()
+    # The largest logit difference (per unit of the largest logit) allowed between a reload or
+    # export and the trained model; None: the merge tolerance (jobs/fingerprint.py).
+    fingerprint_tolerance: float | None = None
+    # ``to_quantized(model) -> model`` whose quantized layers are integer grids (adapters/quant),
+    # exported by ``studio export --quantized``; None: the method has no quantized form.
+    to_quantized: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+
+    def decays(self, name: str, param: torch.Tensor) -> bool:
+        """Which trained tensors weight decay applies to: matrices only, never biases or norms. A
+        method whose trained matrices are not weights (quantization scales) declares its own."""
+        return decays_by_default(name, param)
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations with the rest of the spec that make no sense."""
@@ -83,6 +108,24 @@ class Method(Protocol):
         """Return a plain transformers model with the result folded in (raise CannotMerge)."""
 
 
+@dataclass(frozen=True)
+class RuleMemory:
+    """What an update rule holds beside the weights, for the memory estimator (jobs/estimate.py)."""
+
+    gradients: str                                  # "all": one per trained value; "one": a tensor at a time; "none"
+    state_bytes: Callable[[list[tuple[int, ...]], Any], int]   # (trained shapes, rule config) -> bytes
+    temporaries: Callable[[int], int]               # bytes alive during an update, from the largest tensor's bytes
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def moments_bytes(per_value: int) -> Callable[[list[tuple[int, ...]], Any], int]:
+    """State of ``per_value`` bytes for every trained value (AdamW's two fp32 moments: 8)."""
+    return lambda shapes, cfg: per_value * sum(map(numel, shapes))
+
+
 # loss_fn(micro_batch) -> scalar loss already scaled so that summing over the step's
 # micro-batches gives the per-token mean over the whole (global) batch.
 LossFn = Callable[[dict], torch.Tensor]
@@ -98,9 +141,14 @@ class Stepper(Protocol):
 
 
 class UpdateRule(Protocol):
+    """An update rule; implementations subclass this Protocol explicitly to inherit its defaults."""
+
     name: str
     summary: str
     Config: type[Params]
+    # Gradients held, optimizer state and temporaries, for the estimator; None: counted like
+    # AdamW, and the estimate says so.
+    memory: RuleMemory | None = None
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations that make no sense (e.g. MeZO + accumulation)."""

@@ -21,9 +21,9 @@ import torch
 from pydantic import Field, field_validator
 
 from adapters._blocks import ATTENTION_NAMES, MLP_NAMES, child_named, require_blocks
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
-from jobs.errors import CannotMerge, StudioError
+from adapters.core.errors import CannotMerge, StudioError
 
 ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU, "tanh": torch.nn.Tanh}
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
@@ -103,7 +103,7 @@ def _hidden_size(model: torch.nn.Module) -> int:
 
 
 @dataclass(frozen=True)
-class BottleneckMethod:
+class BottleneckMethod(Method):
     name: str
     summary: str
     Config: type[Params]

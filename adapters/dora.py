@@ -15,4 +15,5 @@ METHODS.register(PeftMethod(
     summary="LoRA on the weight direction plus a trained magnitude vector; merges exactly.",
     Config=DoraParams,
     to_peft_config=lambda cfg: lora_peft_config(cfg, use_dora=True),
+    merged_away=("lora_", "base_layer"),
 ))

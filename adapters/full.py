@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from adapters.base import Context, Params
+from adapters.core import compat
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
 
 
@@ -16,7 +17,7 @@ class FullParams(Params):
 
 
 @dataclass(frozen=True)
-class FullMethod:
+class FullMethod(Method):
     name: str = "full"
     summary: str = "Every weight trains; nothing to merge."
     Config: type[Params] = FullParams
@@ -44,7 +45,7 @@ class FullMethod:
             state.update(load_file(str(f)))
         missing, unexpected = base.load_state_dict(state, strict=False)
         # Tied output weights are saved once; anything else missing is a broken folder.
-        missing = [k for k in missing if k not in _tied_keys(base)]
+        missing = [k for k in missing if k not in compat.tied_weight_keys(base)]
         if missing or unexpected:
             raise RuntimeError(f"{adapter_dir}: weights do not match the base model "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -52,11 +53,6 @@ class FullMethod:
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    keys = getattr(model, "_tied_weights_keys", None) or []
-    return set(keys if isinstance(keys, (list, tuple, set)) else keys.keys())
 
 
 METHODS.register(FullMethod())

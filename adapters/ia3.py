@@ -28,4 +28,5 @@ METHODS.register(PeftMethod(
     Config=Ia3Params,
     to_peft_config=ia3_peft_config,
     suggested_lr=3e-3,
+    merged_away=("ia3_", "base_layer"),
 ))

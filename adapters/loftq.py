@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from adapters.base import Context, Params
+from adapters.core import compat
+from adapters.base import Context, Method, Params
 from adapters.lora import lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.qlora import Nf4Params, compute_dtype, merge_dequantized
@@ -94,13 +95,16 @@ def lora_scaling(cfg: LoftqParams) -> float:
 
 
 @dataclass(frozen=True)
-class LoftqMethod:
+class LoftqMethod(Method):
     name: str = "loftq"
     summary: str = "QLoRA with a base and adapter initialised together to match the full-precision weights."
     Config: type[Params] = LoftqParams
     merge_tolerance: float = 1e-4  # as QLoRA: the same dequantized weights on both sides
     merge_blocker: str | None = None
     suggested_lr: float = 2e-4
+    # Its initialisation needs an SVD of real weights; QLoRA holds the same tensors on the meta device.
+    memory_twin: str | None = "qlora"
+    merged_away: tuple[str, ...] = ("lora_", "base_layer")
     lora: PeftMethod = field(default_factory=lambda: PeftMethod(
         name="loftq", summary="", Config=LoftqParams, to_peft_config=lora_peft_config))
 
@@ -123,7 +127,7 @@ class LoftqMethod:
                 base = nf4.quantize(linear_weight(module), cfg.quant_type, cfg.double_quant)
             set_module(model, name, nf4.linear4bit(base, module.bias, dtype, is_conv1d(module)))
             heap.freed(4 * linear_weight(module).numel())
-        model.is_loaded_in_4bit = True
+        compat.mark_quantized_base(model, 4)
         wrapped = self.lora.apply(model, cfg, ctx)
         inner = wrapped.get_base_model()
         with torch.no_grad():

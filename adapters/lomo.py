@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, DecayFn, LossFn, Params, decays_by_default
+from adapters.base import Context, DecayFn, LossFn, Params, RuleMemory, UpdateRule, decays_by_default
 from adapters.registry import UPDATE_RULES
-from jobs.errors import StudioError
-from jobs.memory import HeapReturner
+from adapters.core.errors import StudioError
+from adapters.core.memory import HeapReturner
 
 # update(name, param, gradient, lr): change ``param`` in place; the gradient is already
 # unscaled and clipped, and is the caller's to overwrite.
@@ -185,10 +185,12 @@ def sgd_update(weight_decay: float, decays: DecayFn = decays_by_default) -> Upda
 
 
 @dataclass(frozen=True)
-class LomoRule:
+class LomoRule(UpdateRule):
     name: str = "lomo"
     summary: str = "SGD fused into backward: no gradients held, no optimizer state (LOMO)."
     Config: type[Params] = LomoParams
+    # One gradient at a time, no state; squaring it for the clipping norm makes one temporary.
+    memory: RuleMemory = RuleMemory("one", lambda shapes, cfg: 0, lambda largest: largest)
 
     def check(self, cfg: Params, spec: Any) -> None:
         reject_accumulation_and_devices(self.name, spec)

@@ -29,4 +29,5 @@ METHODS.register(PeftMethod(
     summary="Low-rank update beside each linear layer; merges exactly.",
     Config=LoraParams,
     to_peft_config=lora_peft_config,
+    merged_away=("lora_", "base_layer"),
 ))

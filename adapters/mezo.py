@@ -21,10 +21,10 @@ from typing import Any, Iterable, Iterator
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params
+from adapters.base import Context, LossFn, Params, RuleMemory, UpdateRule
 from adapters.lomo import RngReplay
 from adapters.registry import UPDATE_RULES
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 # Elements of noise drawn at once: 4 MB in fp32, whatever the size of the largest tensor
 # (SmolLM2's embedding would otherwise need 113 MB of noise beside it).
@@ -126,10 +126,12 @@ class MezoStepper:
 
 
 @dataclass(frozen=True)
-class MezoRule:
+class MezoRule(UpdateRule):
     name: str = "mezo"
     summary: str = "Zeroth-order SGD from two forward passes (MeZO): inference memory, no gradients, no state."
     Config: type[Params] = MezoParams
+    # No gradients and no state: only one slice of regenerated fp32 noise at a time.
+    memory: RuleMemory = RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, 4 * NOISE_SLICE))
 
     def check(self, cfg: Params, spec: Any) -> None:
         t = spec.training

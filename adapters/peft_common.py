@@ -11,12 +11,13 @@ from typing import Any, Callable
 
 import torch
 
-from adapters.base import Context, Params
-from jobs.errors import CannotMerge, StudioError
+from adapters.core import compat
+from adapters.base import Context, Method, Params
+from adapters.core.errors import CannotMerge, StudioError
 
 
 @dataclass(frozen=True)
-class PeftMethod:
+class PeftMethod(Method):
     name: str
     summary: str
     Config: type[Params]
@@ -25,6 +26,8 @@ class PeftMethod:
     suggested_lr: float = 2e-4
     merge_blocker: str | None = None
     checks: tuple[Callable[[Params, Any], None], ...] = ()
+    # peft's layer names that only the unmerged model has (merge_and_unload removes them).
+    merged_away: tuple[str, ...] = ()
     # Initialisation peft cannot do on its own (e.g. from our tokenizer), run after wrapping.
     after_apply: Callable[[torch.nn.Module, Params, Context], None] | None = None
 
@@ -70,11 +73,7 @@ def keep_input_dtype(model: torch.nn.Module) -> None:
     on SmolLM2 in bf16 on the CPU, 7% of the step time and 120 MB of peak memory. The
     adapter weights stay fp32; autocast decides the matmul dtype, as for the base layers.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+    compat.keep_peft_input_dtype(model)
 
 
 def no_gradient_checkpointing(reason: str) -> Callable[[Params, Any], None]:

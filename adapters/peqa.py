@@ -16,8 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Context, Params
-from adapters.quant.export import save_quantized
+from adapters.base import Context, Method, Params
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
 from adapters.quant.targets import check_groups, find_linears, set_module
@@ -35,7 +34,7 @@ class PeqaParams(Params):
 
 
 @dataclass(frozen=True)
-class PeqaMethod:
+class PeqaMethod(Method):
     name: str = "peqa"
     summary: str = "Low-bit integer base whose per-channel scales alone train; the result stays quantized."
     Config: type[Params] = PeqaParams
@@ -74,9 +73,6 @@ class PeqaMethod:
 
     def to_quantized(self, model: nn.Module) -> nn.Module:
         return model  # already the quantized model, with its tuned scales
-
-    def save_quantized(self, model: nn.Module, folder: Path, tokenizer) -> dict:
-        return save_quantized(model, folder, tokenizer, self.name)
 
 
 METHODS.register(PeqaMethod())

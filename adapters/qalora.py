@@ -21,9 +21,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.lora import LoraParams
-from adapters.quant.export import save_quantized
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
 from adapters.quant.targets import check_groups, find_linears, outermost, set_module
@@ -78,7 +77,7 @@ def merge_into_grids(model: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class QaloraMethod:
+class QaloraMethod(Method):
     name: str = "qalora"
     summary: str = "LoRA on group-pooled inputs over an integer-grid base; merges into the quantized model."
     Config: type[Params] = QaloraParams
@@ -112,9 +111,6 @@ class QaloraMethod:
 
     def to_quantized(self, model: nn.Module) -> nn.Module:
         return merge_into_grids(model)
-
-    def save_quantized(self, model: nn.Module, folder: Path, tokenizer) -> dict:
-        return save_quantized(model, folder, tokenizer, self.name)
 
 
 METHODS.register(QaloraMethod())

@@ -21,14 +21,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.lora import LoraParams, lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.quant import nf4
 from adapters.quant.saved import has_saved_layers, restore_bnb_layers, save_bnb_layers
 from adapters.quant.targets import find_linears, set_module
 from adapters.registry import METHODS
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,7 +71,7 @@ def merge_dequantized(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @dataclass(frozen=True)
-class QloraMethod:
+class QloraMethod(Method):
     name: str = "qlora"
     summary: str = "LoRA on a frozen 4-bit NF4 (or 8-bit) base; merges into the dequantized base."
     Config: type[Params] = QloraParams
@@ -80,6 +80,7 @@ class QloraMethod:
     merge_tolerance: float = 1e-4
     merge_blocker: str | None = None
     suggested_lr: float = 2e-4  # QLoRA paper's rate for small models
+    merged_away: tuple[str, ...] = ("lora_", "base_layer")
     lora: PeftMethod = field(default_factory=lambda: PeftMethod(
         name="qlora", summary="", Config=QloraParams, to_peft_config=lora_peft_config))
 

@@ -1,16 +1,46 @@
 """Name -> implementation tables for fine-tuning methods and update rules.
 
 A method or update rule registers itself from its own module (``register(obj)`` at
-import time); ``adapters/__init__.py`` imports every module once so the tables are
-full. Adding a method is adding one module and one import line.
+import time). The first lookup in either table imports every module of ``adapters`` once,
+so the tables are full without an import list, and importing ``adapters`` itself (as the
+torch-free web process does for ``adapters.core``) loads no method.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import threading
 from typing import Any, Generic, TypeVar
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 T = TypeVar("T")
+
+# Modules that register nothing: the tables themselves, the contracts, the bottom package.
+_INFRASTRUCTURE = {"registry", "base", "core"}
+_lock = threading.RLock()
+_populated = False
+
+
+def _import_all() -> None:
+    """Import every method and update-rule module once (thread-safe: two handler threads of a
+    model process may look up a method at the same moment)."""
+    global _populated
+    with _lock:
+        if _populated:
+            return
+        _populated = True  # set first: a module that looks something up while importing must not recurse
+        import adapters
+
+        try:
+            for info in pkgutil.walk_packages(adapters.__path__, prefix="adapters."):
+                parts = info.name.split(".")[1:]
+                if any(p.startswith("_") or p in _INFRASTRUCTURE for p in parts):
+                    continue
+                importlib.import_module(info.name)
+        except BaseException:
+            _populated = False  # the next lookup raises the same import error instead of a half table
+            raise
 
 
 class Registry(Generic[T]):
@@ -26,6 +56,7 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str, where: str | None = None) -> T:
+        _import_all()
         try:
             return self._items[name]
         except KeyError:
@@ -36,12 +67,15 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        _import_all()
         return sorted(self._items)
 
     def __contains__(self, name: Any) -> bool:
+        _import_all()
         return name in self._items
 
     def items(self):
+        _import_all()
         return sorted(self._items.items())
 
 

@@ -21,9 +21,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from adapters._blocks import find_blocks
-from adapters.base import Context, Params
+from adapters.base import Context, Method, Params
 from adapters.registry import METHODS
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 WEIGHTS_FILE = "selected.safetensors"
 CONFIG_FILE = "selected.json"
@@ -146,7 +146,7 @@ def _nothing_message(cfg: SelectiveParams, names: list[str], blocks) -> str:
 
 
 @dataclass(frozen=True)
-class SelectiveMethod:
+class SelectiveMethod(Method):
     name: str = "selective"
     summary: str = "Train only chosen tensors of the base (by name, kind or block); merging is trivial."
     Config: type[Params] = SelectiveParams

@@ -5,13 +5,15 @@ step itself (accumulation, data-parallel gradient sum, clipping) is shared.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 from pydantic import Field
 
-from adapters.base import Context, DecayFn, LossFn, Params, decays_by_default
+from adapters.base import (Context, DecayFn, LossFn, Params, RuleMemory, UpdateRule, decays_by_default,
+                           moments_bytes, numel)
 from adapters.registry import UPDATE_RULES
 
 
@@ -68,11 +70,12 @@ class GradientStepper:
 
 
 @dataclass(frozen=True)
-class TorchOptimizerRule:
+class TorchOptimizerRule(UpdateRule):
     name: str
     summary: str
     Config: type[Params]
     make: Callable[[list[dict], Any], torch.optim.Optimizer]
+    memory: RuleMemory | None = None
 
     def check(self, cfg: Params, spec: Any) -> None:
         pass
@@ -100,13 +103,26 @@ def _bnb(kind: str):
     return make
 
 
+def _eight_bit(shapes, cfg) -> int:
+    # bitsandbytes: two uint8 moments and an fp32 absmax per 256 values; tensors under 4096 values stay fp32.
+    return sum(2 * numel(s) + 8 * math.ceil(numel(s) / 256) if numel(s) >= 4096 else 8 * numel(s)
+               for s in shapes)
+
+
+# Every rule here holds every gradient. AdamW's step divides by sqrt(v) into a new tensor, one
+# parameter at a time; bitsandbytes dequantizes both moments of one tensor.
+_ADAMW_MEMORY = RuleMemory("all", moments_bytes(8), lambda largest: largest)
+_SGD_MEMORY = RuleMemory("all", lambda shapes, cfg: moments_bytes(4)(shapes, cfg) if cfg.momentum else 0,
+                         lambda largest: 0)
+_EIGHT_BIT_MEMORY = RuleMemory("all", _eight_bit, lambda largest: 2 * largest)
+
 UPDATE_RULES.register(TorchOptimizerRule(
-    "adamw", "AdamW (torch): two fp32 moments per trained weight.", AdamWParams, _adamw))
+    "adamw", "AdamW (torch): two fp32 moments per trained weight.", AdamWParams, _adamw, _ADAMW_MEMORY))
 UPDATE_RULES.register(TorchOptimizerRule(
-    "sgd", "Plain SGD (with optional momentum): no state without momentum.", SgdParams, _sgd))
+    "sgd", "Plain SGD (with optional momentum): no state without momentum.", SgdParams, _sgd, _SGD_MEMORY))
 UPDATE_RULES.register(TorchOptimizerRule(
     "adamw_8bit", "AdamW with block-wise 8-bit moments (bitsandbytes): a quarter of AdamW's state.",
-    AdamWParams, _bnb("adamw_8bit")))
+    AdamWParams, _bnb("adamw_8bit"), _EIGHT_BIT_MEMORY))
 UPDATE_RULES.register(TorchOptimizerRule(
     "paged_adamw_8bit", "8-bit AdamW whose state pages out to CPU memory under GPU pressure (bitsandbytes).",
-    AdamWParams, _bnb("paged_adamw_8bit")))
+    AdamWParams, _bnb("paged_adamw_8bit"), _EIGHT_BIT_MEMORY))

@@ -127,7 +127,7 @@ def last_error(log: Path) -> str:
     """The exception line of a worker's traceback (or its last line)."""
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line) or line.startswith("jobs.errors."):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line) or line.startswith("adapters.core.errors."):
             return line[:400]
     return (lines[-1] if lines else "worker exited without output")[:400]
 

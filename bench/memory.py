@@ -81,7 +81,7 @@ def measure(name: str, kind: str, spec: dict, predict) -> dict:
 
 def run(full: bool = False) -> dict:
     from adapters import METHODS, UPDATE_RULES
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
     from jobs.estimate import estimate, estimate_inference
     from jobs.spec import check_combination, parse_spec
 

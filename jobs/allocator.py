@@ -17,7 +17,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 # Libraries a training process may run on instead of glibc's malloc, best first.
 ALLOCATORS = ("tcmalloc_minimal", "tcmalloc", "jemalloc")

@@ -26,7 +26,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import read_run, write_json_atomic
 from jobs.store import JobStore

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from jobs.bakeoff import candidate_spec, choose_rates, folder, load, plan, save
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import ENV_VAR, studio_home
 from jobs.store import FINISHED, RESUMABLE, JobStore, Status
 

@@ -12,8 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
-from jobs.errors import StudioError
-from jobs.runfolder import read_run, write_json_atomic
+from adapters.core.errors import StudioError
+from jobs.runfolder import RunFolder, read_run, write_json_atomic
 from jobs.store import JobStore
 
 # Per-run fields copied from run.json's metrics (names as the training loop writes them).
@@ -52,7 +52,7 @@ def collect(home: Path, manifest: dict) -> list[dict]:
         metrics = run.get("metrics") or {}
         row.update(run_dir=job.run_dir, status=job.status.value, error=job.error,
                    **{k: metrics.get(k) for k in RUN_METRICS},
-                   adapter_bytes=dir_bytes(Path(job.run_dir) / "adapter"))
+                   adapter_bytes=dir_bytes(RunFolder(job.run_dir).adapter_dir))
         rows.append(row)
     return rows
 

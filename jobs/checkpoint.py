@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from jobs.runfolder import RunFolder
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "MANIFEST.json"
@@ -30,12 +32,12 @@ def _sha256(path: Path) -> str:
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    return RunFolder(run_dir).checkpoints_dir / f"step-{step:08d}"
 
 
 def save(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict, state: dict,
          keep: int = 2) -> Path:
-    root = Path(run_dir) / "checkpoints"
+    root = RunFolder(run_dir).checkpoints_dir
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=root))
     try:
@@ -70,7 +72,7 @@ def is_valid(ckpt: Path) -> bool:
 
 
 def all_steps(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = RunFolder(run_dir).checkpoints_dir
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
@@ -95,6 +97,6 @@ def prune(run_dir: Path, keep: int) -> None:
     valid = [c for c in all_steps(run_dir)]
     for old in valid[keep:]:
         shutil.rmtree(old, ignore_errors=True)
-    root = Path(run_dir) / "checkpoints"
+    root = RunFolder(run_dir).checkpoints_dir
     for stale in root.glob(".step-*"):  # temporary folders left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import datasets_dir, models_dir, uploads_dir
 from jobs.spec import DEFAULT_MODEL
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.rows import FORMAT_FIELDS, Row, detect_format, read_rows
 from jobs.spec import DatasetSpec
 
@@ -93,11 +93,25 @@ def _render(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, list[tuple
     return full, spans, True
 
 
+def plain_prompt(instruction: str, input: str | None = None) -> str:
+    """An instruction as a model without a chat template sees it, up to where its answer starts."""
+    return (PLAIN_INSTRUCTION.format(instruction=instruction) + (PLAIN_INPUT.format(input=input) if input else "")
+            + PLAIN_RESPONSE)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A user's prompt in the playground, as training presented an instruction: through the chat
+    template when the model has one, else the plain template above; ends where the answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(plain_prompt(prompt))["input_ids"]
+
+
 def _render_plain(row: dict, fmt: str, msgs: list[dict], eos: str) -> tuple[str, list[tuple[int, int]], bool]:
     if fmt == "instruction":
-        parts = [(PLAIN_INSTRUCTION.format(instruction=row["instruction"])
-                  + (PLAIN_INPUT.format(input=row["input"]) if row.get("input") else "") + PLAIN_RESPONSE, False),
-                 (row["output"], True), (eos, False)]
+        parts = [(plain_prompt(row["instruction"], row.get("input")), False), (row["output"], True), (eos, False)]
     elif fmt == "prompt_completion":
         parts = [(row["prompt"], False), (row["completion"], True), (eos, False)]
     else:

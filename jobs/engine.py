@@ -26,7 +26,7 @@ IDLE_SECONDS = 300.0  # a playground model costs its size in RAM; five quiet min
 
 
 def describe_error(e: BaseException) -> dict:
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
 
     if isinstance(e, StudioError):
         return {"studio": True, "what": e.what, "where": e.where, "fix": e.fix}

@@ -15,13 +15,11 @@ process's peak resident memory on the CPU.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from adapters.base import RuleMemory, numel
 from jobs import models
 from jobs.allocator import preload_env
 from jobs.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
@@ -44,54 +42,16 @@ PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
 # constants come out at 0 (every error within 11%). jemalloc is taken to behave like tcmalloc.
 CPU_SLACK = {"glibc": (0.45, 0.4), "preloaded": (0.0, 0.0)}
 LOGIT_COPIES = 2               # one loss chunk's logits and their fp32 softmax, which becomes their gradient
-NOISE_SLICE_BYTES = 4 << 20    # MeZO regenerates its noise a slice at a time (adapters/mezo.py)
-
-
-@dataclass(frozen=True)
-class RuleMemory:
-    """What an update rule holds beside the weights. A rule may declare its own as ``rule.memory``."""
-
-    gradients: str                                  # "all": one per trained value; "one": a tensor at a time; "none"
-    state_bytes: Callable[[list[tuple[int, ...]], object], int]   # (trained shapes, rule config) -> bytes
-    temporaries: Callable[[int], int]               # bytes alive during an update, from the largest tensor's bytes
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def _eight_bit(shapes, cfg) -> int:
-    # bitsandbytes: two uint8 moments and an fp32 absmax per 256 values; tensors under 4096 values stay fp32.
-    return sum(2 * _numel(s) + 8 * math.ceil(_numel(s) / 256) if _numel(s) >= 4096 else 8 * _numel(s)
-               for s in shapes)
-
-
-def _factored(shapes, cfg) -> int:
-    # AdaLomo: a mean per row and per column of every matrix, the whole square for vectors.
-    return sum(4 * (_numel(s[:-1]) + _numel(s[:-2] + s[-1:])) if len(s) >= 2 else 4 * _numel(s) for s in shapes)
-
-
-RULES = {
-    # AdamW's step divides by sqrt(v) into a new tensor, one parameter at a time.
-    "adamw": RuleMemory("all", lambda shapes, cfg: 8 * sum(map(_numel, shapes)), lambda largest: largest),
-    "sgd": RuleMemory("all", lambda shapes, cfg: 4 * sum(map(_numel, shapes)) if cfg.momentum else 0,
-                      lambda largest: 0),
-    "adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
-    "paged_adamw_8bit": RuleMemory("all", _eight_bit, lambda largest: 2 * largest),
-    # LOMO squares each gradient for the clipping norm. AdaLomo squares it too, then builds the
-    # update in the gradient's own storage (the square is freed first): one temporary as well.
-    "lomo": RuleMemory("one", lambda shapes, cfg: 0, lambda largest: largest),
-    "adalomo": RuleMemory("one", _factored, lambda largest: largest),
-    "mezo": RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, NOISE_SLICE_BYTES)),
-}
 
 
 def rule_memory(rule, notes: list[str]) -> RuleMemory:
-    declared = getattr(rule, "memory", None) or RULES.get(rule.name)
-    if declared is None:
+    """The rule's own declaration (``UpdateRule.memory``); AdamW's, said in the notes, when it has none."""
+    if rule.memory is None:
+        from adapters import UPDATE_RULES
+
         notes.append(f"update rule {rule.name!r} declares no memory use: counted like AdamW.")
-        return RULES["adamw"]
-    return declared
+        return UPDATE_RULES.get("adamw").memory
+    return rule.memory
 
 
 def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) -> dict:
@@ -111,7 +71,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     counts = count(config, spec, method, mcfg, dtype)
     memory = rule_memory(rule, notes)
     act_bytes = torch.finfo(dtype).bits // 8
-    largest = max((_numel(s) for s in counts.trainable), default=0) * 4
+    largest = max((numel(s) for s in counts.trainable), default=0) * 4
     backward = memory.gradients != "none"
 
     if backward:
@@ -184,7 +144,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                                  for k, v in phases.items()},
             "batch": {"rows": batch.rows, "length": batch.length, "trained_positions": batch.trained,
                       "source": batch.source},
-            "trainable_params": sum(map(_numel, counts.trainable)), "method": method.name, "optimizer": rule.name,
+            "trainable_params": sum(map(numel, counts.trainable)), "method": method.name, "optimizer": rule.name,
             "details": {"process": process, "allocator_slack": slack, "activations_batch_sized": activations - fixed,
                         "activations_fixed": fixed, "weights_rebuilt_per_forward": expanded},
             "assumptions": notes}
@@ -232,7 +192,7 @@ def describe(spec: JobSpec, device: str, dtype: torch.dtype, src, batch: Batch, 
               else "GPU: the allocator's peak (tensors only; the CUDA context is not counted)."),
              f"first batch: {batch.rows} rows x {batch.length} tokens, {batch.trained} trained positions "
              f"({'from the dataset' if batch.source == 'dataset' else 'assumed: every row max_seq_len long'}).",
-             f"{method} trains {sum(map(_numel, counts.trainable)):,} values in {len(counts.trainable)} tensors; "
+             f"{method} trains {sum(map(numel, counts.trainable)):,} values in {len(counts.trainable)} tensors; "
              f"{rule} updates them."]
     if mapped:
         notes.append("the base is memory-mapped from its safetensors file: every weight page the run reads "

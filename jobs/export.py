@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 
 from jobs.data import encode, read_rows
-from jobs.errors import CannotMerge, StudioError
+from adapters.core.errors import CannotMerge, StudioError
+from adapters.quant.export import save_quantized
 from jobs import fingerprint
 from jobs.inference import load_run, run_spec
-from jobs.runfolder import replace_dir_atomic
+from jobs.runfolder import RunFolder, replace_dir_atomic
 
 PROBE_TEXT = "The studio checks that merging changed nothing: one, two, three, four, five."
 
@@ -105,7 +106,7 @@ def merge_checked(run_dir: Path) -> MergedRun:
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
     merged = method.merge(loaded.model)
-    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n or "ia3_" in n or "base_layer" in n]
+    leftovers = [n for n, _ in merged.named_modules() if any(part in n for part in method.merged_away)]
     if leftovers:
         raise RuntimeError(f"merged model still holds adapter modules: {leftovers[:3]}")
     check = compare_or_refuse(method, before, logits_of(merged, probes), run_dir, "merged and unmerged logits",
@@ -146,19 +147,20 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
     spec = run_spec(run_dir)
     check_out(out)
     loaded = load_run(run_dir)  # refuses (nothing written) when base + adapter is not what trained
-    write_atomically(out, lambda folder: shutil.copytree(run_dir / "adapter", folder, dirs_exist_ok=True))
+    write_atomically(out, lambda folder: shutil.copytree(RunFolder(run_dir).adapter_dir, folder, dirs_exist_ok=True))
     return {"path": str(out), "method": spec.method_name, **loaded.check}
 
 
 def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
     """The run's quantized model (integer codes + scales + zeros), for methods whose result is one:
-    those with ``to_quantized(model)`` and ``save_quantized(model, folder, tokenizer)``."""
+    those declaring ``to_quantized(model)``. The folder's format is the integer grid's own
+    (``adapters.quant.export``); the method only turns its trained model into grid layers."""
     run_dir, out = Path(run_dir), Path(out)
     method, _ = run_spec(run_dir).method_config()
-    if not hasattr(method, "to_quantized"):
+    if method.to_quantized is None:
         from adapters import METHODS
 
-        able = [name for name, m in METHODS.items() if hasattr(m, "to_quantized")]
+        able = [name for name, m in METHODS.items() if m.to_quantized is not None]
         raise StudioError(f"method {method.name} has no quantized form to export.", f"{run_dir} (method {method.name})",
                           f"use --merged or --adapter instead; quantized export exists for: {', '.join(able)}.")
     check_out(out)
@@ -171,5 +173,5 @@ def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
                               "export the dequantized model (--merged) or the adapter instead, and report this run.")
     trained = check_trained(method, quantized, run_dir, "the quantized model", loaded.check)
     written: dict = {}
-    write_atomically(out, lambda folder: written.update(method.save_quantized(quantized, folder, loaded.tokenizer)))
+    write_atomically(out, lambda folder: written.update(save_quantized(quantized, folder, loaded.tokenizer, method.name)))
     return {"path": str(out), "method": method.name, **check, **trained, **written}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 META, LOGITS = "fingerprint.json", "fingerprint.safetensors"
 PROBE_ROWS = 4       # rows of the run's data (held-out rows first)
@@ -47,7 +47,8 @@ class Fingerprint:
 def tolerance(method) -> float:
     """The method's declared ``fingerprint_tolerance`` (per unit of the largest logit), else its merge
     tolerance: a merged export is compared with the fingerprint too, so merging's rounding must pass."""
-    return max(float(getattr(method, "fingerprint_tolerance", method.merge_tolerance)), FLOOR)
+    declared = method.fingerprint_tolerance
+    return max(float(method.merge_tolerance if declared is None else declared), FLOOR)
 
 
 def trained_positions(labels: list[int], k: int = POSITIONS) -> list[int]:

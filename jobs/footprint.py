@@ -8,8 +8,8 @@ first batch is the longest of the run: batches are grouped by length and the lon
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -17,16 +17,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from jobs.errors import StudioError
+from adapters.core import compat
+from adapters.core.errors import StudioError
 from jobs.models import frozen_base_dtype
 from jobs.spec import JobSpec
 
 PROBE_BLOCKS = 2
 # Small enough to build in milliseconds; the vocabulary only sizes embeddings, not activations.
 PROBE_VOCAB = 1024
-# Methods that cannot be applied on the meta device (their initialisation needs real numbers,
-# e.g. an SVD), and a method holding the same tensors. A method may name its own as ``memory_twin``.
-STAND_INS = {"loftq": "qlora"}
 
 
 def _text(config):
@@ -130,23 +128,13 @@ def _apply(method, mcfg, model, spec: JobSpec, device: torch.device, dtype: torc
         return twin[0].apply(model, twin[1], ctx)
     finally:
         if device.type == "meta":
-            _forget_meta_caches()
-
-
-def _forget_meta_caches() -> None:
-    """bitsandbytes caches its code book on the device of the first tensor it quantizes: one
-    made on the meta device would break every later real quantization in this process."""
-    functional = sys.modules.get("bitsandbytes.functional")
-    cache = getattr(functional, "name2qmap", None)
-    if isinstance(cache, dict):
-        for key in [k for k, v in cache.items() if getattr(v, "is_meta", False)]:
-            del cache[key]
+            compat.forget_meta_code_books()  # bitsandbytes cached a meta-device code book
 
 
 def _stand_in(method, mcfg):
     from adapters import METHODS
 
-    name = getattr(method, "memory_twin", None) or STAND_INS.get(method.name)
+    name = method.memory_twin  # a method that cannot be applied on the meta device names one that can
     if not name:
         return None
     twin = METHODS.get(name)
@@ -232,8 +220,9 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
-    if spec.training.lean_activations:
-        fused.install(model)  # as the training loop does
+    saved = fused.SavedOutputs() if spec.training.lean_activations else None  # as the training loop does
+    if saved is not None:
+        fused.install(model, saved)
     model.train()
     blocks = find_blocks(model)
     where = ["outside"]
@@ -251,11 +240,11 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
             seen.append((weakref.ref(t), where[0]))
             return t
 
-        # The loss sees what the model keeps through fused.observe_saved (its own hooks are innermost).
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused.observe_saved(pack), \
+        # The loss sees what the model keeps through saved.observing (its own hooks are innermost).
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), (saved.observing(pack) if saved else contextlib.nullcontext()), \
                 _Shapes(shapes):
             loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
-                                     spec.training.loss_chunk_tokens)
+                                     spec.training.loss_chunk_tokens, saved)
             # Only what is still alive when the forward ends: a side computation whose graph was
             # dropped (e.g. a detached weight norm) has already given its memory back.
             alive: dict[int, tuple] = {}

@@ -8,24 +8,27 @@ The autograd functions here save only their inputs (and one fp32 scale per token
 recompute the rest in backward, which costs little next to the matmuls and runs fewer
 elementwise passes in forward.
 
-``install(model)`` replaces the ``forward`` of the modules it recognises on that instance
+``install(model, saved)`` replaces the ``forward`` of the modules it recognises on that instance
 only; saved models and exports are untouched. A norm is replaced only after its own output
 on a probe input matched ours, so a variant with other maths (Gemma's ``1 + weight``) keeps
 its own forward. It also routes the model's SDPA attention through ``_attention``, which
 trains short rows on the CPU under bf16 autocast with a leaner attention of ours.
 
-``rebuild_saved_outputs()``, active while the loss's forward runs, lets a later layer that
+``SavedOutputs.rebuilding()``, active while the loss's forward runs, lets a later layer that
 saves one of these functions' outputs (a LoRA adapter keeps its input) hold a recipe
-instead, recomputed in backward from what the function keeps anyway.
+instead, recomputed in backward from what the function keeps anyway. That state is an
+object the caller makes and passes to ``install`` and to the loss, not module globals.
 """
 from __future__ import annotations
 
 import contextlib
-import types
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from adapters.core import compat
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -84,25 +87,15 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, saved: SavedOutputs | None = None) -> torch.Tensor:
     rstd = _rstd(x, eps)
-    return _rebuildable(_RMSNorm.apply(x, weight, rstd), _normed, (x, weight, rstd))
+    out = _RMSNorm.apply(x, weight, rstd)
+    return saved.rebuildable(out, _normed, (x, weight, rstd)) if saved is not None else out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _rebuildable(_SiluMul.apply(gate, up), _silu_mul, (gate, up))
-
-
-# Outputs of the functions above that the next layer may save for its own backward, by data
-# pointer, while ``rebuild_saved_outputs`` is active: (weak ref to the output, its version,
-# how to recompute it from what the function itself keeps).
-_rebuild: dict[int, tuple] | None = None
-
-
-def _rebuildable(out: torch.Tensor, fn, args: tuple) -> torch.Tensor:
-    if _rebuild is not None and out.requires_grad and out.is_contiguous():
-        _rebuild[out.data_ptr()] = (weakref.ref(out), out._version, _Rebuilt(fn, args))
-    return out
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, saved: SavedOutputs | None = None) -> torch.Tensor:
+    out = _SiluMul.apply(gate, up)
+    return saved.rebuildable(out, _silu_mul, (gate, up)) if saved is not None else out
 
 
 class _Rebuilt:
@@ -133,60 +126,76 @@ class _View:
         return self.rebuilt.take().as_strided(size, stride, offset)
 
 
-def _pack(t: torch.Tensor):
-    entry = _rebuild.get(t.data_ptr()) if _rebuild is not None else None
-    if entry is not None:
-        ref, version, rebuilt = entry
-        out = ref()
-        if out is not None and out._version == version and t.untyped_storage().data_ptr() == out.data_ptr() \
-                and t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
-            return _View(rebuilt, t)
-    if _observer is not None:
-        _observer(t)
-    return t
+class SavedOutputs:
+    """What one installed model's lean functions share with its loss: the outputs a later layer
+    may save for backward, while ``rebuilding()`` is active, and who watches what autograd keeps.
 
+    Made by the caller and handed to ``install`` and to the loss (``jobs.loss``), so two models
+    in one process never share it.
+    """
 
-# Called with every tensor autograd keeps as it is while ``rebuild_saved_outputs`` is active:
-# hooks do not nest, so this is how the memory estimator's probe sees them.
-_observer = None
+    def __init__(self):
+        # By data pointer: (weak ref to the output, its version, how to recompute it from what the
+        # function itself keeps); None while not rebuilding.
+        self.rebuild: dict[int, tuple] | None = None
+        # Called with every tensor autograd keeps as it is while rebuilding: hooks do not nest,
+        # so this is how the memory estimator's probe sees them.
+        self.observer: Callable[[torch.Tensor], None] | None = None
 
+    def rebuildable(self, out: torch.Tensor, fn, args: tuple) -> torch.Tensor:
+        if self.rebuild is not None and out.requires_grad and out.is_contiguous():
+            self.rebuild[out.data_ptr()] = (weakref.ref(out), out._version, _Rebuilt(fn, args))
+        return out
 
-@contextlib.contextmanager
-def observe_saved(fn):
-    global _observer
-    outer, _observer = _observer, fn
-    try:
-        yield
-    finally:
-        _observer = outer
+    def pack(self, t: torch.Tensor):
+        entry = self.rebuild.get(t.data_ptr()) if self.rebuild is not None else None
+        if entry is not None:
+            ref, version, rebuilt = entry
+            out = ref()
+            if out is not None and out._version == version and t.untyped_storage().data_ptr() == out.data_ptr() \
+                    and t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
+                return _View(rebuilt, t)
+        if self.observer is not None:
+            self.observer(t)
+        return t
 
+    @staticmethod
+    def unpack(packed):
+        return packed.unpack() if isinstance(packed, _View) else packed
 
-def _unpack(packed):
-    return packed.unpack() if isinstance(packed, _View) else packed
-
-
-@contextlib.contextmanager
-def rebuild_saved_outputs():
-    """While active, a lean norm's or SwiGLU's output that a later layer saves for backward (a
-    LoRA layer keeps its input, full fine-tuning's linear layers too) is kept as a recipe and
-    recomputed in backward from the inputs the function keeps anyway. On SmolLM2 that is the
-    normed input of the q/k/v and gate/up projections and the input of down_proj: 2.5 MB per
-    layer at 8 x 57 tokens in bf16, recomputed by two elementwise passes."""
-    global _rebuild
-    outer, _rebuild = _rebuild, {}
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+    @contextlib.contextmanager
+    def observing(self, fn: Callable[[torch.Tensor], None]):
+        outer, self.observer = self.observer, fn
+        try:
             yield
-    finally:
-        _rebuild = outer
+        finally:
+            self.observer = outer
+
+    @contextlib.contextmanager
+    def rebuilding(self):
+        """While active, a lean norm's or SwiGLU's output that a later layer saves for backward (a
+        LoRA layer keeps its input, full fine-tuning's linear layers too) is kept as a recipe and
+        recomputed in backward from the inputs the function keeps anyway. On SmolLM2 that is the
+        normed input of the q/k/v and gate/up projections and the input of down_proj: 2.5 MB per
+        layer at 8 x 57 tokens in bf16, recomputed by two elementwise passes."""
+        outer, self.rebuild = self.rebuild, {}
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            self.rebuild = outer
 
 
-def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+def _norm_forward(saved: SavedOutputs):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, saved)
+    return forward
 
 
-def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+def _mlp_forward(saved: SavedOutputs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x), saved))
+    return forward
 
 
 class _ShortAttention(torch.autograd.Function):
@@ -248,8 +257,7 @@ def cpu_autocast_below_fp32() -> bool:
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The model's SDPA attention, except while training on short rows under CPU autocast."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    sdpa_attention_forward = compat.sdpa_attention()
     t = query.shape[2]
     lean = (torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)) and query.device.type == "cpu"
             and cpu_autocast_below_fp32() and t <= SHORT_ROWS and key.shape[2] == t and dropout == 0.0
@@ -271,17 +279,11 @@ ATTENTION = "studio_sdpa"
 
 def _install_attention(model: torch.nn.Module) -> int:
     """Route ``model``'s SDPA attention through ``_attention``; how many models were switched."""
-    from transformers import AttentionInterface, PreTrainedModel
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    compat.register_attention(ATTENTION, _attention, mask_like="sdpa")
     switched = 0
     for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(module, PreTrainedModel) and getattr(config, "_attn_implementation", None) == "sdpa" \
-                and module._can_set_attn_implementation():
-            config._attn_implementation_internal = ATTENTION
+        if compat.attention_of(module) == "sdpa" and compat.can_switch_attention(module):
+            compat.set_attention(module, ATTENTION)
             switched += 1
     return switched
 
@@ -307,14 +309,16 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
         return torch.allclose(act(probe), F.silu(probe), rtol=1e-5, atol=1e-6)
 
 
-def install(model: torch.nn.Module) -> dict[str, int]:
-    """Use the lean functions in ``model``'s recognised norms and MLPs; how many of each."""
+def install(model: torch.nn.Module, saved: SavedOutputs | None = None) -> dict[str, int]:
+    """Use the lean functions in ``model``'s recognised norms and MLPs; how many of each. Their
+    outputs are rebuilt in backward only while ``saved.rebuilding()`` is active (the loss's forward)."""
+    saved = saved if saved is not None else SavedOutputs()
     counts = {"rms_norm": 0, "swiglu": 0, "attention": _install_attention(model)}
     for module in model.modules():
         if _is_rms_norm(module):
-            module.forward = types.MethodType(_norm_forward, module)
+            compat.replace_forward(module, _norm_forward(saved))
             counts["rms_norm"] += 1
         elif _is_swiglu(module):
-            module.forward = types.MethodType(_mlp_forward, module)
+            compat.replace_forward(module, _mlp_forward(saved))
             counts["swiglu"] += 1
     return counts

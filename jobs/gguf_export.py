@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from jobs import models
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.export import logits_of, merge_checked, mergeable_method
 from jobs.ollama import write_modelfile
 

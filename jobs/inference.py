@@ -13,8 +13,9 @@ import torch
 
 from adapters.base import Context
 from jobs import fingerprint, models
-from jobs.errors import StudioError
-from jobs.runfolder import read_run
+from jobs.data import prompt_ids
+from adapters.core.errors import StudioError
+from jobs.runfolder import COMPLETED, RunFolder, read_run
 from jobs.spec import JobSpec, parse_spec
 
 
@@ -29,17 +30,17 @@ class Loaded:
 
 
 def is_run(path: str | Path) -> bool:
-    return (Path(path) / "run.json").is_file()
+    return RunFolder(path).run_file.is_file()
 
 
 def run_spec(run_dir: Path) -> JobSpec:
     run = read_run(run_dir)
     if run is None:
         raise StudioError("not a run folder (no run.json).", str(run_dir), "pass the output_dir of a training run.")
-    if run.get("status") != "completed" or not (run_dir / "adapter").is_dir():
+    if run.get("status") != COMPLETED or not RunFolder(run_dir).adapter_dir.is_dir():
         raise StudioError(f"the run has status {run.get('status')!r}; only completed runs have a result.",
                           str(run_dir), "resume or retry the run first.")
-    return parse_spec(run["spec"], where=f"{run_dir}/run.json")
+    return parse_spec(run["spec"], where=str(RunFolder(run_dir).run_file))
 
 
 def trained_dtype(run_dir: Path) -> torch.dtype:
@@ -63,7 +64,7 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
     base_dtype = models.frozen_base_dtype(method, trained_dtype(run_dir))
     base = models.load_model(src, base_dtype, spec.trust_remote_code).to(device)
     ctx = Context(spec=spec, device=device, dtype=torch.float32, tokenizer=tokenizer)
-    model = fingerprint.upcast(method.load(base, run_dir / "adapter", cfg, ctx).to(device)).eval()
+    model = fingerprint.upcast(method.load(base, RunFolder(run_dir).adapter_dir, cfg, ctx).to(device)).eval()
     check = fingerprint.check(method, model, run_dir, "the reloaded run",
                               "the base model or the run folder changed since training (check that model "
                               f"{spec.model!r} is the one the run trained on), or retrain the run.")
@@ -78,14 +79,6 @@ def load_any(ref: str, device: torch.device | None = None) -> Loaded:
     tokenizer = models.load_tokenizer(src)
     model = models.load_model(src, torch.float32).to(device or torch.device("cpu")).eval()
     return Loaded(model, tokenizer, None, None)
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return tokenizer(f"### Instruction:\n{prompt}\n\n### Response:\n")["input_ids"]
 
 
 @torch.no_grad()

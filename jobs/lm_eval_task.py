@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import read_run, update_run, write_json_atomic
 
 HELDOUT = "heldout"

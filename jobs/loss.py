@@ -19,13 +19,16 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from jobs.fused import SHORT_ROWS, _wide, cpu_autocast_below_fp32, rebuild_saved_outputs
+from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 
-def final_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None) -> torch.Tensor:
+    """The last hidden states; with ``saved`` (the state ``jobs.fused.install`` was given), its lean
+    functions' outputs that later layers save are rebuilt in backward instead of kept."""
     ids = batch["input_ids"]
     none = torch.empty(0, dtype=torch.long, device=ids.device)
-    with attention_kernels(ids.device, ids.shape[1]), rebuild_saved_outputs():
+    rebuilding = saved.rebuilding() if saved is not None else contextlib.nullcontext()
+    with attention_kernels(ids.device, ids.shape[1]), rebuilding:
         out = model(input_ids=ids, attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=none, use_cache=False)
     hidden = out.hidden_states[-1]
@@ -103,9 +106,10 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int,
+                   saved: SavedOutputs | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and how many there were."""
-    hidden = final_hidden(model, batch)
+    hidden = final_hidden(model, batch, saved)
     mask = trained_positions(batch["labels"])
     h = hidden[mask]
     y = batch["labels"][:, 1:][mask[:, :-1]]

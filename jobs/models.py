@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.errors import StudioError
+from adapters.core import compat
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 
 # Hub ids that a pip package ships offline, as (package, file inside it).
@@ -105,7 +106,7 @@ def frozen_base_dtype(method, dtype: torch.dtype) -> torch.dtype:
     """The dtype a run loads its base in: the compute dtype, so frozen weights take half the memory
     in bf16, unless the method trains the base itself and keeps fp32 masters (``base_dtype``).
     Reloading a run uses the same dtype, so its frozen weights are exactly those that trained."""
-    if getattr(method, "base_dtype", None) == "fp32":
+    if method.base_dtype == "fp32":
         return torch.float32
     return dtype
 
@@ -159,7 +160,7 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     except OSError as e:
         raise _load_error(src, e) from None
     if src.gguf_file:
-        drop_gguf_quantizer(model)
+        compat.drop_gguf_quantizer(model)
     if src.kind == "bundled":
         cache_converted(src, model, torch.float32)
         cached = resolve(src.ref)
@@ -173,23 +174,6 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remot
     if src.kind in ("bundled", "bundled-cache") and stored_dtype(src.path) != dtype:
         cache_converted(src, model, dtype)
     return model
-
-
-def drop_gguf_quantizer(model) -> None:
-    """Make a model loaded from a GGUF file an ordinary one.
-
-    transformers dequantizes GGUF weights to plain tensors (without its optional GGUF kernels)
-    but leaves the model marked as quantized, and then refuses to save it: the first full
-    fine-tune of the bundled model trained all its steps and failed at the end. The weights
-    are ordinary tensors, so the quantizer's own clean-up makes the model ordinary too.
-    """
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
-        return
-    if not all(p.is_floating_point() for p in model.parameters()):
-        model.dequantize()  # weights still in GGUF blocks (transformers' GGUF kernels installed)
-    else:
-        quantizer.remove_quantization_config(model)
 
 
 def cache_converted(src: ModelSource, model, dtype: torch.dtype) -> None:

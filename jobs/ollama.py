@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 SYS, USER, USER2, ANSWER = "\x01SYSTEM\x01", "\x01USER\x01", "\x01USER2\x01", "\x01ANSWER\x01"
 

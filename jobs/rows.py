@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import DatasetSpec
 
 ROLES = ("system", "user", "assistant")

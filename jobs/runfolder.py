@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("running", "completed", "failed", "cancelled", "interrupted")
-COMPLETED = "completed"
+# The run's own status in run.json, written by the training loop. A job's status in the store
+# (jobs.store.Status) uses the same words for the same states; jobs.worker.outcome translates.
+RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = "running", "completed", "failed", "cancelled", "interrupted"
+STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
 RUN_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "run.json", "metrics.jsonl", "adapter", "checkpoints"
 # Written by the job runner before training starts; they do not make a folder "another run".
 LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"
@@ -60,6 +62,10 @@ class RunFolder:
     @property
     def adapter_dir(self) -> Path:
         return self.path / ADAPTER_DIR
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
 
     def read(self) -> dict:
         """run.json, or {} before the run starts. It is replaced atomically, but a copy left by

@@ -29,7 +29,7 @@ from typing import Callable
 import psutil
 
 from jobs.confine import Policy, check_devices
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import ENV_VAR, lock_path, studio_home
 from jobs.store import Job, JobStore, Status
 from jobs.worker import execute, heartbeat_age, spawn
@@ -256,7 +256,7 @@ class Scheduler:
 
     def _settle(self, job: Job, reason: str) -> None:
         """The job's process is gone without recording an outcome: decide one."""
-        from jobs.runfolder import read_run
+        from jobs.runfolder import COMPLETED, read_run
 
         self.term_sent.pop(job.id, None)
         self.children.pop(job.id, None)
@@ -264,7 +264,7 @@ class Scheduler:
             run = read_run(job.run_dir) or {}
         except ValueError:
             run = {}
-        if run.get("status") == "completed":
+        if run.get("status") == COMPLETED:
             status, error = Status.COMPLETED, None
         else:
             status, error = Status.INTERRUPTED, f"{reason}, at step {run.get('step', 0)}; resume to continue"
@@ -382,11 +382,10 @@ def submit_job(home: str | Path | None, data: dict, *, name: str | None = None, 
         resolved = policy.check_spec(resolved, output_dir_given=bool(named_dir), where=where)
         run_dir = resolved["output_dir"] if named_dir else None
     else:
+        from jobs.spec import relative_to
+
         base = Path(base_dir or os.getcwd())
-        for section, key in (("dataset", "path"), ("dataset", "eval_path")):
-            value = resolved[section].get(key)
-            if value and not Path(value).is_absolute():
-                resolved[section][key] = str(base / value)
+        resolved = relative_to(resolved, base)
         if (base / resolved["model"]).exists():
             resolved["model"] = str((base / resolved["model"]).resolve())
         run_dir = str(base / named_dir) if named_dir else None

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text")
@@ -251,8 +251,9 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
     return data
 
 
-def with_paths(data: dict, spec_file: Path, home: Path | None = None) -> dict:
-    """Dataset paths are relative to the spec file; a missing output_dir gets a fresh run folder."""
+def relative_to(data: dict, base: Path) -> dict:
+    """``data`` with its relative dataset paths taken from ``base`` (the spec file's folder, or the
+    folder of whoever submitted the spec), since the job reads them from elsewhere."""
     data = dict(data)
     ds = data.get("dataset")
     if isinstance(ds, dict):
@@ -260,8 +261,14 @@ def with_paths(data: dict, spec_file: Path, home: Path | None = None) -> dict:
         for key in ("path", "eval_path"):
             value = ds.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                ds[key] = str((spec_file.parent / value).resolve())
+                ds[key] = str((Path(base) / value).resolve())
         data["dataset"] = ds
+    return data
+
+
+def with_paths(data: dict, spec_file: Path, home: Path | None = None) -> dict:
+    """Dataset paths are relative to the spec file; a missing output_dir gets a fresh run folder."""
+    data = relative_to(data, spec_file.parent)
     if not data.get("output_dir"):
         from datetime import datetime
 

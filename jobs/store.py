@@ -16,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterator
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import runs_dir, store_path, studio_home
 
 

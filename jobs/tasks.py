@@ -80,7 +80,7 @@ def check(data: dict, device: str = "cpu", where: str = "spec", progress: Progre
         kwargs = {"device": device} if "device" in inspect.signature(estimate).parameters else {}
         result = estimate(spec, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the user with its type and message
-        from jobs.errors import StudioError
+        from adapters.core.errors import StudioError
 
         reason = e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
         return {"resolved": resolved, "available": False, "reason": reason}

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import append_metrics
 

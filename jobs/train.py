@@ -30,12 +30,12 @@ import torch
 from adapters.base import Context, decay_rule
 from jobs import checkpoint, distributed, fingerprint, fused, memory, models
 from jobs.data import collate, plan_batches, prepare
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.evaluate import evaluate
 from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory
-from jobs.runfolder import (RUNNER_FILES, append_metrics, read_run, replace_dir_atomic, truncate_metrics,
-                            update_run)
+from jobs.runfolder import (CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNER_FILES, RUNNING, RunFolder,
+                            append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run)
 from jobs.spec import JobSpec, check_combination
 from jobs.trackers import NO_TRACKERS, Trackers
 
@@ -127,7 +127,7 @@ def check_run_folder(run_dir: Path, spec: JobSpec, resume: bool) -> bool:
             raise StudioError("output folder is not empty and holds no run.", str(run_dir),
                               "choose a new output_dir (the studio never writes into other files).")
         return False
-    if run.get("status") == "completed":
+    if run.get("status") == COMPLETED:
         raise StudioError("output folder already holds a completed run.", str(run_dir),
                           "choose a new output_dir, or delete that run first.")
     if not resume:
@@ -161,7 +161,7 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
 
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        update_run(run_dir, status="running", error=None, spec=spec.resolved(), started_at=now(),
+        update_run(run_dir, status=RUNNING, error=None, spec=spec.resolved(), started_at=now(),
                    finished_at=None, model_source={"kind": src.kind, "path": src.path, "gguf_file": src.gguf_file},
                    data={"format": data.format, "train_rows": data.train_rows, "eval_rows": data.eval_rows},
                    world_size=world.size, device=str(device), dtype=str(dtype).removeprefix("torch."))
@@ -174,7 +174,7 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
     except BaseException as e:
         trackers.close("failed")
         if world.main:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            status = INTERRUPTED if isinstance(e, KeyboardInterrupt) else FAILED
             message = e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
             update_run(run_dir, status=status, error=message, finished_at=now())
         raise
@@ -200,8 +200,9 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     model = method.apply(model, mcfg, ctx).to(device)
     if memory.float_bytes(model) < loaded_bytes:  # the method replaced (quantized) base tensors
         memory.release_replaced_base(model, device)
-    if t.lean_activations:
-        fused.install(model)
+    lean = fused.SavedOutputs() if t.lean_activations else None  # shared by the lean layers and the loss
+    if lean is not None:
+        fused.install(model, lean)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -292,7 +293,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
 
         def loss_fn(batch: dict) -> torch.Tensor:
             with autocast():
-                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens)
+                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens, lean)
             return total / max(step_trained, 1)
 
         lr = lr_at(step, rcfg.lr, max_steps, t.warmup_steps, t.lr_schedule)
@@ -327,7 +328,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     save_checkpoint()
     if stopped:
         if world.main:
-            update_run(run_dir, status="cancelled", finished_at=now(), step=step)
+            update_run(run_dir, status=CANCELLED, finished_at=now(), step=step)
         return read_run(run_dir) or {}
     final = run_eval()
     if world.main:
@@ -345,7 +346,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
         trackers.log({"step": step, **peak})
         if progress:
             progress({"event": "done", **metrics})
-        return update_run(run_dir, status="completed", error=None, finished_at=now(), step=step, metrics=metrics,
+        return update_run(run_dir, status=COMPLETED, error=None, finished_at=now(), step=step, metrics=metrics,
                           samples=final.get("samples", []),
                           fingerprint={"files": [fingerprint.META, fingerprint.LOGITS], "rows": len(probe["rows"]),
                                        "max_abs_logit": probe.get("max_abs_logit"), "skipped": probe.get("skipped")})
@@ -357,7 +358,7 @@ def _save_adapter(method, model, tokenizer, run_dir: Path) -> None:
     try:
         method.save(model, tmp)
         tokenizer.save_pretrained(tmp)
-        replace_dir_atomic(tmp, run_dir / "adapter")
+        replace_dir_atomic(tmp, RunFolder(run_dir).adapter_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

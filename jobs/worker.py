@@ -27,9 +27,10 @@ import traceback
 from pathlib import Path
 
 from jobs.allocator import preload_env, running_on
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import AUTH_ENV, ENV_VAR
-from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder
+from jobs import runfolder
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
 from jobs.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
@@ -201,18 +202,16 @@ def node_args(spec: dict, job_id: int) -> list[str]:
 
 def outcome(job: Job, store: JobStore, stop: StopRequest) -> tuple[Status, str | None]:
     """The job's final status, from the training loop's own record in run.json."""
-    from jobs.runfolder import read_run
-
     run = read_run(job.run_dir) or {}
     state = run.get("status")
-    if state == "completed":
+    if state == runfolder.COMPLETED:
         return Status.COMPLETED, None
-    if state == "cancelled" or (stop() and state in (None, "running")):
+    if state == runfolder.CANCELLED or (stop() and state in (None, runfolder.RUNNING)):
         if store.get(job.id).cancel_requested:
             return Status.CANCELLED, f"cancelled at step {run.get('step', 0)}; resume to continue"
         return Status.INTERRUPTED, f"stopped by {stop.reason or 'a signal'} at step {run.get('step', 0)}; resume to continue"
-    if state in ("failed", "interrupted"):
-        return Status(state), run.get("error") or f"training {state}"
+    if state in (runfolder.FAILED, runfolder.INTERRUPTED):
+        return Status(state), run.get("error") or f"training {state}"  # the same words in both
     return Status.FAILED, "training ended without recording a final status in run.json"
 
 

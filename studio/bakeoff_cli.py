@@ -39,7 +39,7 @@ def add_bakeoff_command(subparsers) -> None:
 def cmd_bakeoff(args) -> int:
     from jobs.bakeoff import create
     from jobs.bakeoff_driver import drive, resume
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
     from jobs.spec import apply_overrides, read_spec_file, with_paths
 
     def say(text: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import write_json_atomic
 
 CODE_ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import datasets_dir, studio_home
 from jobs.runfolder import MARKER, read_marker, remove_marked_folder, write_json_atomic
 

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 log = logging.getLogger("studio.engine")
 CODE_ROOT = Path(__file__).resolve().parents[1]

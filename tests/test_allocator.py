@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from jobs import allocator
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +50,9 @@ def test_a_process_started_with_it_runs_on_it():
     if not env:
         pytest.skip("no tcmalloc or jemalloc on this system (Debian: apt-get install libtcmalloc-minimal4)")
     code = ("import torch\n"
-            "from jobs.memory import _malloc_trim\n"
+            "from adapters.core.memory import malloc_trim\n"
             "x = torch.ones(1 << 20); del x\n"
-            "_malloc_trim()(0)\n"  # the heap-returning hook finds the preloaded allocator's own
+            "malloc_trim()(0)\n"  # the heap-returning hook finds the preloaded allocator's own
             "print(open('/proc/self/maps').read())")
     maps = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, **env},
                           capture_output=True, text=True, check=True).stdout

@@ -12,7 +12,7 @@ from conftest import make_spec
 
 from jobs import bakeoff
 from jobs.bakeoff_report import different, pareto_front, quality_metric, recommend, summarize
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 pytestmark = pytest.mark.timeout(300)
 

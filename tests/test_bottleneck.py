@@ -9,7 +9,7 @@ import torch
 from adapters import METHODS
 from adapters.base import Context
 from adapters.bottleneck import CONFIG_FILE, WEIGHTS_FILE, Bottleneck
-from jobs.errors import CannotMerge, StudioError
+from adapters.core.errors import CannotMerge, StudioError
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
 from jobs.train import train

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from jobs.data import IGNORE, Example, collate, encode, plan_batches, prepare, read_rows, render_preview
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import DatasetSpec
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,7 +11,7 @@ from conftest import toy_rows, write_jsonl
 
 from adapters import METHODS, UPDATE_RULES
 from jobs.engine import serve
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from studio.catalog import load_catalog, model_from_schema
 from studio.engine import Engine, EngineFailed
 from studio.estimates import EstimateCache

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jobs import fingerprint
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from jobs.train import train
 from studio.cli import main

@@ -15,10 +15,10 @@ def _batch(src):
     return collate(encode(toy_rows(8), "instruction", tok, 64, "toy"), tok.pad_token_id)
 
 
-def _loss_and_grads(model, batch, dtype):
+def _loss_and_grads(model, batch, dtype, saved=None):
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        total, n = token_loss_sum(model, batch, 64)
+        total, n = token_loss_sum(model, batch, 64, saved)
     (total / n).backward()
     return float(total.detach() / n), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -29,10 +29,11 @@ def test_installed_functions_match_the_model(tiny_model, dtype):
     batch = _batch(src)
     model = models.load_model(src)
     loss, grads = _loss_and_grads(model, batch, dtype)
-    counts = fused.install(model)
+    saved = fused.SavedOutputs()
+    counts = fused.install(model, saved)
     layers = model.config.num_hidden_layers
     assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers, "attention": 1}
-    loss2, grads2 = _loss_and_grads(model, batch, dtype)
+    loss2, grads2 = _loss_and_grads(model, batch, dtype, saved)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(loss - loss2) <= tol * max(1.0, abs(loss))
     assert grads.keys() == grads2.keys() and any("norm" in k for k in grads)
@@ -100,12 +101,9 @@ def test_short_attention_is_used_only_where_it_pays(tiny_model):
         fused._ShortAttention.apply = original
 
 
-def test_rebuilt_outputs_give_the_same_gradients_and_keep_less(tiny_model, monkeypatch):
+def test_rebuilt_outputs_give_the_same_gradients_and_keep_less(tiny_model):
     """LoRA's adapters keep their input; for a norm's or SwiGLU's output that input is rebuilt in
     backward instead: bit for bit the same gradients, fewer bytes kept."""
-    import contextlib
-
-    import jobs.loss
     from peft import LoraConfig, get_peft_model
 
     src = models.resolve(str(tiny_model))
@@ -114,16 +112,15 @@ def test_rebuilt_outputs_give_the_same_gradients_and_keep_less(tiny_model, monke
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)  # lora_B starts at zero: give every gradient a path
-    fused.install(model)
+    saved = fused.SavedOutputs()
+    fused.install(model, saved)
     kept = []
 
     def saved_and_grads(rebuild):
         kept.clear()
-        monkeypatch.setattr(jobs.loss, "rebuild_saved_outputs",
-                            fused.rebuild_saved_outputs if rebuild else contextlib.nullcontext)
-        with fused.observe_saved(lambda t: kept.append(t.untyped_storage())), \
-                torch.autograd.graph.saved_tensors_hooks(fused._pack, fused._unpack):
-            _, grads = _loss_and_grads(model, batch, torch.float32)
+        with saved.observing(lambda t: kept.append(t.untyped_storage())), \
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            _, grads = _loss_and_grads(model, batch, torch.float32, saved if rebuild else None)
         return sum({s.data_ptr(): s.nbytes() for s in kept}.values()), grads
 
     plain_bytes, plain = saved_and_grads(False)
@@ -153,3 +150,18 @@ def test_other_maths_keep_their_own_forward():
     model = torch.nn.Sequential(GemmaLikeRMSNorm(), GeluMLP())
     assert fused.install(model) == {"rms_norm": 0, "swiglu": 0, "attention": 0}
     assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
+
+
+def test_two_installed_models_do_not_share_their_state(tiny_model):
+    """The rebuild state is the object the caller hands over, not the module's: rebuilding for one
+    model leaves another's outputs alone."""
+    src = models.resolve(str(tiny_model))
+    a_saved, b_saved = fused.SavedOutputs(), fused.SavedOutputs()
+    a, b = models.load_model(src), models.load_model(src)
+    fused.install(a, a_saved)
+    fused.install(b, b_saved)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with a_saved.rebuilding():
+        a(input_ids=ids).logits.sum()
+        b(input_ids=ids).logits.sum()
+        assert a_saved.rebuild and b_saved.rebuild is None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_spec, toy_rows, write_jsonl
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"

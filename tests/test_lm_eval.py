@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import hide_package, make_spec
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import read_run
 
 pytest.importorskip("lm_eval", reason="the [eval] extra is not installed: pip install -e '.[eval]'")

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from adapters import METHODS, UPDATE_RULES
-from adapters.base import Context
+from adapters.base import Context, Method, decays_by_default
 from jobs import models
 from jobs.data import collate, encode
-from jobs.errors import CannotMerge
+from adapters.core.errors import CannotMerge
 from jobs.loss import token_loss_sum
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows
@@ -112,7 +112,7 @@ def test_method_contract(name, setting):
     else:
         merged = method.merge(reloaded)
         names = [n for n, _ in merged.named_modules()]
-        assert not any("lora_" in n or "ia3_" in n or "base_layer" in n for n in names)
+        assert not any(part in n for n in names for part in method.merged_away)
         diff = float((logits_of(merged, batch) - expected).abs().max())
         assert diff <= max(method.merge_tolerance, 1e-6), f"{name}: merged logits differ by {diff}"
 
@@ -137,3 +137,35 @@ def test_merge_equivalence_fp32(name, setting):
 
 def test_every_update_rule_is_registered():
     assert {"adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"} <= set(UPDATE_RULES.names())
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_declares_what_it_is(name, setting):
+    """Every method states, in its own file (or by the Protocol's default), what the jobs side
+    would otherwise have to know by its name."""
+    src, tok, batch, factory = setting
+    method = METHODS.get(name)
+    assert Method in type(method).__mro__, f"{name} does not subclass adapters.base.Method (no defaults)"
+    assert method.base_dtype in ("compute", "fp32")
+    assert models.frozen_base_dtype(method, torch.bfloat16) == (torch.float32 if method.base_dtype == "fp32"
+                                                                else torch.bfloat16)
+    if method.memory_twin is not None:  # the estimator's stand-in exists and accepts this method's config
+        twin = METHODS.get(method.memory_twin)
+        assert twin.memory_twin is None and twin.name != name
+        shared = {k: v for k, v in method.Config().model_dump().items() if k in twin.Config.model_fields}
+        twin.Config(**shared)  # as jobs/footprint.py builds it
+    assert method.fingerprint_tolerance is None or method.fingerprint_tolerance > 0
+    assert method.to_quantized is None or callable(method.to_quantized)
+    assert isinstance(method.merged_away, tuple) and all(isinstance(p, str) and p for p in method.merged_away)
+    assert isinstance(method.decays("w", torch.zeros(2, 2)), bool)
+
+    # What a merge must remove is really there before it (so the export's check can fire).
+    if method.merged_away:
+        _, _, _, _, model = build(name, src, tok, factory.mktemp(f"declares-{name}"))
+        names = [n for n, _ in model.named_modules()]
+        assert all(any(part in n for n in names) for part in method.merged_away), name
+
+
+def test_decays_default_is_matrices_only():
+    assert decays_by_default("w", torch.zeros(2, 2)) and not decays_by_default("b", torch.zeros(2))
+    assert METHODS.get("lora").decays("w", torch.zeros(2, 2)) and not METHODS.get("lora").decays("b", torch.zeros(2))

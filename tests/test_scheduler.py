@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import make_spec, serving_scheduler, wait_until
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
 from jobs.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, _kill_tree
 from jobs.store import Job, JobStore, Status

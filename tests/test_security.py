@@ -348,7 +348,7 @@ def test_two_jobs_never_share_an_export_archive(studio):
 
 def test_operator_flags_widen_exactly_what_they_name(tmp_path):
     from jobs.confine import Policy
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
     from jobs.home import studio_home
 
     home, extra = studio_home(tmp_path / "home"), tmp_path / "extra"
@@ -367,7 +367,7 @@ def test_operator_flags_widen_exactly_what_they_name(tmp_path):
 
 
 def test_dataset_folders_follow_the_same_rule(tmp_path):
-    from jobs.errors import StudioError
+    from adapters.core.errors import StudioError
     from jobs.home import studio_home
     from studio.datasets_store import DatasetStore
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from adapters import METHODS
 from adapters.base import Context
 from adapters.selective import CONFIG_FILE, WEIGHTS_FILE, SelectiveParams, block_range, select
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from jobs.train import train
 from conftest import make_spec

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.store import JobStore, Status
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from jobs import checkpoint
 from jobs.data import collate, encode
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec

@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import toy_rows, write_jsonl
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.store import JobStore
 from studio.datasets_store import DatasetStore
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from adapters import METHODS, UPDATE_RULES
 from adapters.base import Params
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import TrainingSpec
 from studio.ui.forms import build_form, classify
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import toy_rows, write_jsonl
 
 import app as launcher
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import write_json_atomic
 from jobs.store import JobStore, Status
 from studio.ui import charts, compare, export, train

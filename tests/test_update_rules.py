@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from adapters import METHODS, UPDATE_RULES
-from adapters.base import Context
+from adapters.base import Context, RuleMemory, UpdateRule
 from adapters.mezo import seeded_noise
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import check_combination, parse_spec
@@ -63,6 +63,40 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
+# --- the contract every rule joins ----------------------------------------------------------
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _tensors(v)
+
+
+@pytest.mark.parametrize("rule", UPDATE_RULES.names())
+def test_rule_declares_its_memory_and_holds_what_it_declares(rule, batch):
+    """The estimator reads each rule's own ``memory``: after a step, the state the rule keeps is
+    the bytes it declares (on the tiny model every tensor is under bitsandbytes' 8-bit minimum,
+    so 8-bit AdamW keeps fp32 moments there, as its declaration says), and a rule that holds no
+    gradients leaves none on the weights."""
+    r = UPDATE_RULES.get(rule)
+    assert UpdateRule in type(r).__mro__, f"{rule} does not subclass adapters.base.UpdateRule"
+    assert isinstance(r.memory, RuleMemory) and r.memory.gradients in ("all", "one", "none")
+    model = tiny_llama()
+    stepper, cfg = stepper_for(rule, model, **({"momentum": 0.9} if "momentum" in r.Config.model_fields else {}))
+    stepper.step([batch], mean_loss(model), 1e-3)
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    held = sum(t.numel() * t.element_size() for t in _tensors(stepper.state_dict()) if t.numel() > 1)
+    assert held == r.memory.state_bytes(shapes, cfg)
+    assert r.memory.temporaries(1 << 20) >= 0
+    if r.memory.gradients != "all":
+        assert all(p.grad is None for p in model.parameters())
+
+
 # --- LOMO -------------------------------------------------------------------------------
 
 def test_lomo_equals_sgd_without_clipping(batch):
@@ -106,7 +140,7 @@ def test_lomo_never_holds_the_gradients_of_the_model(batch):
 
 
 def test_lomo_hands_freed_gradient_memory_back_every_so_many_bytes(batch):
-    from jobs.memory import HeapReturner
+    from adapters.core.memory import HeapReturner
 
     model = tiny_llama()
     lomo, _ = stepper_for("lomo", model, lr=0.1)

@@ -21,7 +21,7 @@ from torch import nn
 
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import outermost, set_module
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 WEIGHTS = "quantized_model.safetensors"
 INDEX = "quantization.json"

@@ -12,6 +12,7 @@ import functools
 import torch
 from torch import nn
 
+from adapters.core import compat
 from adapters.quant.targets import is_conv1d, linear_weight, plain_linear, set_module
 
 # bitsandbytes' own default: one absmax per 64 weights (QLoRA paper).
@@ -125,7 +126,7 @@ def returner(linears: list[tuple[str, nn.Module]]):
     Without it glibc keeps them, and applying QLoRA or LoftQ to SmolLM2 peaked 0.1-0.3 GB
     higher from one run to the next (the peak of a quantizing method on the CPU is this loop).
     """
-    from jobs.memory import HeapReturner
+    from adapters.core.memory import HeapReturner
 
     device = linear_weight(linears[0][1]).device if linears else torch.device("meta")
     return HeapReturner(device, every=64 * 2**20)
@@ -144,16 +145,14 @@ def quantize_linears(model: nn.Module, linears: list[tuple[str, nn.Module]], bit
         set_module(model, name, new)
         heap.freed(4 * linear_weight(module).numel())
     # peft picks its bitsandbytes-aware LoRA layers only for models flagged as loaded this way.
-    setattr(model, "is_loaded_in_4bit" if bits == 4 else "is_loaded_in_8bit", True)
+    compat.mark_quantized_base(model, bits)
 
 
 def dequantize_all(model: nn.Module) -> nn.Module:
     """Swap every bitsandbytes layer left in ``model`` for its fp32 equivalent, in place."""
     for name, module in [(n, m) for n, m in model.named_modules() if is_bnb_linear(m)]:
         set_module(model, name, dequantize_linear(module))
-    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
-        if getattr(model, flag, False):
-            setattr(model, flag, False)
+    compat.unmark_quantized_base(model)
     return model
 
 

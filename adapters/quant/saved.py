@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from adapters.core import compat
 from adapters.quant import nf4
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import outermost, set_module
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 TENSORS = "quantized_layers.safetensors"
 INDEX = "quantized_layers.json"
@@ -72,7 +73,7 @@ def restore_bnb_layers(base: nn.Module, folder: Path, compute_dtype: torch.dtype
     for name, tensors in layers.items():
         set_module(base, name, nf4.from_state(tensors, base.get_submodule(name), compute_dtype))
     # peft picks its bitsandbytes-aware LoRA layers only for models flagged as loaded this way.
-    setattr(base, "is_loaded_in_8bit" if meta.get("bits") == 8 else "is_loaded_in_4bit", True)
+    compat.mark_quantized_base(base, 8 if meta.get("bits") == 8 else 4)
     return base
 
 

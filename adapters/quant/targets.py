@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 
 def _conv1d_class():

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 from starlette.middleware import Middleware
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import LOCK_FILE, STORE_FILE, uploads_dir
 from studio.ui import bakeoff, compare, datasets, export, jobs, playground, train
 from studio.ui.common import Studio, job_choices

@@ -18,7 +18,7 @@ import yaml
 from gradio.data_classes import FileData
 
 from jobs import bakeoff, bakeoff_driver
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.store import FINISHED
 from studio.ui.common import (Studio, describe_failure, fmt_bytes, fmt_seconds, for_api, message_html, want_float,
                               want_int)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 PROJECT = Path(__file__).resolve().parents[2]
 

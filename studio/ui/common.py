@@ -16,7 +16,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from jobs.confine import Policy
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import RunFolder
 from jobs.store import Job, JobStore, Status

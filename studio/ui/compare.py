@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.runfolder import RunFolder
 from studio.ui.child import run_cli
 from studio.ui.common import (Studio, completed_run, describe_failure, fmt_bytes, fmt_num, fmt_seconds, for_api,

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from studio.ui.charts import length_histogram
 from studio.ui.common import Studio, describe_failure, for_api, message_html, want_int, want_text
 

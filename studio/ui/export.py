@@ -17,7 +17,8 @@ from pathlib import Path
 import gradio as gr
 from gradio.data_classes import FileData
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
+from jobs.runfolder import RunFolder
 from studio.engine import Progress, run_once
 from studio.ui import gguf
 from studio.ui.common import (Studio, archive_path, completed_run, describe_failure, for_api, job_choices,
@@ -36,7 +37,7 @@ def export(studio: Studio, job_id: int | str, kind: str, progress: Progress | No
         raise StudioError(f"unknown export kind {kind!r}.", "kind", f"use one of: {', '.join(KINDS)}.")
     job = completed_run(studio, job_id)
     target = archive_path(studio, job, kind)
-    run_json = Path(job.run_dir) / "run.json"
+    run_json = RunFolder(job.run_dir).run_file
     with _lock:
         if target.is_file() and target.stat().st_mtime >= run_json.stat().st_mtime:
             with zipfile.ZipFile(target) as z:

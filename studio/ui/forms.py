@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.data_classes import FileData
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from studio.ui.child import run_cli
 from studio.ui.common import Studio, archive_path, completed_run, describe_failure, for_api, message_html
 

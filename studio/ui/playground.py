@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from studio.engine import engine
 from studio.ui.common import (Studio, completed_run, describe_failure, for_api, job_choices, message_html,
                               parse_ids, progress_reporter, want_bool, want_float, want_int, want_text)

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from jobs.confine import check_devices
-from jobs.errors import StudioError
+from adapters.core.errors import StudioError
 from jobs.spec import DatasetSpec, TrainingSpec
 from studio.estimates import EstimateCache
 from studio.ui.common import (Studio, describe_failure, fmt_bytes, for_api, job_summary, message_html, want_dict,
