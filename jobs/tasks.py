@@ -166,10 +166,16 @@ def free_models() -> None:
 
 # -- export --------------------------------------------------------------------------------
 
-def export(run_dir: str, kind: str, out: str, progress: Progress = _quiet) -> dict:
-    """Write a run's merged model or adapter to the folder ``out`` and return the report."""
+def export(run_dir: str, kind: str, out: str, progress: Progress = _quiet, gguf_type: str = "f16") -> dict:
+    """Write a run's merged model, adapter, or GGUF file (+ Modelfile) to the folder ``out``; the report."""
     from jobs.export import export_adapter, export_merged
 
+    if kind == "gguf":
+        from jobs.gguf_export import export_gguf
+
+        progress({"message": f"exporting the merged model as {gguf_type} GGUF"})
+        Path(out).mkdir(parents=True)
+        return export_gguf(run_dir, Path(out) / f"{Path(out).name}.gguf", gguf_type)
     progress({"message": f"exporting the {kind} model" if kind == "merged" else "exporting the adapter"})
     return (export_merged if kind == "merged" else export_adapter)(run_dir, Path(out))
 

@@ -215,33 +215,33 @@ def completed_job(studio, run_dir: Path, name: str):
 
 
 def test_ui_gguf_download_runs_the_export_in_another_process(runs, tmp_path, monkeypatch):
-    """The web process hands the export to ``studio export --gguf`` and zips what it wrote."""
-    import sys
+    """The web process hands the export to a model process of its own and zips what it wrote."""
     import zipfile
 
-    from studio.ui import child, gguf as gguf_ui
+    from studio.ui import child, export as export_ui
     from studio.ui.common import Studio
 
     studio = Studio.at(tmp_path / "home")
     job = completed_job(studio, runs["llama"], "tiny llama")
     started = []
-    real_run = child.subprocess.run
-    monkeypatch.setattr(child.subprocess, "run", lambda cmd, **kw: started.append(cmd) or real_run(cmd, **kw))
-    path, report = gguf_ui.export(studio, job.id, "q8_0")
-    assert started and started[0][:3] == [sys.executable, "-m", "studio.cli"]
+    real_run_once = export_ui.run_once
+    monkeypatch.setattr(export_ui, "run_once", lambda *a, **kw: started.append(kw) or real_run_once(*a, **kw))
+    path, report = export_ui.export(studio, job.id, "gguf", gguf_type="q8_0")
+    assert [(s["kind"], s["gguf_type"]) for s in started] == [("gguf", "q8_0")]
     with zipfile.ZipFile(path) as z:
         names = sorted(n.split("/")[-1] for n in z.namelist())
-    stem = path.name.removesuffix(".gguf.zip")
+    stem = path.name.removesuffix(".zip")
     assert names == sorted([f"{stem}.gguf", f"{stem}.Modelfile", "export.json"])
     assert report["gguf_type"] == "q8_0" and report["size_bytes"] > 0
-    again, _ = gguf_ui.export(studio, job.id, "q8_0")  # reused while the run is unchanged
+    assert "ollama create" in export_ui.export_message(path, report)
+    again, _ = export_ui.export(studio, job.id, "gguf", gguf_type="q8_0")  # reused while the run is unchanged
     assert again == path and len(started) == 1
     assert sorted(p.name for p in studio.exports.iterdir()) == [path.name]  # no work folder left
     with pytest.raises(StudioError, match="unknown GGUF type"):
-        gguf_ui.export(studio, job.id, "q5_k")
-    # The child's one-line error is what the page shows.
+        export_ui.export(studio, job.id, "gguf", gguf_type="q5_k")
+    # A child command's one-line error (lm-eval runs that way) is what the page shows.
     with pytest.raises(StudioError, match="not a run folder"):
-        gguf_ui.run_cli(["export", str(tmp_path / "nothing"), "--gguf", str(tmp_path / "x.gguf")])
+        child.run_cli(["export", str(tmp_path / "nothing"), "--gguf", str(tmp_path / "x.gguf")])
 
 
 @pytest.fixture(scope="module")

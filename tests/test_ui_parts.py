@@ -107,7 +107,7 @@ def test_export_refuses_unfinished_runs_and_explains_unmergeable_methods(studio_
     text, can_merge = export.describe(studio, jid)
     assert not can_merge and "cannot be merged" in text and "Download the adapter instead" in text
     with pytest.raises(StudioError, match="unknown export kind"):
-        export.export(studio, jid, "gguf")
+        export.export(studio, jid, "onnx")  # gguf is a kind now
     assert list(studio.exports.iterdir()) == []
 
 
