@@ -188,8 +188,13 @@ def test_a_frozen_job_is_caught_by_its_heartbeat(home, scheduler, tiny_model, to
     assert done.status == Status.INTERRUPTED and "no heartbeat" in done.error
 
 
+SURVIVOR_STEPS = 150
+
+
 def test_killed_scheduler_is_reconciled_on_restart(home, tiny_model, toy_dataset):
-    survivor = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=30), name="survivor").id
+    # Long enough to still be running when the scheduler is killed: the two jobs start one after
+    # the other, and a short survivor could finish while the victim loads its model.
+    survivor = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=SURVIVOR_STEPS), name="survivor").id
     victim = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=200), name="victim").id
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     service = subprocess.Popen([sys.executable, "-m", "studio.cli", "worker", "--home", str(home),
@@ -211,10 +216,10 @@ def test_killed_scheduler_is_reconciled_on_restart(home, tiny_model, toy_dataset
             lost = job(home, victim)
             assert lost.status == Status.INTERRUPTED and "is gone" in lost.error
             assert job(home, survivor).status == Status.RUNNING  # re-attached, not restarted
-            sched.run_until_idle(timeout=60)
+            sched.run_until_idle(timeout=300)
         kept = job(home, survivor)
         assert kept.status == Status.COMPLETED
-        assert [r["step"] for r in read_metrics(kept.run_dir) if "loss" in r] == list(range(1, 31))
+        assert [r["step"] for r in read_metrics(kept.run_dir) if "loss" in r] == list(range(1, SURVIVOR_STEPS + 1))
     finally:
         service.kill()
         for j in JobStore(home).list((Status.RUNNING,)):
