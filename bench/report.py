@@ -12,9 +12,9 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "memory", "quality", "efficiency")
+ORDER = ("speed", "memory", "quality", "efficiency", "scale")
 TITLES = {"speed": "Speed against transformers.Trainer", "memory": "Memory ladder", "quality": "Quality ladder",
-          "efficiency": "Efficiency"}
+          "efficiency": "Efficiency", "scale": "Against Trainer by model size"}
 
 
 def load_results(results_dir: Path | None = None) -> dict[str, dict]:
@@ -41,7 +41,7 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency}
+    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency, "scale": _scale}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue
@@ -264,6 +264,62 @@ def _efficiency(data: dict):
         ax.set_title("Training FLOP/s against the machine's matmul rate")
         _save(fig, path)
     return lines, (plot if rows and "error" not in peak else None)
+
+
+def _scale(data: dict):
+    s = data.get("settings") or {}
+    t = (s.get("spec") or {}).get("training") or {}
+    rows = data.get("rows") or []
+    lines = [f"**{data.get('finding')}**", "",
+             f"LoRA ({_method_text((s.get('spec') or {}).get('method'))}) and QLoRA on random-weight models of "
+             f"published shapes, ours against transformers.Trainer + peft: {s.get('steps')} steps of "
+             f"{t.get('batch_size')} demo rows (step 1 not timed), {s.get('repeats')} run(s) of each system per "
+             "size and method, each its own process, both on the job processes' allocator. A ratio that moves by "
+             f"at most {100 * (s.get('trend_tolerance') or 0):.0f}% from the smallest model to the largest "
+             "counts as holding. 'Projection alone' is the speedup that projecting only the trained positions "
+             "onto the vocabulary gives by itself in model FLOPs (Trainer's path projects every position); "
+             "'head share' is the vocabulary projection's share of Trainer's model FLOPs.", ""]
+    lines += [table(["model", "parameters", "method", "ours trained tok/s", "Trainer trained tok/s", "speedup",
+                     "ours peak", "Trainer peak", "memory ratio", "projection alone", "head share", "failed"],
+                    [[r["size"], fmt_count(r.get("parameters")), r["method"],
+                      fmt((r.get("ours") or {}).get("trained_tokens_per_second")),
+                      fmt((r.get("trainer") or {}).get("trained_tokens_per_second")),
+                      _ratio(r.get("speedup_vs_trainer")),
+                      fmt_bytes((r.get("ours") or {}).get("peak_memory_bytes")),
+                      fmt_bytes((r.get("trainer") or {}).get("peak_memory_bytes")),
+                      _ratio(r.get("memory_ratio_vs_trainer")), _ratio(r.get("projection_speedup")),
+                      fmt_pct(r.get("head_share")),
+                      "; ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items())] for r in rows]), ""]
+    if s.get("trainer_qlora"):
+        q = s["trainer_qlora"]
+        config = ", ".join(f"{k}={v}" for k, v in (q.get("BitsAndBytesConfig") or {}).items())
+        lines += [f"Trainer's QLoRA: `BitsAndBytesConfig({config})`"
+                  + (", then `prepare_model_for_kbit_training`" if q.get("prepare_model_for_kbit_training") else "")
+                  + ", then `get_peft_model` with the same LoRA config.", ""]
+
+    def plot(plt, path):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        styles = {("ours", "lora"): ("#2b7bba", "-", "o"), ("trainer", "lora"): ("#999999", "-", "o"),
+                  ("ours", "qlora"): ("#2b7bba", "--", "s"), ("trainer", "qlora"): ("#999999", "--", "s")}
+        for ax, key, label, scale in ((axes[0], "trained_tokens_per_second", "trained tokens / s", 1),
+                                      (axes[1], "peak_memory_bytes", "peak memory (GiB)", 2 ** 30)):
+            for (system, method), (color, line, marker) in styles.items():
+                points = sorted((r["parameters"], r[system][key] / scale) for r in rows
+                                if r["method"] == method and r.get(system) and r.get("parameters"))
+                if points:
+                    ax.plot(*zip(*points), color=color, linestyle=line, marker=marker,
+                            label=f"{'ours' if system == 'ours' else 'Trainer'} {method}")
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+        fig.suptitle("Ours vs transformers.Trainer + peft by model size (failed runs: see the table)")
+        _save(fig, path)
+    return lines, (plot if any(r.get("ours") or r.get("trainer") for r in rows) else None)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _generic(data: dict):

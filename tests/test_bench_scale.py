@@ -1,0 +1,103 @@
+"""The scale benchmark: both systems, both methods, on a tiny model; its summary, finding and report.
+
+No assertion here depends on how fast this machine is.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.common
+from bench import scale
+from bench.report import write_report
+from conftest import toy_rows, write_jsonl
+
+
+@pytest.fixture()
+def results(tmp_path, monkeypatch):
+    folder = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", folder)
+    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
+    return folder
+
+
+def test_scale_runs_ours_and_trainer_for_lora_and_qlora(tiny_model, tmp_path, results):
+    rows = toy_rows(24)
+    base = {"model": "replaced", "dataset": {"path": str(write_jsonl(tmp_path / "train.jsonl", rows))},
+            "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
+            "optimizer": {"name": "adamw", "lr": 1e-2}, "training": {"max_steps": 3, "max_seq_len": 64}}
+    out = scale.run(steps=3, repeats=1, spec=base, folders={"tiny": str(tiny_model)}, results_dir=results)
+    assert out["failures"] == []
+    assert [(r["method"], r["system"]) for r in out["runs"]] == [
+        ("lora", "ours"), ("lora", "trainer"), ("qlora", "trainer"), ("qlora", "ours")]  # alternating order
+    for r in out["runs"]:
+        assert r["steps"] == 3 and r["measured_steps"] == 2 and r["trained_tokens_per_second"] > 0
+        assert r["allocator"] == out["runs"][0]["allocator"]  # both systems on the same allocator
+    for row in out["rows"]:
+        # the same adapter trains on both sides, on a model of the counted size
+        assert row["ours"]["trainable_params"] == row["trainer"]["trainable_params"] > 0
+        assert row["parameters"] == out["models"]["tiny"]["parameters"] > row["ours"]["trainable_params"]
+        assert row["speedup_vs_trainer"] > 0 and row["memory_ratio_vs_trainer"] > 0
+        assert row["projection_speedup"] >= 1.0 and 0 < row["head_share"] < 1
+    quant = out["settings"]["trainer_qlora"]["BitsAndBytesConfig"]
+    assert quant["bnb_4bit_quant_type"] == "nf4" and quant["bnb_4bit_compute_dtype"] == out["dtype"]
+    saved = json.loads((results / "scale.json").read_text())
+    assert saved["benchmark"] == "scale" and saved["finding"] == out["finding"]
+
+
+def _runs(size: str, parameters: int, method: str, ours: float, trainer: float, ours_mem: int, trainer_mem: int):
+    return [{"size": size, "method": method, "system": "ours", "repeat": 1, "parameters": parameters,
+             "trained_tokens_per_second": ours, "peak_memory_bytes": ours_mem},
+            {"size": size, "method": method, "system": "trainer", "repeat": 1, "parameters": parameters,
+             "trained_tokens_per_second": trainer, "peak_memory_bytes": trainer_mem}]
+
+
+def test_summary_trend_and_finding_follow_the_numbers():
+    models = {"s": {"parameters": 100}, "m": {"parameters": 500}, "l": {"parameters": 1500}}
+    runs = (_runs("s", 100, "lora", 30, 20, 6, 10) + _runs("m", 500, "lora", 40, 20, 6, 10)
+            + _runs("l", 1500, "lora", 60, 20, 6, 10)                        # speedup 1.5 -> 3: grows
+            + _runs("s", 100, "qlora", 20, 10, 5, 10) + _runs("l", 1500, "qlora", 21, 10, 9, 10))  # holds; memory shrinks
+    runs += [{"size": "m", "method": "qlora", "system": "ours", "repeat": 1, "parameters": 500,
+              "trained_tokens_per_second": 5, "peak_memory_bytes": 5},
+             {"size": "m", "method": "qlora", "system": "trainer", "repeat": 1, "parameters": 500,
+              "error": "MemoryError"}]
+    rows = scale.summarise(runs, ("s", "m", "l"), ("lora", "qlora"), models)
+    by = {(r["size"], r["method"]): r for r in rows}
+    assert by["m", "lora"]["speedup_vs_trainer"] == pytest.approx(2.0)
+    assert by["s", "qlora"]["memory_ratio_vs_trainer"] == pytest.approx(0.5)
+    failed = by["m", "qlora"]
+    assert failed["speedup_vs_trainer"] is None and failed["errors"] == {"trainer": "MemoryError"}
+    assert failed["ours"]["trained_tokens_per_second"] == 5  # the side that ran keeps its numbers
+
+    lora, qlora = scale.trends(rows, "lora"), scale.trends(rows, "qlora")
+    assert lora["speedup_vs_trainer"]["trend"] == "grows" and lora["memory_ratio_vs_trainer"]["trend"] == "holds"
+    assert qlora["sizes"] == ["s", "l"]
+    assert qlora["speedup_vs_trainer"]["trend"] == "holds" and qlora["memory_ratio_vs_trainer"]["trend"] == "shrinks"
+    text = scale.finding(rows)
+    assert "LoRA: the speed advantage grows" in text and "1.50x at 100," in text
+    assert "QLoRA: the speed advantage holds" in text and "memory advantage shrinks" in text
+    assert "no ratio for m" in text
+
+
+def test_finding_says_when_too_few_sizes_finished():
+    rows = scale.summarise(_runs("s", 100, "lora", 30, 20, 6, 10), ("s",), ("lora",), {"s": {"parameters": 100}})
+    assert "too few sizes" in scale.finding(rows)
+
+
+def test_report_has_the_scale_table_finding_and_plot(tmp_path):
+    models = {"s": {"parameters": 135_000_000}, "l": {"parameters": 1_500_000_000}}
+    runs = _runs("s", 135_000_000, "lora", 30, 20, 2 ** 30, 2 ** 31) + _runs("l", 1_500_000_000, "lora", 3, 2, 2 ** 32, 2 ** 33)
+    runs.append({"size": "l", "method": "qlora", "system": "trainer", "repeat": 1, "error": "bitsandbytes missing"})
+    rows = scale.summarise(runs, ("s", "l"), ("lora", "qlora"), models)
+    data = {"benchmark": "scale", "machine": {"cpu": "Test CPU", "date": "2025-01-01", "command": "python -m bench"},
+            "device": "cpu", "device_name": "Test CPU", "dtype": "float32",
+            "settings": {"steps": 5, "repeats": 1, "trend_tolerance": scale.TREND_TOLERANCE,
+                         "spec": {"method": {"name": "lora", "r": 8}, "training": {"batch_size": 4}}},
+            "rows": rows, "finding": scale.finding(rows)}
+    text = write_report({"scale": data}, tmp_path).read_text()
+    assert "## Against Trainer by model size" in text and data["finding"] in text
+    assert "| l | 1500.00 M | qlora |" in text and "trainer: bitsandbytes missing" in text
+    assert "1.50x" in text
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "scale.png").stat().st_size > 0
