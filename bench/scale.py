@@ -189,7 +189,8 @@ def finding(rows: list[dict]) -> str:
         best = max(done, key=lambda r: r["speedup_vs_trainer"])
         text = (f"{label}: the speed advantage {_verb(speed['trend'])} with size ({series} trained tokens/s of "
                 f"Trainer's)")
-        if speed["trend"] != "holds" and best is not done[0] and best is not done[-1]:
+        ends = max(done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"])
+        if best["speedup_vs_trainer"] / ends - 1.0 > TREND_TOLERANCE:  # a peak between the ends
             text += f", largest at {best['size']}"
         text += (f"; the memory advantage {_verb(memory['trend'])} (peak {mems} of Trainer's)")
         if missing:

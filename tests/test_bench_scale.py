@@ -57,7 +57,8 @@ def test_summary_trend_and_finding_follow_the_numbers():
     models = {"s": {"parameters": 100}, "m": {"parameters": 500}, "l": {"parameters": 1500}}
     runs = (_runs("s", 100, "lora", 30, 20, 6, 10) + _runs("m", 500, "lora", 40, 20, 6, 10)
             + _runs("l", 1500, "lora", 60, 20, 6, 10)                        # speedup 1.5 -> 3: grows
-            + _runs("s", 100, "qlora", 20, 10, 5, 10) + _runs("l", 1500, "qlora", 21, 10, 9, 10))  # holds; memory shrinks
+            # speedup 2 -> 2.1: holds; memory ratio 0.5 -> 0.9: the memory advantage shrinks
+            + _runs("s", 100, "qlora", 20, 10, 5, 10) + _runs("l", 1500, "qlora", 21, 10, 9, 10))
     runs += [{"size": "m", "method": "qlora", "system": "ours", "repeat": 1, "parameters": 500,
               "trained_tokens_per_second": 5, "peak_memory_bytes": 5},
              {"size": "m", "method": "qlora", "system": "trainer", "repeat": 1, "parameters": 500,
@@ -77,7 +78,10 @@ def test_summary_trend_and_finding_follow_the_numbers():
     text = scale.finding(rows)
     assert "LoRA: the speed advantage grows" in text and "1.50x at 100," in text
     assert "QLoRA: the speed advantage holds" in text and "memory advantage shrinks" in text
-    assert "no ratio for m" in text
+    assert "no ratio for m" in text and "largest at" not in text
+    peaked = scale.summarise(_runs("s", 100, "lora", 30, 20, 6, 10) + _runs("m", 500, "lora", 60, 20, 6, 10)
+                             + _runs("l", 1500, "lora", 31, 20, 6, 10), ("s", "m", "l"), ("lora",), models)
+    assert "holds (within 10%) with size" in scale.finding(peaked) and "largest at m" in scale.finding(peaked)
 
 
 def test_finding_says_when_too_few_sizes_finished():
@@ -87,7 +91,8 @@ def test_finding_says_when_too_few_sizes_finished():
 
 def test_report_has_the_scale_table_finding_and_plot(tmp_path):
     models = {"s": {"parameters": 135_000_000}, "l": {"parameters": 1_500_000_000}}
-    runs = _runs("s", 135_000_000, "lora", 30, 20, 2 ** 30, 2 ** 31) + _runs("l", 1_500_000_000, "lora", 3, 2, 2 ** 32, 2 ** 33)
+    runs = (_runs("s", 135_000_000, "lora", 30, 20, 2 ** 30, 2 ** 31)
+            + _runs("l", 1_500_000_000, "lora", 3, 2, 2 ** 32, 2 ** 33))
     runs.append({"size": "l", "method": "qlora", "system": "trainer", "repeat": 1, "error": "bitsandbytes missing"})
     rows = scale.summarise(runs, ("s", "l"), ("lora", "qlora"), models)
     data = {"benchmark": "scale", "machine": {"cpu": "Test CPU", "date": "2025-01-01", "command": "python -m bench"},
