@@ -272,16 +272,17 @@ def _scale(data: dict):
     rows = data.get("rows") or []
     lines = [f"**{data.get('finding')}**", "",
              f"LoRA ({_method_text((s.get('spec') or {}).get('method'))}) and QLoRA on random-weight models of "
-             f"published shapes, ours against transformers.Trainer + peft: {s.get('steps')} steps of "
-             f"{t.get('batch_size')} demo rows (step 1 not timed), {s.get('repeats')} run(s) of each system per "
+             f"published shapes, ours against transformers.Trainer + peft: steps of {t.get('batch_size')} demo "
+             f"rows (step 1 not timed; the steps column), {s.get('repeats')} run(s) of each system per "
              "size and method, each its own process, both on the job processes' allocator. A ratio that moves by "
              f"at most {100 * (s.get('trend_tolerance') or 0):.0f}% from the smallest model to the largest "
              "counts as holding. 'Projection alone' is the speedup that projecting only the trained positions "
              "onto the vocabulary gives by itself in model FLOPs (Trainer's path projects every position); "
              "'head share' is the vocabulary projection's share of Trainer's model FLOPs.", ""]
-    lines += [table(["model", "parameters", "method", "ours trained tok/s", "Trainer trained tok/s", "speedup",
-                     "ours peak", "Trainer peak", "memory ratio", "projection alone", "head share", "failed"],
-                    [[r["size"], fmt_count(r.get("parameters")), r["method"],
+    lines += [table(["model", "parameters", "method", "steps", "ours trained tok/s", "Trainer trained tok/s",
+                     "speedup", "ours peak", "Trainer peak", "memory ratio", "projection alone", "head share",
+                     "failed"],
+                    [[r["size"], fmt_count(r.get("parameters")), r["method"], r.get("steps", "-"),
                       fmt((r.get("ours") or {}).get("trained_tokens_per_second")),
                       fmt((r.get("trainer") or {}).get("trained_tokens_per_second")),
                       _ratio(r.get("speedup_vs_trainer")),
@@ -310,12 +311,25 @@ def _scale(data: dict):
                     ax.plot(*zip(*points), color=color, linestyle=line, marker=marker,
                             label=f"{'ours' if system == 'ours' else 'Trainer'} {method}")
             ax.set_xscale("log")
+            if key == "trained_tokens_per_second":
+                from matplotlib.ticker import FuncFormatter
+
+                ax.set_yscale("log")
+                for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                    axis(FuncFormatter(lambda v, _: f"{v:g}"))
+            sizes = sorted({r["parameters"] for r in rows if r.get("parameters")})
+            ax.set_xticks(sizes, [_params_label(n) for n in sizes])
+            ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
             ax.set_xlabel("parameters")
             ax.set_ylabel(label)
             ax.legend(fontsize=8)
         fig.suptitle("Ours vs transformers.Trainer + peft by model size (failed runs: see the table)")
         _save(fig, path)
     return lines, (plot if any(r.get("ours") or r.get("trainer") for r in rows) else None)
+
+
+def _params_label(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
 def _ratio(value) -> str:

@@ -27,6 +27,7 @@ its error. Writes ``bench/results/scale.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -37,8 +38,11 @@ from bench.common import (compute_device, demo_spec, merge, quiet_eval, run_isol
 SIZES = ("smollm2-135m", "qwen2-0.5b", "qwen2-1.5b")
 METHODS = ("lora", "qlora")
 SYSTEMS = ("ours", "trainer")
-DEFAULT = {"steps": 5, "repeats": 1}
-FULL = {"steps": 12, "repeats": 2}
+# Optimizer steps per run by size (the first is not timed): fewer for the larger models, whose
+# steps take longer, so that the default run aims at about 12 minutes on 2 cores in fp32, most
+# of it the 1.5B runs. A model folder of one's own gets "other".
+DEFAULT = {"steps": {"smollm2-135m": 10, "qwen2-0.5b": 5, "qwen2-1.5b": 4, "other": 5}, "repeats": 1}
+FULL = {"steps": {"smollm2-135m": 30, "qwen2-0.5b": 16, "qwen2-1.5b": 10, "other": 16}, "repeats": 2}
 WORKLOAD = {"training": {"batch_size": 4, "grad_accum": 1}}
 TIMEOUT_S = 3600
 # A ratio that moves by less than this (relative) from the smallest model to the largest "holds":
@@ -61,11 +65,12 @@ def run(full: bool = False, results_dir: Path | None = None, *, sizes: tuple[str
     """``sizes``: shapes of ``bench.random_models`` (built on first use); ``folders`` maps further
     names to model folders of one's own, measured after them. ``spec``: the base spec (the demo's)."""
     budget = FULL if full else DEFAULT
-    steps, repeats = steps or budget["steps"], repeats or budget["repeats"]
+    repeats = repeats or budget["repeats"]
     sizes = tuple(SIZES if sizes is None and not folders else sizes or ())
     methods = tuple(methods or METHODS)
     wanted = [(size, {"name": size}) for size in sizes] + [(n, {"folder": str(f)}) for n, f in (folders or {}).items()]
     sizes = tuple(name for name, _ in wanted)
+    step_count = {size: steps or budget["steps"].get(size, budget["steps"]["other"]) for size in sizes}
     runs, models, pair = [], {}, 0
     for size, where in wanted:
         say(f"scale: {size}: building (or finding) the model")
@@ -78,14 +83,14 @@ def run(full: bool = False, results_dir: Path | None = None, *, sizes: tuple[str
                           "error": f"model build failed: {built['error']}", "log": built.get("log")}
                          for system in SYSTEMS]
                 continue
-            mspec = scale_spec(built["folder"], method, steps, spec)
+            mspec = scale_spec(built["folder"], method, step_count[size], spec)
             for repeat in range(1, repeats + 1):
                 order = SYSTEMS if (pair + repeat) % 2 else SYSTEMS[::-1]
                 for system in order:
-                    say(f"scale: {size} {method}: {system}, repeat {repeat}/{repeats}, {steps} steps")
+                    say(f"scale: {size} {method}: {system}, repeat {repeat}/{repeats}, {step_count[size]} steps")
                     result = run_isolated("bench.scale", system, {"spec": mspec},
                                           f"scale-{size}-{method}-{system}-{repeat}", TIMEOUT_S, preload=True)
-                    result.update(size=size, method=method, system=system, repeat=repeat,
+                    result.update(size=size, method=method, system=system, repeat=repeat, max_steps=step_count[size],
                                   parameters=built["parameters"])
                     runs.append(result)
                     say("  " + (f"failed: {result['error']}" if "error" in result else
@@ -93,20 +98,25 @@ def run(full: bool = False, results_dir: Path | None = None, *, sizes: tuple[str
                                 f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB"))
             pair += 1
     rows = summarise(runs, sizes, methods, models)
+    for row in rows:
+        row["steps"] = step_count[row["size"]]
     first = next((r for r in runs if "error" not in r), {})
     trainer_args = next((r["trainer_arguments"] for r in runs if "trainer_arguments" in r), None)
     payload = {
-        "settings": {"steps": steps, "repeats": repeats, "sizes": list(sizes), "methods": list(methods),
+        "settings": {"steps": step_count, "repeats": repeats, "sizes": list(sizes), "methods": list(methods),
                      "order": "ours and Trainer alternate which goes first from one pair to the next",
                      "allocator": "both systems on the job processes' allocator (preload)",
-                     "spec": scale_spec("<model folder>", methods[0], steps, spec) if methods else None,
+                     # one pair's spec; the model folder, method and steps vary
+                     "spec": scale_spec("<model folder>", methods[0], max(step_count.values()), spec)
+                     if methods and sizes else None,
                      "trainer_arguments": trainer_args,
                      "trainer_qlora": next((r["quantization"] for r in runs if "quantization" in r), None),
                      "trend_tolerance": TREND_TOLERANCE},
         "device": first.get("device"), "device_name": first.get("device_name"), "dtype": first.get("dtype"),
         "memory_kind": first.get("memory_kind"),
         "models": {size: {k: v for k, v in m.items() if k != "wall_seconds"} for size, m in models.items()},
-        "rows": rows, "finding": finding(rows), "trends": {m: trends(rows, m) for m in methods},
+        "rows": rows, "finding": " ".join(filter(None, [finding(rows), load_note(runs, _cores())])),
+        "trends": {m: trends(rows, m) for m in methods},
         "failures": [f"{r['size']} {r['method']} {r['system']} #{r['repeat']}: {r['error']}"
                      for r in runs if "error" in r],
         "runs": runs,
@@ -189,9 +199,12 @@ def finding(rows: list[dict]) -> str:
         best = max(done, key=lambda r: r["speedup_vs_trainer"])
         text = (f"{label}: the speed advantage {_verb(speed['trend'])} with size ({series} trained tokens/s of "
                 f"Trainer's)")
-        ends = max(done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"])
-        if best["speedup_vs_trainer"] / ends - 1.0 > TREND_TOLERANCE:  # a peak between the ends
+        ends = [done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"]]
+        worst = min(done, key=lambda r: r["speedup_vs_trainer"])
+        if best["speedup_vs_trainer"] / max(ends) - 1.0 > TREND_TOLERANCE:  # a peak between the ends
             text += f", largest at {best['size']}"
+        elif 1.0 - worst["speedup_vs_trainer"] / min(ends) > TREND_TOLERANCE:  # a dip between them
+            text += f", smallest at {worst['size']}"
         text += (f"; the memory advantage {_verb(memory['trend'])} (peak {mems} of Trainer's)")
         if missing:
             text += f"; no ratio for {', '.join(missing)} (a run failed)"
@@ -199,8 +212,21 @@ def finding(rows: list[dict]) -> str:
     return " ".join(parts) or "No runs."
 
 
+def load_note(runs: list[dict], cores: int | None) -> str | None:
+    """A warning when other programs shared the machine while the runs were timed."""
+    loads = [r["load_average"][0] for r in runs if r.get("load_average")]
+    if not loads or not cores or max(loads) <= cores:
+        return None
+    return (f"Runs ended at a 1-minute load average of up to {max(loads):.1f} on {cores} cores: other programs "
+            "shared the machine, so the speed ratios are rough.")
+
+
 def _verb(trend: str) -> str:
     return {"holds": f"holds (within {TREND_TOLERANCE:.0%})", "grows": "grows", "shrinks": "shrinks"}.get(trend, trend)
+
+
+def _cores() -> int | None:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _count(n: int) -> str:
@@ -259,7 +285,8 @@ def _ours(params: dict) -> dict:
     trainable = (record.get("metrics") or {}).get("trainable_params")
     return {**_measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
                        device, dtype),
-            "trainable_params": trainable, **_projection(params["spec"], trainable or 0, c["tokens"], c["trained"])}
+            "trainable_params": trainable, **_projection(params["spec"], trainable or 0, c["tokens"], c["trained"]),
+            "process_cpu_seconds": time.process_time()}
 
 
 def _quantization(cfg, method_name: str, dtype: str) -> tuple[object, dict]:
@@ -337,7 +364,7 @@ def _trainer(params: dict) -> dict:
     trained = [sum(collator.trained[k * accum:(k + 1) * accum]) for k in range(len(marks))]
     tokens = [sum(collator.tokens[k * accum:(k + 1) * accum]) for k in range(len(marks))]
     result = {**_measure(marks, cpu, trained, tokens, output.training_loss, device, dtype),
-              "trainable_params": trainable,
+              "trainable_params": trainable, "process_cpu_seconds": time.process_time(),
               "trainer_arguments": {**{k: v for k, v in arguments.items() if k != "output_dir"},
                                     "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim)}}
     if described:
@@ -347,10 +374,14 @@ def _trainer(params: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help=f"{FULL['steps']} steps, {FULL['repeats']} runs each")
+    parser.add_argument("--full", action="store_true",
+                        help=f"more steps per run ({', '.join(f'{k}: {v}' for k, v in FULL['steps'].items())}) and "
+                             f"{FULL['repeats']} runs each")
     parser.add_argument("--sizes", nargs="+", choices=SIZES, help="model shapes (default: all)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods (default: both)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (the first is not timed)")
+    default = ", ".join(f"{k}: {v}" for k, v in DEFAULT["steps"].items())
+    parser.add_argument("--steps", type=int,
+                        help=f"optimizer steps per run for every size (the first is not timed; default {default})")
     parser.add_argument("--repeats", type=int, help="runs per system, size and method")
     parser.add_argument("--results-dir", type=Path, help="where scale.json goes (default bench/results)")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ def test_scale_runs_ours_and_trainer_for_lora_and_qlora(tiny_model, tmp_path, re
             "method": {"name": "lora", "r": 4, "target_modules": "all-linear"},
             "optimizer": {"name": "adamw", "lr": 1e-2}, "training": {"max_steps": 3, "max_seq_len": 64}}
     out = scale.run(steps=3, repeats=1, spec=base, folders={"tiny": str(tiny_model)}, results_dir=results)
-    assert out["failures"] == []
+    assert out["failures"] == [] and out["settings"]["steps"] == {"tiny": 3} and out["rows"][0]["steps"] == 3
     assert [(r["method"], r["system"]) for r in out["runs"]] == [
         ("lora", "ours"), ("lora", "trainer"), ("qlora", "trainer"), ("qlora", "ours")]  # alternating order
     for r in out["runs"]:
@@ -84,6 +84,12 @@ def test_summary_trend_and_finding_follow_the_numbers():
     assert "holds (within 10%) with size" in scale.finding(peaked) and "largest at m" in scale.finding(peaked)
 
 
+def test_load_note_only_when_the_machine_was_shared():
+    runs = [{"load_average": [1.5, 1.0, 1.0]}, {"load_average": [2.5, 1.0, 1.0]}, {"error": "x"}]
+    assert "up to 2.5 on 2 cores" in scale.load_note(runs, 2)
+    assert scale.load_note(runs, 4) is None and scale.load_note([], 2) is None
+
+
 def test_finding_says_when_too_few_sizes_finished():
     rows = scale.summarise(_runs("s", 100, "lora", 30, 20, 6, 10), ("s",), ("lora",), {"s": {"parameters": 100}})
     assert "too few sizes" in scale.finding(rows)
@@ -97,12 +103,12 @@ def test_report_has_the_scale_table_finding_and_plot(tmp_path):
     rows = scale.summarise(runs, ("s", "l"), ("lora", "qlora"), models)
     data = {"benchmark": "scale", "machine": {"cpu": "Test CPU", "date": "2025-01-01", "command": "python -m bench"},
             "device": "cpu", "device_name": "Test CPU", "dtype": "float32",
-            "settings": {"steps": 5, "repeats": 1, "trend_tolerance": scale.TREND_TOLERANCE,
+            "settings": {"steps": {"s": 5, "l": 3}, "repeats": 1, "trend_tolerance": scale.TREND_TOLERANCE,
                          "spec": {"method": {"name": "lora", "r": 8}, "training": {"batch_size": 4}}},
             "rows": rows, "finding": scale.finding(rows)}
     text = write_report({"scale": data}, tmp_path).read_text()
     assert "## Against Trainer by model size" in text and data["finding"] in text
-    assert "| l | 1500.00 M | qlora |" in text and "trainer: bitsandbytes missing" in text
+    assert "| l | 1500.00 M | qlora | - |" in text and "trainer: bitsandbytes missing" in text
     assert "1.50x" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "scale.png").stat().st_size > 0
