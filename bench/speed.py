@@ -468,5 +468,26 @@ def _unsloth(params: dict) -> dict:
     return _finish(s, trainer, collator, clock, arguments, "trainer_arguments")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.speed [--full] [--systems a,b] [--no-long-rows] [--steps N] [--repeats N]``:
+    the benchmark alone, or part of it (``python -m bench --only speed`` runs all of it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--systems", help="comma-separated legs to run (default: every leg for this device)")
+    parser.add_argument("--no-long-rows", action="store_true", help="the demo rows only")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    run(args.full, steps=args.steps, repeats=args.repeats, long_rows=not args.no_long_rows,
+        systems=args.systems.split(",") if args.systems else None)
+
+
 if __name__ == "__main__":
-    worker_main({"ours": _ours, "trainer": _trainer, "trl": _trl, "unsloth": _unsloth})
+    import sys
+
+    if "--worker" in sys.argv:
+        worker_main({"ours": _ours, "trainer": _trainer, "trl": _trl, "unsloth": _unsloth})
+    else:
+        main()
