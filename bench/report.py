@@ -12,9 +12,9 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "memory", "quality", "efficiency")
+ORDER = ("speed", "memory", "estimator", "quality", "efficiency")
 TITLES = {"speed": "Speed and memory against Trainer and TRL", "memory": "Memory ladder", "quality": "Quality ladder",
-          "efficiency": "Efficiency"}
+          "efficiency": "Efficiency", "estimator": "Memory estimator out of sample"}
 
 
 def load_results(results_dir: Path | None = None) -> dict[str, dict]:
@@ -41,7 +41,8 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency}
+    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
+                "estimator": _estimator}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue
@@ -224,6 +225,68 @@ def _memory(data: dict):
         ax.set_title("Memory ladder: measured peak and the estimator's prediction")
         _save(fig, path)
     return lines, (plot if rows else None)
+
+
+def _estimator(data: dict):
+    runs = data.get("runs") or []
+    scores = data.get("scores") or {}
+    shipped, refit = data.get("shipped_constants") or {}, data.get("refit_constants") or {}
+    target = data.get("target_max_abs_error")
+
+    def worst(constants: str, part: str) -> str:
+        s = (scores.get(constants) or {}).get(part) or {}
+        failed = f", failed: {', '.join(s['failed'])}" if s.get("failed") else ""
+        return f"{fmt_pct(s.get('max_abs_error'), 1)} (mean {fmt_pct(s.get('mean_abs_error'), 1)}{failed})"
+
+    lines = [f"Peak memory of runs the estimator's CPU constants were fitted on (**fit**: the memory ladder's "
+             f"workload) and of runs they were not (**out of sample**: other batch shapes, gradient "
+             f"checkpointing, another architecture), {data.get('steps')} steps each, every run its own process on "
+             f"the job processes' allocator ({shipped.get('allocator')}); error = predicted / measured - 1. The "
+             "refit fits the allocator slack coefficients and a process offset again on the fit set alone.", "",
+             f"- **shipped constants, out of sample: largest error {worst('shipped', 'out_of_sample')}** "
+             f"(target <= {fmt_pct(target)}: {_verdict(bool(data.get('meets_target')))}); in sample: "
+             f"{worst('shipped', 'fit')}",
+             f"- refitted constants: in sample {worst('refit', 'fit')}, "
+             f"out of sample {worst('refit', 'out_of_sample')}",
+             f"- shipped: activation slack {shipped.get('activation_slack')}, rebuilt-weight slack "
+             f"{shipped.get('rebuilt_weight_slack')}, process {fmt_bytes(shipped.get('process_bytes'))} + tokenizer "
+             f"{fmt_bytes(shipped.get('tokenizer_bytes'))} (+ {fmt_bytes(shipped.get('peft_bytes'))} with peft); refit: "
+             + ("failed: " + refit["error"] if "error" in refit else
+                f"activation slack {refit.get('activation_slack')}, rebuilt-weight slack "
+                f"{refit.get('rebuilt_weight_slack')}, process "
+                f"{refit.get('process_offset_bytes', 0) / 2 ** 20:+.0f} MiB"),
+             ""]
+
+    def shape(r: dict) -> str:
+        b = r.get("estimated_batch") or {}
+        return f"{b.get('rows')} x {b.get('length')}" if b.get("rows") else "-"
+
+    lines += [table(["set", "run", "batch (rows x tokens)", "measured peak", "predicted", "error", "refit error",
+                     "failure"],
+                    [[r.get("set", "").replace("_", " "), r.get("name"), shape(r),
+                      fmt_bytes(r.get("measured_peak_bytes")), fmt_bytes(r.get("predicted_bytes")),
+                      fmt_pct(r.get("error"), 1), fmt_pct(r.get("refit_error"), 1), r.get("failure") or ""]
+                     for r in runs]), ""]
+
+    def plot(plt, path):
+        shown = [r for r in runs if r.get("error") is not None]
+        fig, ax = plt.subplots(figsize=(8, 0.32 * len(shown) + 1.8))
+        ys = list(range(len(shown)))
+        colors = ["#2b7bba" if r["set"] == "fit" else "#f0a030" for r in shown]
+        ax.barh(ys, [100 * r["error"] for r in shown], color=colors)
+        ax.scatter([100 * r["refit_error"] for r in shown if r.get("refit_error") is not None],
+                   [y for y, r in zip(ys, shown) if r.get("refit_error") is not None], color="black", s=14, zorder=3,
+                   label="refitted constants")
+        if target:
+            for x in (-100 * target, 100 * target):
+                ax.axvline(x, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_yticks(ys, [f"{r['name']} ({'fit' if r['set'] == 'fit' else 'out of sample'})" for r in shown])
+        ax.invert_yaxis()
+        ax.set_xlabel("error of the prediction, % (bars: shipped constants)")
+        ax.legend(fontsize=8)
+        ax.set_title("Memory estimator: in sample and out of sample")
+        _save(fig, path)
+    return lines, (plot if any(r.get("error") is not None for r in runs) else None)
 
 
 def _quality(data: dict):
