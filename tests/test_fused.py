@@ -131,6 +131,22 @@ def test_rebuilt_outputs_give_the_same_gradients_and_keep_less(tiny_model):
     assert lean_bytes < 0.8 * plain_bytes
 
 
+def test_a_recipe_does_not_outlive_its_output():
+    """An output nothing saved (a checkpointed block's inner tensors) takes its recipe, and with
+    it the inputs the recipe would rebuild from, when it dies; not only when the forward ends."""
+    import weakref
+
+    saved = fused.SavedOutputs()
+    gate, up = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    with saved.rebuilding():
+        inner = gate * 2  # made inside the block, like a projection's output
+        out = fused.silu_mul(inner, up, saved)
+        assert out.data_ptr() in saved.rebuild
+        gone = weakref.ref(inner)
+        del out, inner
+        assert not saved.rebuild and gone() is None
+
+
 def test_other_maths_keep_their_own_forward():
     class GemmaLikeRMSNorm(torch.nn.Module):
         def __init__(self):
@@ -162,6 +178,7 @@ def test_two_installed_models_do_not_share_their_state(tiny_model):
     fused.install(b, b_saved)
     ids = torch.tensor([[1, 2, 3, 4]])
     with a_saved.rebuilding():
-        a(input_ids=ids).logits.sum()
-        b(input_ids=ids).logits.sum()
-        assert a_saved.rebuild and b_saved.rebuild is None
+        # Kept alive, so its recipe stays registered (a dead output's is dropped at once).
+        normed = a.model(input_ids=ids).last_hidden_state
+        b.model(input_ids=ids).last_hidden_state.sum()
+        assert normed.data_ptr() in a_saved.rebuild and b_saved.rebuild is None
