@@ -205,6 +205,8 @@ def finding(rows: list[dict]) -> str:
             text += f", largest at {best['size']}"
         elif 1.0 - worst["speedup_vs_trainer"] / min(ends) > TREND_TOLERANCE:  # a dip between them
             text += f", smallest at {worst['size']}"
+        if min(r["speedup_vs_trainer"] for r in done) < 1.0:
+            text += " (below 1x Trainer was the faster)"
         text += (f"; the memory advantage {_verb(memory['trend'])} (peak {mems} of Trainer's)")
         if missing:
             text += f"; no ratio for {', '.join(missing)} (a run failed)"

@@ -78,10 +78,13 @@ def test_summary_trend_and_finding_follow_the_numbers():
     text = scale.finding(rows)
     assert "LoRA: the speed advantage grows" in text and "1.50x at 100," in text
     assert "QLoRA: the speed advantage holds" in text and "memory advantage shrinks" in text
-    assert "no ratio for m" in text and "largest at" not in text
+    assert "no ratio for m" in text and "largest at" not in text and "Trainer was the faster" not in text
     peaked = scale.summarise(_runs("s", 100, "lora", 30, 20, 6, 10) + _runs("m", 500, "lora", 60, 20, 6, 10)
                              + _runs("l", 1500, "lora", 31, 20, 6, 10), ("s", "m", "l"), ("lora",), models)
     assert "holds (within 10%) with size" in scale.finding(peaked) and "largest at m" in scale.finding(peaked)
+    slower = scale.summarise(_runs("s", 100, "lora", 18, 20, 6, 10) + _runs("l", 1500, "lora", 30, 20, 6, 10),
+                             ("s", "l"), ("lora",), models)
+    assert "grows" in scale.finding(slower) and "below 1x Trainer was the faster" in scale.finding(slower)
 
 
 def test_load_note_only_when_the_machine_was_shared():
