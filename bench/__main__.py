@@ -19,7 +19,7 @@ BENCHMARKS = ("speed", "memory", "estimator", "quality", "efficiency", "scale")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true",
-                        help="longer runs and more repeats (the default suite aims at about 20 minutes on 2 cores)")
+                        help="longer runs and more repeats, every speed system on both row sets (bench/README.md says how long each takes)")
     parser.add_argument("--only", action="append", choices=[*BENCHMARKS, "report"], metavar="NAME",
                         help=f"run only this benchmark (repeatable): {', '.join(BENCHMARKS)}, or 'report' "
                              "to rewrite the report from the existing results")
