@@ -16,6 +16,9 @@ from bench.__main__ import main
 from bench.report import write_report
 from conftest import ROOT, toy_rows, write_jsonl
 
+# The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
+pytestmark = pytest.mark.bench
+
 
 @pytest.fixture()
 def results(tmp_path, monkeypatch):

@@ -13,6 +13,9 @@ from bench import scale
 from bench.report import write_report
 from conftest import toy_rows, write_jsonl
 
+# The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
+pytestmark = pytest.mark.bench
+
 
 @pytest.fixture()
 def results(tmp_path, monkeypatch):

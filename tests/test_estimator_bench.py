@@ -12,6 +12,9 @@ import bench.common
 from bench import estimator
 from jobs.estimate import allocator_slack
 
+# The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
+pytestmark = pytest.mark.bench
+
 
 def fake(name: str, part: str, churn: int, gradients: int, rebuilt: int, apply: int, rest: int,
          truth: tuple[float, float, int]) -> dict:
