@@ -353,6 +353,7 @@ def _finish(s: _Setup, trainer, collator, clock, arguments: dict, key: str, extr
 def _trained_positions_loss(model, inputs, num_items_in_batch=None):
     """Cross-entropy over the trained positions only: the hidden states of those positions go
     through the output layer, the rest never become logits (what a user's compute_loss can do)."""
+    import torch
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -360,7 +361,9 @@ def _trained_positions_loss(model, inputs, num_items_in_batch=None):
     hidden = base.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = base.lm_head(hidden[:, :-1][keep]).float()
+    logits = base.lm_head(hidden[:, :-1][keep])
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # the softmax in fp32, as Trainer's loss does
     total = F.cross_entropy(logits, targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return total / count

@@ -84,7 +84,10 @@ def test_the_trained_positions_loss_equals_the_full_logits_loss(tiny_model):
     labels[:, :5] = -100
     labels[2, 9:] = -100
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    full = model(**inputs).loss
+    # The reference in float64 throughout (transformers' own loss upcasts logits to fp32 only).
+    logits = model(input_ids=ids, attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
     assert speed._trained_positions_loss(model, inputs).item() == pytest.approx(full.item(), rel=1e-9)
 
 
