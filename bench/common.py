@@ -342,6 +342,17 @@ def _warm(params: dict) -> dict:
     return {"kind": src.kind}
 
 
+def suite_device() -> str:
+    """Where the runs will train, as the estimates for them are asked in the suite's process."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mib(value) -> str:
+    return f"{value / 2**20:.0f} MiB" if value else "-"
+
+
 def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 

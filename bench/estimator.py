@@ -30,7 +30,8 @@ import threading
 from pathlib import Path
 
 from bench import common
-from bench.common import HOME, device_name, merge, run_isolated, say, warm_model_cache, write_result
+from bench.common import (HOME, device_name, merge, mib, run_isolated, say, suite_device, warm_model_cache,
+                          write_result)
 
 STEPS, FULL_STEPS = 2, 4
 TARGET = 0.10
@@ -222,12 +223,12 @@ def run(full: bool = False, results_dir: Path | None = None, *, fit=None, out_of
     os.environ.setdefault("STUDIO_HOME", str(HOME))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     steps = FULL_STEPS if full else STEPS
-    device = _device()
+    device = suite_device()
     wanted = OUT_OF_SAMPLE if out_of_sample is None else out_of_sample
     models = dict(models or {})
     if any(m == RANDOM_MODEL for _, _, m, _, _ in wanted) and RANDOM_MODEL not in models:
         say(f"estimator: building the {RANDOM_MODEL} random-weight model (once)")
-        built = run_isolated("bench.estimator", "build", {"name": RANDOM_MODEL}, f"estimator-build-{RANDOM_MODEL}")
+        built = run_isolated("bench.scale", "build", {"name": RANDOM_MODEL}, f"estimator-build-{RANDOM_MODEL}")
         if "error" in built:
             raise RuntimeError(f"could not build {RANDOM_MODEL}: {built['error']}")
         models[RANDOM_MODEL] = built["folder"]
@@ -240,8 +241,8 @@ def run(full: bool = False, results_dir: Path | None = None, *, fit=None, out_of
         row = measure(r, device)
         rows.append(row)
         if row["error"] is not None:
-            say(f"estimator: {r['name']}: measured {_mb(row['measured_peak_bytes'])}, predicted "
-                f"{_mb(row['predicted_bytes'])} ({row['error']:+.1%})")
+            say(f"estimator: {r['name']}: measured {mib(row['measured_peak_bytes'])}, predicted "
+                f"{mib(row['predicted_bytes'])} ({row['error']:+.1%})")
         else:
             say(f"estimator: {r['name']}: {row['failure']}")
     fitted = refit([r for r in rows if r["set"] == "fit"])
@@ -272,22 +273,6 @@ def run(full: bool = False, results_dir: Path | None = None, *, fit=None, out_of
     return payload
 
 
-def _build(params: dict) -> dict:
-    from bench.random_models import build
-
-    return {"folder": str(build(params["name"]))}
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _mb(value) -> str:
-    return f"{value / 2**20:.0f} MiB" if value else "-"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.estimator", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help=f"{FULL_STEPS} steps per run")
@@ -296,9 +281,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--worker" in sys.argv:
-        common.worker_main({"build": _build})
-    else:
-        raise SystemExit(main())
+    raise SystemExit(main())

@@ -15,8 +15,8 @@ import argparse
 import os
 import threading
 
-from bench.common import (HOME, demo_spec, device_name, merge, quiet_eval, run_isolated, say, warm_model_cache,
-                          write_result)
+from bench.common import (HOME, demo_spec, device_name, merge, mib, quiet_eval, run_isolated, say, suite_device,
+                          warm_model_cache, write_result)
 
 # Two steps: AdamW's moments exist from the first update, so step 2's backward is the
 # first to hold weights, moments, gradients and activations together.
@@ -92,7 +92,7 @@ def run(full: bool = False) -> dict:
     base = spec_for({"method": "lora", "optimizer": "adamw", "extra": {}}, steps)
     warm_model_cache(base["model"])
     say("memory: inference floor")
-    floor = measure("inference", "inference", base, lambda: estimate_inference(parse_spec(base), _device()))
+    floor = measure("inference", "inference", base, lambda: estimate_inference(parse_spec(base), suite_device()))
     rows, skipped = [], []
     for entry in ladder(full):
         if entry["method"] not in METHODS or entry["optimizer"] not in UPDATE_RULES:
@@ -105,15 +105,15 @@ def run(full: bool = False) -> dict:
             skipped.append({"name": entry["name"], "reason": e.message})
             continue
         say(f"memory: {entry['name']}")
-        row = measure(entry["name"], "train", spec, lambda: estimate(parse_spec(spec), _device()))
+        row = measure(entry["name"], "train", spec, lambda: estimate(parse_spec(spec), suite_device()))
         rows.append({"name": row.pop("name"), "method": entry["method"], "optimizer": entry["optimizer"], **row})
         if row["error"] is not None:
-            say(f"memory: {entry['name']}: measured {_mb(row['measured_peak_bytes'])}, "
-                f"predicted {_mb(row['predicted_bytes'])} ({row['error']:+.1%})")
+            say(f"memory: {entry['name']}: measured {mib(row['measured_peak_bytes'])}, "
+                f"predicted {mib(row['predicted_bytes'])} ({row['error']:+.1%})")
         else:
             say(f"memory: {entry['name']}: {row['failure']}")
     found = ratios(floor, rows)
-    device = _device()
+    device = suite_device()
     payload = {"device": device, "device_name": device_name(device),
                "dtype": "float32" if device == "cpu" else "bfloat16", "steps": steps,
                "batch_size": WORKLOAD["training"]["batch_size"], "max_seq_len": WORKLOAD["training"]["max_seq_len"],
@@ -148,16 +148,6 @@ def ratios(floor: dict, rows: list[dict]) -> dict:
         "estimator_max_abs_error": {"value": max(map(abs, errors.values()), default=None), "target_at_most": 0.15,
                                     "outside_target": sorted(n for n, e in errors.items() if abs(e) > 0.15)},
     }
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _mb(value) -> str:
-    return f"{value / 2**20:.0f} MiB" if value else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,17 @@ def toy_dataset(tmp_path) -> Path:
 
 
 @pytest.fixture()
+def results(tmp_path, monkeypatch) -> Path:
+    """Benchmark results and worker logs go to a temporary folder, never into bench/results."""
+    import bench.common
+
+    folder = tmp_path / "results"
+    monkeypatch.setattr(bench.common, "RESULTS", folder)
+    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
+    return folder
+
+
+@pytest.fixture()
 def studio_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("STUDIO_HOME", str(home))

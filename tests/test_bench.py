@@ -21,15 +21,6 @@ pytestmark = pytest.mark.bench
 
 
 @pytest.fixture()
-def results(tmp_path, monkeypatch):
-    """Results and worker logs go to a temporary folder, never into bench/results."""
-    folder = tmp_path / "results"
-    monkeypatch.setattr(bench.common, "RESULTS", folder)
-    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
-    return folder
-
-
-@pytest.fixture()
 def tiny_spec(tiny_model, tmp_path) -> dict:
     rows = toy_rows(40)
     return {"model": str(tiny_model),

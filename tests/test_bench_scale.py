@@ -8,21 +8,12 @@ import json
 
 import pytest
 
-import bench.common
 from bench import scale
 from bench.report import write_report
 from conftest import toy_rows, write_jsonl
 
 # The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
 pytestmark = pytest.mark.bench
-
-
-@pytest.fixture()
-def results(tmp_path, monkeypatch):
-    folder = tmp_path / "results"
-    monkeypatch.setattr(bench.common, "RESULTS", folder)
-    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
-    return folder
 
 
 def test_scale_runs_ours_and_trainer_for_lora_and_qlora(tiny_model, tmp_path, results):

@@ -8,7 +8,6 @@ import json
 import pytest
 from conftest import toy_rows, write_jsonl
 
-import bench.common
 from bench import estimator
 from jobs.estimate import allocator_slack
 
@@ -67,10 +66,8 @@ def test_conversations_are_long_enough_to_truncate(tmp_path):
     assert convs[1][0]["content"] == rows[4]["instruction"]
 
 
-def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatch):
-    folder = tmp_path / "results"
-    monkeypatch.setattr(bench.common, "RESULTS", folder)
-    monkeypatch.setattr(bench.common, "RAW", folder / "raw")
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatch, results):
+    folder = results
     monkeypatch.setattr(estimator, "EXCHANGES", 8)
     rows = toy_rows(40)
     base = {"model": str(tiny_model),
