@@ -42,6 +42,7 @@ class Batch:
     length: int
     trained: int       # positions whose next token is trained (what the loss projects)
     source: str
+    shared: int = 0    # leading tokens every row of every batch has in common (jobs.loss.shared_prefix)
 
 
 @dataclass
@@ -100,9 +101,28 @@ def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, objec
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
     data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
     lengths = [len(e.input_ids) for e in data.train]
-    chosen = plan_batches(lengths, t.batch_size * t.devices, t.seed, 0)[0][::t.devices]
+    plan = [rows[::t.devices] for rows in plan_batches(lengths, t.batch_size * t.devices, t.seed, 0)]
+    chosen = plan[0]
     trained = sum(sum(1 for y in data.train[i].labels[1:] if y != -100) for i in chosen)
-    return Batch(len(chosen), max(lengths[i] for i in chosen), trained, "dataset"), tokenizer
+    # The prefix the loss computes once per batch; the least any batch shares, so that the
+    # estimate holds for every step, and none when some batch could not share at all.
+    shared = min(_common_prefix([data.train[i].input_ids for i in rows]) for rows in plan)
+    from jobs.loss import SHARED_PREFIX_MIN
+
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    return Batch(len(chosen), max(lengths[i] for i in chosen), trained, "dataset", shared), tokenizer
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens all ``rows`` have in common (0 for a single row: nothing is shared)."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1  # as the loss: at least one position after the prefix
+    first = rows[0]
+    for k in range(n):
+        if any(r[k] != first[k] for r in rows[1:]):
+            return k
+    return max(n, 0)
 
 
 def _meta_model(config, dtype: torch.dtype, trust_remote_code: bool):
@@ -241,6 +261,13 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     # The blocks that checkpoint: off while the saved tensors are weighed, on for the checkpointed pass.
     switches = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
 
+    def shared(length: int) -> int:
+        """The shared prefix at this probe length, in proportion, so that what grows with the tokens
+        stays separate from what does not; none under checkpointing, where the loss shares nothing."""
+        if checkpointing or not batch.shared:
+            return 0
+        return batch.shared * length // batch.length
+
     def checkpoint_blocks(on: bool) -> None:
         for m in switches:
             m.gradient_checkpointing = on
@@ -257,7 +284,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         # The loss sees what the model keeps through saved.observing (its own hooks are innermost).
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), (saved.observing(pack) if saved else contextlib.nullcontext()), \
                 _Shapes(shapes):
-            loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
+            loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained, shared(length)),
                                      spec.training.loss_chunk_tokens, saved)
             # Only what is still alive when the forward ends: a side computation whose graph was
             # dropped (e.g. a detached weight norm) has already given its memory back.
@@ -294,7 +321,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         handle = blocks.modules[-1].register_forward_hook(measure)
         try:
             with _Made(made, where):
-                loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained),
+                loss, _ = token_loss_sum(model, _probe_batch(batch.rows, length, batch.trained, shared(length)),
                                          spec.training.loss_chunk_tokens, saved)
                 del loss
         finally:
@@ -371,9 +398,11 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-def _probe_batch(rows: int, length: int, trained: int) -> dict:
-    """Random tokens; the trained positions spread over the rows, at their ends."""
+def _probe_batch(rows: int, length: int, trained: int, shared: int = 0) -> dict:
+    """Random tokens, the first ``shared`` the same in every row; the trained positions spread
+    over the rows, at their ends."""
     ids = torch.randint(0, PROBE_VOCAB, (rows, length))
+    ids[:, :shared] = ids[:1, :shared]
     labels = torch.full((rows, length), -100)
     for r in range(rows):
         k = min(length - 1, trained // rows + (r < trained % rows))

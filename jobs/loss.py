@@ -24,17 +24,79 @@ from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None) -> torch.Tensor:
     """The last hidden states; with ``saved`` (the state ``jobs.fused.install`` was given), its lean
-    functions' outputs that later layers save are rebuilt in backward instead of kept."""
+    functions' outputs that later layers save are rebuilt in backward instead of kept.
+
+    A prefix every row of the batch starts with is computed once (``shared_prefix``)."""
     ids = batch["input_ids"]
     none = torch.empty(0, dtype=torch.long, device=ids.device)
     rebuilding = saved.rebuilding() if saved is not None else contextlib.nullcontext()
+    shared = shared_prefix(model, batch)
     with attention_kernels(ids.device, ids.shape[1]), rebuilding:
+        if shared:
+            return _shared_prefix_hidden(model, batch, shared, none)
         out = model(input_ids=ids, attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=none, use_cache=False)
     hidden = out.hidden_states[-1]
     # Prompt tuning prepends virtual tokens: the text's positions are the last ones.
     offset = hidden.shape[1] - batch["input_ids"].shape[1]
     return hidden[:, offset:]
+
+
+SHARED_PREFIX_MIN = 8  # tokens; below this the second call costs more than the prefix saves
+
+
+def shared_prefix(model: torch.nn.Module, batch: dict) -> int:
+    """How many leading tokens every row of ``batch`` has in common, when the model can compute
+    them once for all rows; 0 when it cannot or it would not pay.
+
+    Chat data repeats its template and system prompt at the start of every row: SmolLM2's
+    default system prompt is 20 of the demo rows' 57 tokens. A causal model's states for those
+    positions are the same in every row, so the prefix runs once, its keys and values are
+    repeated for each row, and the rest of the rows attend to them. Summing the rows' gradients
+    through the repeat gives exactly the gradient of the unshared batch.
+
+    Not shared: a single row; a model with active dropout (one draw for the prefix would be
+    correlated across rows); gradient checkpointing (recomputation would replay the cache
+    writes); virtual-token methods (prefix and prompt tuning prepend their own states); models
+    without a key/value cache.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if ids.shape[0] < 2 or ids.shape[1] <= SHARED_PREFIX_MIN:
+        return 0
+    same = ((ids == ids[:1]) & (mask != 0)).all(0)
+    n = int(same.long().cumprod(0).sum())
+    n = min(n, ids.shape[1] - 1)  # at least one position left for the second call
+    if n < SHARED_PREFIX_MIN or not _can_share(model):
+        return 0
+    return n
+
+
+def _can_share(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(model, "is_gradient_checkpointing", False):
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return False
+    if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: torch.Tensor) -> torch.Tensor:
+    """``final_hidden`` with the first ``n`` positions computed once for every row."""
+    from transformers import DynamicCache
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    head = model(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], past_key_values=cache, use_cache=True,
+                 output_hidden_states=True, logits_to_keep=none)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(rows)
+    tail = model(input_ids=ids[:, n:], attention_mask=mask, past_key_values=cache, use_cache=True,
+                 output_hidden_states=True, logits_to_keep=none)
+    return torch.cat([head.hidden_states[-1].expand(rows, -1, -1), tail.hidden_states[-1]], dim=1)
 
 
 def attention_kernels(device: torch.device, seq_len: int):

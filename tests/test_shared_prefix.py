@@ -1,0 +1,112 @@
+"""A prefix every row of a batch shares is computed once, and the loss and gradients are those of
+the unshared batch; where sharing would change the maths it is not used."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import jobs.loss as loss_module
+from adapters import METHODS
+from adapters.base import Context
+from conftest import make_spec
+from jobs import fused, models
+from jobs.data import collate, encode
+from jobs.spec import parse_spec
+
+LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
+PROMPT = "you are a careful helper . answer the question in words , then stop . the question is :"
+
+
+def _rows(n: int = 6) -> list[dict]:
+    # Different lengths after the common instruction, so that rows are padded differently.
+    return [{"instruction": PROMPT, "input": f"what is {i} plus {' 1' * (1 + i % 3)} ?",
+             "output": f"the answer is {i + 1 + i % 3}"} for i in range(n)]
+
+
+def _batch(src, rows):
+    tok = models.load_tokenizer(src)
+    return collate(encode(rows, "instruction", tok, 128, "rows"), tok.pad_token_id)
+
+
+def _model(src, tok, tmp, method: dict, checkpointing: bool = False):
+    spec = parse_spec(make_spec(src.path, "unused.jsonl", tmp / "run", method=method))
+    method, cfg = spec.method_config()
+    ctx = Context(spec=spec, device=torch.device("cpu"), dtype=torch.float32, tokenizer=tok)
+    torch.manual_seed(0)
+    model = method.apply(models.load_model(src), cfg, ctx)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, batch, share: bool, saved=None):
+    model.zero_grad(set_to_none=True)
+    original = loss_module.shared_prefix
+    try:
+        if not share:
+            loss_module.shared_prefix = lambda *a: 0
+        total, n = loss_module.token_loss_sum(model, batch, 16, saved)
+    finally:
+        loss_module.shared_prefix = original
+    (total / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return float(total.detach()) / n, grads
+
+
+VIRTUAL_TOKENS = ("prefix", "prompt")  # methods that prepend states of their own: never shared
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_model, tmp_path_factory):
+    src = models.resolve(str(tiny_model))
+    tok = models.load_tokenizer(src)
+    return src, tok, _batch(src, _rows()), tmp_path_factory
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_shared_prefix_gives_the_unshared_loss_and_gradients(name, setting):
+    src, tok, batch, factory = setting
+    model = _model(src, tok, factory.mktemp(name), {"name": name})
+    shared = loss_module.shared_prefix(model, batch)
+    if name in VIRTUAL_TOKENS:
+        assert shared == 0
+        return
+    assert shared >= loss_module.SHARED_PREFIX_MIN
+    assert (batch["input_ids"][:, :shared] == batch["input_ids"][:1, :shared]).all()
+    assert not (batch["input_ids"][:, shared] == batch["input_ids"][0, shared]).all()
+    loss, grads = _loss_and_grads(model, batch, share=True)
+    ref_loss, ref_grads = _loss_and_grads(model, batch, share=False)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for key, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[key], rtol=1e-4, atol=1e-4 * float(ref_grads[key].abs().max()),
+                                   msg=key)
+
+
+def test_shared_prefix_with_the_lean_functions_installed(setting):
+    src, tok, batch, factory = setting
+    model = _model(src, tok, factory.mktemp("lean"), LORA)
+    saved = fused.SavedOutputs()
+    fused.install(model, saved)
+    loss, grads = _loss_and_grads(model, batch, True, saved)
+    ref_loss, ref_grads = _loss_and_grads(model, batch, False, saved)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-4 * float(ref_grads[name].abs().max()))
+
+
+def test_what_is_not_shared(setting):
+    src, tok, batch, factory = setting
+    tmp = factory.mktemp("not-shared")
+    lora = _model(src, tok, tmp, LORA)
+    assert loss_module.shared_prefix(lora, batch) > 0
+    assert loss_module.shared_prefix(_model(src, tok, tmp, {**LORA, "dropout": 0.1}), batch) == 0  # one dropout draw
+    assert loss_module.shared_prefix(_model(src, tok, tmp, LORA, checkpointing=True), batch) == 0  # cache replayed
+    assert loss_module.shared_prefix(lora, {k: v[:1] for k, v in batch.items()}) == 0  # one row
+    ids = batch["input_ids"][:2].clone()
+    short = dict(batch, input_ids=ids.clone(), attention_mask=batch["attention_mask"][:2])
+    short["input_ids"][1, loss_module.SHARED_PREFIX_MIN - 1] += 1
+    assert loss_module.shared_prefix(lora, short) == 0  # under SHARED_PREFIX_MIN in common
+    ids[1, 0] += 1
+    assert loss_module.shared_prefix(lora, dict(short, input_ids=ids)) == 0  # nothing in common
