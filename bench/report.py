@@ -12,8 +12,10 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "memory", "estimator", "quality", "efficiency", "scale")
-TITLES = {"speed": "Speed and memory against Trainer and TRL", "memory": "Memory ladder", "quality": "Quality ladder",
+ORDER = ("speed", "speed-secondary", "memory", "estimator", "quality", "efficiency", "scale")
+TITLES = {"speed": "Speed and memory against Trainer and TRL",
+          "speed-secondary": "Speed: the other legs (trained-positions loss, both on the system's malloc)",
+          "memory": "Memory ladder", "quality": "Quality ladder",
           "efficiency": "Efficiency", "estimator": "Memory estimator out of sample",
           "scale": "Against Trainer by model size"}
 
@@ -42,7 +44,7 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
+    sections = {"speed": _speed, "speed-secondary": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
                 "estimator": _estimator, "scale": _scale}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
@@ -126,6 +128,8 @@ def _speed(data: dict):
     lines = []
     for anchor in ("trainer", "trl"):
         speed, memory = data.get(f"speedup_vs_{anchor}"), data.get(f"memory_ratio_vs_{anchor}")
+        if anchor not in {r.get("system") for r in data.get("runs") or []}:
+            continue  # a run of other legs (python -m bench.speed --systems ...)
         if speed is None:
             lines.append(f"- against {NAMES[anchor]}: no ratio (a run failed or the leg did not run)")
             continue
@@ -142,6 +146,8 @@ def _speed(data: dict):
               "side's extremes; a tie means the two systems' runs overlap. Every comparison but the last row's "
               "is on the same allocator.", "",
               "Systems: " + "; ".join(f"`{k}`: {v['about']}" for k, v in systems.items()) + ".", ""]
+    if data.get("suite_seconds"):
+        lines += [f"The whole run of this file took {data['suite_seconds'] / 60:.0f} minutes on this machine.", ""]
     runs = data.get("runs") or []
     lines += [table(["system", "run", "trained tok/s", "tokens/s", "peak memory", "mean train loss", "allocator",
                      "load"],

@@ -43,9 +43,9 @@ MEMORY_TARGET = 0.5    # peak memory, ours / each anchor
 DEFAULT = {"steps": 21, "repeats": 4}
 FULL = {"steps": 41, "repeats": 6}
 LONG, LONG_FULL = {"steps": 21, "repeats": 4}, {"steps": 41, "repeats": 6}
-# 2 conversations of about 400 tokens per step: long rows at half the previous batch, so that
-# 4 repeats of 20 measured steps fit the default suite on two cores.
-LONG_ROWS = {"exchanges": 8, "batch_size": 2, "max_seq_len": 512}
+# 2 conversations of about 200 tokens per step (the length of much chat data), so that a step
+# costs about what a demo step does and 4 repeats of 20 measured steps stay affordable on two cores.
+LONG_ROWS = {"exchanges": 4, "batch_size": 2, "max_seq_len": 512}
 ANCHORS = ("trainer", "trl")   # the headline comparisons, each against "ours"
 
 
@@ -57,21 +57,21 @@ class Leg:
     preload: bool                  # on the allocator job processes use (jobs.allocator)
     about: str
     options: dict = field(default_factory=dict)
-    long_rows: bool = False        # also run on the longer rows in the default suite (--full: every leg)
+    headline: bool = False         # in the default suite, on both row sets (the rest: --full or --systems)
 
 
 def legs(device: str = "cpu", full: bool = False) -> list[Leg]:
     """The systems of one round. ``device`` is where the runs will train ("cuda" adds the GPU anchors)."""
     from jobs.allocator import preload_env
 
-    out = [Leg("ours", "ours", True, "our loop (jobs.train), as a job runs it", long_rows=True),
-           Leg("trainer", "trainer", True, "transformers.Trainer + peft", long_rows=True),
+    out = [Leg("ours", "ours", True, "our loop (jobs.train), as a job runs it", headline=True),
+           Leg("trainer", "trainer", True, "transformers.Trainer + peft", headline=True),
            Leg("trainer_trained_loss", "trainer", True,
                "Trainer + peft with a compute_loss that projects only trained positions", {"trained_loss": True}),
-           Leg("trl", "trl", True, "TRL SFTTrainer, completion-only loss", long_rows=True)]
+           Leg("trl", "trl", True, "TRL SFTTrainer, completion-only loss", headline=True)]
     if device == "cuda":
         out += [Leg("trainer_liger", "trainer", True, "Trainer + peft with use_liger_kernel", {"liger": True}, True),
-                Leg("unsloth", "unsloth", True, "Unsloth's FastLanguageModel + Trainer", long_rows=True)]
+                Leg("unsloth", "unsloth", True, "Unsloth's FastLanguageModel + Trainer", headline=True)]
     if full:
         out.append(Leg("trl_defaults", "trl", True,
                        "TRL SFTTrainer with its own defaults for precision and gradient checkpointing",
@@ -95,13 +95,21 @@ def speed_spec(steps: int, base: dict | None = None) -> dict:
 
 
 def run(full: bool = False, *, spec: dict | None = None, steps: int | None = None, repeats: int | None = None,
-        results_dir: Path | None = None, long_rows: bool = True, systems: list[str] | None = None) -> dict:
-    """``systems`` limits the round to those legs (default: all of them for this device)."""
+        results_dir: Path | None = None, long_rows: bool = True, systems: list[str] | None = None,
+        name: str = "speed") -> dict:
+    """The headline legs (ours against each anchor) by default, every leg with ``full``; ``systems``
+    names the legs to run instead. The result is written as ``name``.json."""
     budget = FULL if full else DEFAULT
     steps, repeats = steps or budget["steps"], repeats or budget["repeats"]
     spec = speed_spec(steps, spec)
     device = "cuda" if common.gpus() else "cpu"
-    rounds = [leg for leg in legs(device, full) if not systems or leg.system in systems]
+    every = legs(device, full=True)
+    unknown = sorted(set(systems or ()) - {leg.system for leg in every})
+    if unknown:
+        raise SystemExit(f"unknown system(s) {', '.join(unknown)}; this device has: "
+                         f"{', '.join(leg.system for leg in every)}")
+    rounds = [leg for leg in every if (leg.system in systems if systems else full or leg.headline)]
+    started = time.perf_counter()
     warm_model_cache(spec["model"])
     runs = _rounds(rounds, spec, steps, repeats, "speed")
     payload = {"settings": {"steps": steps, "measured_steps": steps - 1, "repeats": repeats,
@@ -113,13 +121,13 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
     if long_rows:
         long = LONG_FULL if full else LONG
         long_spec = speed_spec(long["steps"], long_rows_spec(spec, common.RAW / "long_rows.jsonl"))
-        # The headline legs only, by default: a round on these rows takes minutes on two cores.
-        long_legs = [leg for leg in rounds if full or leg.long_rows]
+        long_legs = rounds
         long_runs = _rounds(long_legs, long_spec, long["steps"], long["repeats"], "speed-long")
         payload["long_rows"] = {"settings": {"steps": long["steps"], "measured_steps": long["steps"] - 1,
                                              "repeats": long["repeats"], "spec": long_spec, "rows": LONG_ROWS},
                                 "runs": long_runs, **summarise(long_runs)}
-    write_result("speed", payload, results_dir)
+    payload["suite_seconds"] = time.perf_counter() - started
+    write_result(name, payload, results_dir)
     return payload
 
 
@@ -148,12 +156,12 @@ def _rounds(rounds: list[Leg], spec: dict, steps: int, repeats: int, label: str)
     return runs
 
 
-def long_rows_spec(spec: dict, path: Path, exchanges: int = 8) -> dict:
+def long_rows_spec(spec: dict, path: Path, exchanges: int = LONG_ROWS["exchanges"]) -> dict:
     """The same run on longer rows: conversations of ``exchanges`` demo questions and answers.
 
     The demo's rows are about 60 tokens, so a step is dominated by fixed per-layer costs and
     both processes by the libraries and the weights. Fine-tuning data is usually longer;
-    these conversations (every answer trained, as chat data is) run to about 400 tokens.
+    these conversations (every answer trained, as chat data is) run to about 200 tokens.
     """
     rows = [json.loads(line) for line in Path(spec["dataset"]["path"]).read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -472,8 +480,8 @@ def _unsloth(params: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.speed [--full] [--systems a,b] [--no-long-rows] [--steps N] [--repeats N]``:
-    the benchmark alone, or part of it (``python -m bench --only speed`` runs all of it)."""
+    """``python -m bench.speed [--full] [--systems a,b] [--no-long-rows] [--steps N] [--repeats N] [--name N]``:
+    the speed benchmark alone, or some of its legs (``python -m bench --only speed`` is the default suite)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.speed", description=main.__doc__.splitlines()[0])
@@ -482,9 +490,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-long-rows", action="store_true", help="the demo rows only")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--name", default="speed", help="results/<name>.json (default: speed)")
     args = parser.parse_args(argv)
     run(args.full, steps=args.steps, repeats=args.repeats, long_rows=not args.no_long_rows,
-        systems=args.systems.split(",") if args.systems else None)
+        systems=args.systems.split(",") if args.systems else None, name=args.name)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ def tiny_spec(tiny_model, tmp_path) -> dict:
 
 def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alike(tiny_spec, results):
     # 32 rows in batches of 4: 8 steps are exactly one epoch, so every system sees every row once.
-    out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False)
-    runs = {r["system"]: r for r in out["runs"]}
     from jobs.allocator import preload_env
+
+    every = [leg.system for leg in speed.legs("cpu") if leg.system != "trl_defaults"]
+    out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False, systems=every)
+    runs = {r["system"]: r for r in out["runs"]}
 
     expected = {"ours", "trainer", "trainer_trained_loss", "trl"}
     # Where job processes run on another malloc than a script, the both-on-glibc pair runs beside them.
@@ -63,6 +65,18 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
     saved = json.loads((results / "speed.json").read_text())
     assert saved["benchmark"] == "speed" and saved["machine"]["versions"]["torch"] and saved["machine"]["commit"]
     assert saved["speedup_vs_trl"] == out["speedup_vs_trl"]
+
+
+def test_the_default_suite_is_the_headline_and_unknown_systems_are_refused(tiny_spec, results, monkeypatch):
+    ran = []
+    monkeypatch.setattr(speed, "_rounds", lambda legs, spec, steps, repeats, label: ran.append(
+        (label, [leg.system for leg in legs])) or [])
+    monkeypatch.setattr(speed, "warm_model_cache", lambda model: {})
+    out = speed.run(spec=tiny_spec, results_dir=results, name="speed-default")
+    assert ran == [("speed", ["ours", "trainer", "trl"]), ("speed-long", ["ours", "trainer", "trl"])]
+    assert out["suite_seconds"] >= 0 and (results / "speed-default.json").is_file()
+    with pytest.raises(SystemExit, match="unknown system"):
+        speed.run(spec=tiny_spec, results_dir=results, systems=["ours", "tranier"])
 
 
 def test_the_trained_positions_loss_equals_the_full_logits_loss(tiny_model):
