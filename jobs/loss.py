@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from adapters.core import compat
 from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 
@@ -73,7 +74,9 @@ def shared_prefix(model: torch.nn.Module, batch: dict) -> int:
 
 def _can_share(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(model, "is_gradient_checkpointing", False):
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if any(getattr(m, "gradient_checkpointing", None) is True for m in model.modules()):
         return False
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
@@ -89,13 +92,12 @@ def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: tor
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    head = model(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], past_key_values=cache, use_cache=True,
-                 output_hidden_states=True, logits_to_keep=none)
-    cache = head.past_key_values
+    cache = DynamicCache(config=model.config)  # filled in place by the first call
+    given = {compat.cache_keyword(model): cache, "use_cache": True, "output_hidden_states": True,
+             "logits_to_keep": none}
+    head = model(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], **given)
     cache.batch_repeat_interleave(rows)
-    tail = model(input_ids=ids[:, n:], attention_mask=mask, past_key_values=cache, use_cache=True,
-                 output_hidden_states=True, logits_to_keep=none)
+    tail = model(input_ids=ids[:, n:], attention_mask=mask, **given)
     return torch.cat([head.hidden_states[-1].expand(rows, -1, -1), tail.hidden_states[-1]], dim=1)
 
 

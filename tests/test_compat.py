@@ -50,6 +50,26 @@ def test_an_instance_forward_replaces_the_class_one_for_that_instance_only():
     assert "forward" not in a.state_dict() and "forward" not in vars(b)
 
 
+def test_a_causal_lm_fills_the_cache_it_is_given_by_the_keyword_compat_names():
+    """The loss's shared prefix (jobs.loss) passes a DynamicCache, reads nothing back from the
+    output, and continues from the cache after repeating it per row."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    whole = model(input_ids=ids).logits
+    for m in (model, get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))):
+        keyword = compat.cache_keyword(m)
+        cache = DynamicCache(config=m.config)
+        m(input_ids=ids[:, :4], **{keyword: cache}, use_cache=True)
+        assert cache.get_seq_length() == 4
+        cache.batch_repeat_interleave(2)
+        rest = m(input_ids=ids[:, 4:].repeat(2, 1), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                 **{keyword: cache}, use_cache=True).logits
+        torch.testing.assert_close(rest, whole[:, 4:].repeat(2, 1, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_tied_weight_keys_name_the_output_head():
     assert any("lm_head" in k for k in compat.tied_weight_keys(tiny_llama(tie=True)))
 

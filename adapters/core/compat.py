@@ -20,6 +20,8 @@ Relied on (checked with transformers 5.x, peft 0.18-0.21, bitsandbytes 0.4x-0.50
   ``disable_input_dtype_casting`` context flips; we flip it for the whole run.
 - bitsandbytes: ``bitsandbytes.functional.name2qmap`` caches the NF4/FP4 code book on the device
   of the first tensor quantized.
+- transformers: a causal LM's ``forward`` takes a ``DynamicCache`` it fills in place (the loss's
+  shared prefix), by the keyword ``cache`` or, before that, ``past_key_values``.
 - torch: a module's ``forward`` may be replaced on one instance (``nn.Module.__call__`` looks it
   up on the instance), leaving the class and saved models untouched.
 """
@@ -67,6 +69,15 @@ def set_attention(model: Any, name: str) -> None:
         model.set_attn_implementation(name)
     else:  # transformers before set_attn_implementation
         model.config._attn_implementation_internal = name
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a causal LM's ``forward`` takes its key/value cache by: ``cache`` in newer
+    transformers 5 releases, ``past_key_values`` before (deprecated there, to be removed)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def sdpa_attention():
