@@ -277,11 +277,14 @@ def machine_info(command: list[str] | None = None) -> dict:
 
 
 def commit() -> str | None:
-    """The checkout's commit, with ``-dirty`` when tracked files differ from it (what was measured)."""
+    """The checkout's commit, with ``-dirty`` when tracked files other than the benchmarks' own
+    results differ from it (what was measured: one benchmark's result written before the next
+    one runs does not change the code)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return None
