@@ -89,7 +89,8 @@ def _provenance(data: dict) -> str:
 
 NAMES = {"trainer": "Trainer + peft", "trl": "TRL SFTTrainer", "trainer_trained_loss": "Trainer, trained-positions loss",
          "trl_defaults": "TRL SFTTrainer, its own defaults", "trainer_liger": "Trainer + Liger kernels",
-         "unsloth": "Unsloth", "both_glibc": "Trainer + peft, both on the system's malloc"}
+         "unsloth": "Unsloth", "both_glibc": "Trainer + peft, both on the system's malloc",
+         "shared_prefix": "ours with the shared prefix off (training.share_prefix: false)"}
 
 
 def _range(c: dict) -> str:

@@ -72,6 +72,8 @@ def legs(device: str = "cpu", full: bool = False) -> list[Leg]:
     if device == "cuda":
         out += [Leg("trainer_liger", "trainer", True, "Trainer + peft with use_liger_kernel", {"liger": True}, True),
                 Leg("unsloth", "unsloth", True, "Unsloth's FastLanguageModel + Trainer", headline=True)]
+    out.append(Leg("ours_unshared", "ours", True, "our loop with training.share_prefix off",
+                   {"spec": {"training": {"share_prefix": False}}}))
     if full:
         out.append(Leg("trl_defaults", "trl", True,
                        "TRL SFTTrainer with its own defaults for precision and gradient checkpointing",
@@ -83,7 +85,7 @@ def legs(device: str = "cpu", full: bool = False) -> list[Leg]:
 
 
 # Each comparison: (ours, theirs). The headline ones are on equal footing.
-COMPARISONS = {"trainer": ("ours", "trainer"), "trl": ("ours", "trl"),
+COMPARISONS = {"trainer": ("ours", "trainer"), "trl": ("ours", "trl"), "shared_prefix": ("ours", "ours_unshared"),
                "trainer_trained_loss": ("ours", "trainer_trained_loss"), "trl_defaults": ("ours", "trl_defaults"),
                "trainer_liger": ("ours", "trainer_liger"), "unsloth": ("ours", "unsloth"),
                "both_glibc": ("ours_glibc", "trainer_glibc")}
@@ -247,7 +249,8 @@ def _precision(params: dict) -> str:
 
 def _ours(params: dict) -> dict:
     device, dtype = compute_device(_precision(params))
-    record, c = train_timed(params["spec"], Path(params["scratch"]) / "run")
+    spec = merge(params["spec"], (params.get("options") or {}).get("spec") or {})  # a leg's own settings
+    record, c = train_timed(spec, Path(params["scratch"]) / "run")
     losses = c["loss"]
     return _measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
                     device, dtype)

@@ -104,13 +104,35 @@ def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, objec
     plan = [rows[::t.devices] for rows in plan_batches(lengths, t.batch_size * t.devices, t.seed, 0)]
     chosen = plan[0]
     trained = sum(sum(1 for y in data.train[i].labels[1:] if y != -100) for i in chosen)
-    # The prefix the loss computes once per batch; the least any batch shares, so that the
-    # estimate holds for every step, and none when some batch could not share at all.
-    shared = min(_common_prefix([data.train[i].input_ids for i in rows]) for rows in plan)
+    length = max(lengths[i] for i in chosen)
+    shared = _shared_for_estimate(plan, [e.input_ids for e in data.train], lengths) if t.share_prefix else 0
+    return Batch(len(chosen), length, trained, "dataset", shared), tokenizer
+
+
+def _shared_for_estimate(plan: list[list[int]], ids: list[list[int]], lengths: list[int]) -> int:
+    """The prefix the estimate's batch (the plan's first) may count as computed once.
+
+    A batch's activations grow with the tokens the model computes: rows x length, less
+    (rows - 1) x the prefix the loss shares (jobs.loss.shared_prefix). The first batch is the
+    longest, but another may share less: its prefix, capped so that the first batch's count
+    still covers every batch's, and none below the loss's minimum.
+    """
     from jobs.loss import SHARED_PREFIX_MIN
 
-    shared = shared if shared >= SHARED_PREFIX_MIN else 0
-    return Batch(len(chosen), max(lengths[i] for i in chosen), trained, "dataset", shared), tokenizer
+    def shares(rows: list[int]) -> int:
+        n = _common_prefix([ids[i] for i in rows])
+        return n if n >= SHARED_PREFIX_MIN else 0
+
+    def computed(rows: list[int]) -> int:
+        return len(rows) * max(lengths[i] for i in rows) - (len(rows) - 1) * shares(rows)
+
+    first = plan[0]
+    if len(first) < 2:
+        return 0
+    most = max(computed(rows) for rows in plan)
+    room = (len(first) * max(lengths[i] for i in first) - most) // (len(first) - 1)
+    shared = min(shares(first), max(room, 0))
+    return shared if shared >= SHARED_PREFIX_MIN else 0
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

@@ -23,15 +23,17 @@ from adapters.core import compat
 from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 
-def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None) -> torch.Tensor:
+def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None,
+                 share_prefix: bool = True) -> torch.Tensor:
     """The last hidden states; with ``saved`` (the state ``jobs.fused.install`` was given), its lean
     functions' outputs that later layers save are rebuilt in backward instead of kept.
 
-    A prefix every row of the batch starts with is computed once (``shared_prefix``)."""
+    A prefix every row of the batch starts with is computed once (``shared_prefix``), unless
+    ``share_prefix`` is false (``training.share_prefix``)."""
     ids = batch["input_ids"]
     none = torch.empty(0, dtype=torch.long, device=ids.device)
     rebuilding = saved.rebuilding() if saved is not None else contextlib.nullcontext()
-    shared = shared_prefix(model, batch)
+    shared = shared_prefix(model, batch) if share_prefix else 0
     with attention_kernels(ids.device, ids.shape[1]), rebuilding:
         if shared:
             return _shared_prefix_hidden(model, batch, shared, none)
@@ -171,9 +173,9 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int,
-                   saved: SavedOutputs | None = None) -> tuple[torch.Tensor, int]:
+                   saved: SavedOutputs | None = None, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and how many there were."""
-    hidden = final_hidden(model, batch, saved)
+    hidden = final_hidden(model, batch, saved, share_prefix)
     mask = trained_positions(batch["labels"])
     h = hidden[mask]
     y = batch["labels"][:, 1:][mask[:, :-1]]

@@ -59,6 +59,8 @@ class TrainingSpec(Section):
     gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in backward to save memory.")
     lean_activations: StrictBool = Field(
         True, description="RMSNorm and SwiGLU that keep only their inputs for backward (same maths, less memory).")
+    share_prefix: StrictBool = Field(
+        True, description="Compute once the leading tokens every row of a batch shares (same maths, less work).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds initialisation, data order and dropout.")
     log_every: int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
     eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0: only at the end).")

@@ -293,7 +293,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
 
         def loss_fn(batch: dict) -> torch.Tensor:
             with autocast():
-                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens, lean)
+                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens, lean, t.share_prefix)
             return total / max(step_trained, 1)
 
         lr = lr_at(step, rcfg.lr, max_steps, t.warmup_steps, t.lr_schedule)

@@ -40,7 +40,7 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
     out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False, systems=every)
     runs = {r["system"]: r for r in out["runs"]}
 
-    expected = {"ours", "trainer", "trainer_trained_loss", "trl"}
+    expected = {"ours", "ours_unshared", "trainer", "trainer_trained_loss", "trl"}
     # Where job processes run on another malloc than a script, the both-on-glibc pair runs beside them.
     assert set(runs) == (expected | {"ours_glibc", "trainer_glibc"} if preload_env() else expected)
     assert not out["failures"]

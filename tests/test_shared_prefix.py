@@ -96,6 +96,34 @@ def test_shared_prefix_with_the_lean_functions_installed(setting):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-4 * float(ref_grads[name].abs().max()))
 
 
+def test_the_spec_switch_turns_sharing_off(setting):
+    src, tok, batch, factory = setting
+    model = _model(src, tok, factory.mktemp("switch"), LORA)
+    calls = []
+    original = loss_module._shared_prefix_hidden
+    loss_module._shared_prefix_hidden = lambda *a: calls.append(1) or original(*a)
+    try:
+        loss_module.token_loss_sum(model, batch, 16, None, share_prefix=False)
+        assert not calls
+        loss_module.token_loss_sum(model, batch, 16)
+        assert calls
+    finally:
+        loss_module._shared_prefix_hidden = original
+    assert parse_spec(make_spec(src.path, "x.jsonl", factory.mktemp("s") / "run")).training.share_prefix is True
+
+
+def test_the_estimate_probes_with_the_prefix_every_batch_shares(setting, tmp_path):
+    from conftest import write_jsonl
+    from jobs.footprint import first_batch
+
+    src, tok, batch, factory = setting
+    data = write_jsonl(tmp_path / "rows.jsonl", _rows(24))
+    for share in (True, False):
+        spec = parse_spec(make_spec(src.path, data, tmp_path / "run", batch_size=6, share_prefix=share))
+        found, _ = first_batch(spec, src)
+        assert (found.shared >= loss_module.SHARED_PREFIX_MIN) if share else found.shared == 0
+
+
 def test_what_is_not_shared(setting):
     src, tok, batch, factory = setting
     tmp = factory.mktemp("not-shared")
