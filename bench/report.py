@@ -12,14 +12,13 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "speed-secondary", "speed-prefix", "memory", "estimator", "quality", "efficiency", "scale", "scale-lora")
+ORDER = ("speed", "speed-secondary", "speed-prefix", "memory", "estimator", "quality", "efficiency", "scale")
 TITLES = {"speed": "Speed and memory against Trainer and TRL",
           "speed-secondary": "Speed: the other legs (trained-positions loss, both on the system's malloc)",
           "speed-prefix": "Speed: what the shared prefix buys (ours with and without it)",
           "memory": "Memory ladder", "quality": "Quality ladder",
           "efficiency": "Efficiency", "estimator": "Memory estimator out of sample",
-          "scale": "Against Trainer by model size",
-          "scale-lora": "Against Trainer by model size: LoRA alone, a later run"}
+          "scale": "Against Trainer by model size"}
 
 
 def load_results(results_dir: Path | None = None) -> dict[str, dict]:
@@ -47,7 +46,7 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
     sections = {"speed": _speed, "speed-secondary": _speed, "speed-prefix": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
-                "estimator": _estimator, "scale": _scale, "scale-lora": _scale}
+                "estimator": _estimator, "scale": _scale}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue

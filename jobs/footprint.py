@@ -105,11 +105,11 @@ def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, objec
     chosen = plan[0]
     trained = sum(sum(1 for y in data.train[i].labels[1:] if y != -100) for i in chosen)
     length = max(lengths[i] for i in chosen)
-    shared = _shared_for_estimate(plan, [e.input_ids for e in data.train], lengths) if t.share_prefix else 0
+    shared = _shared_for_estimate(plan, data.train, lengths) if t.share_prefix else 0
     return Batch(len(chosen), length, trained, "dataset", shared), tokenizer
 
 
-def _shared_for_estimate(plan: list[list[int]], ids: list[list[int]], lengths: list[int]) -> int:
+def _shared_for_estimate(plan: list[list[int]], examples: list, lengths: list[int]) -> int:
     """The prefix the estimate's batch (the plan's first) may count as computed once.
 
     A batch's activations grow with the tokens the model computes: rows x length, less
@@ -117,10 +117,12 @@ def _shared_for_estimate(plan: list[list[int]], ids: list[list[int]], lengths: l
     longest, but another may share less: its prefix, capped so that the first batch's count
     still covers every batch's, and none below the loss's minimum.
     """
-    from jobs.loss import SHARED_PREFIX_MIN
+    from jobs.data import collate
+    from jobs.loss import SHARED_PREFIX_MIN, common_prefix
 
-    def shares(rows: list[int]) -> int:
-        n = _common_prefix([ids[i] for i in rows])
+    def shares(rows: list[int]) -> int:  # as the loss finds it in the collated batch
+        batch = collate([examples[i] for i in rows], pad_id=0)
+        n = common_prefix(batch["input_ids"], batch["attention_mask"])
         return n if n >= SHARED_PREFIX_MIN else 0
 
     def computed(rows: list[int]) -> int:
@@ -133,18 +135,6 @@ def _shared_for_estimate(plan: list[list[int]], ids: list[list[int]], lengths: l
     room = (len(first) * max(lengths[i] for i in first) - most) // (len(first) - 1)
     shared = min(shares(first), max(room, 0))
     return shared if shared >= SHARED_PREFIX_MIN else 0
-
-
-def _common_prefix(rows: list[list[int]]) -> int:
-    """How many leading tokens all ``rows`` have in common (0 for a single row: nothing is shared)."""
-    if len(rows) < 2:
-        return 0
-    n = min(len(r) for r in rows) - 1  # as the loss: at least one position after the prefix
-    first = rows[0]
-    for k in range(n):
-        if any(r[k] != first[k] for r in rows[1:]):
-            return k
-    return max(n, 0)
 
 
 def _meta_model(config, dtype: torch.dtype, trust_remote_code: bool):
