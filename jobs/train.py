@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -183,11 +184,33 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
     return result
 
 
-def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
-           continuing, stop, progress, trackers=NO_TRACKERS) -> dict:
+@dataclass
+class Trainee:
+    """What a run trains: the model with its method applied, the lean functions' shared state
+    (None when ``training.lean_activations`` is off), the trained parameters and the update rule."""
+    model: torch.nn.Module
+    lean: fused.SavedOutputs | None
+    trainable: list[tuple[str, torch.nn.Parameter]]
+    stepper: object
+
+    def loss_fn(self, spec: JobSpec, trained_tokens: int, autocast) -> Callable[[dict], torch.Tensor]:
+        """A micro-batch's summed loss over ``trained_tokens``, the whole global step's count."""
+        t = spec.training
+
+        def loss(batch: dict) -> torch.Tensor:
+            with autocast():
+                total, _ = token_loss_sum(self.model, batch, t.loss_chunk_tokens, self.lean, t.share_prefix)
+            return total / max(trained_tokens, 1)
+        return loss
+
+
+def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device, dtype: torch.dtype, src,
+                  tokenizer) -> Trainee:
+    """Step 2 of a run: the base model loaded, the method applied, the update rule built, as a
+    job does it (the speed benchmarks build their models here too). Frozen base weights may live
+    in the compute dtype; trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning
+    keeps fp32 masters)."""
     t = spec.training
-    # 2. Model, method, update rule. Frozen base weights may live in the compute dtype;
-    # trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning keeps fp32 masters).
     model = models.load_model(src, models.frozen_base_dtype(method, dtype), spec.trust_remote_code).to(device)
     model.config.use_cache = False
     if t.gradient_checkpointing:
@@ -208,7 +231,15 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     if not trainable:
         raise StudioError(f"method {method.name!r} left no parameter to train.", "method",
                           "check the method's target modules / patterns.")
-    stepper = rule.build(trainable, rcfg, ctx)
+    return Trainee(model, lean, trainable, rule.build(trainable, rcfg, ctx))
+
+
+def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
+           continuing, stop, progress, trackers=NO_TRACKERS) -> dict:
+    t = spec.training
+    # 2. Model, method, update rule.
+    trainee = build_trainee(spec, method, mcfg, rule, rcfg, device, dtype, src, tokenizer)
+    model, trainable, stepper = trainee.model, trainee.trainable, trainee.stepper
     n_trainable = sum(p.numel() for _, p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
 
@@ -291,13 +322,8 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
         local = [rows[world.rank::world.size] for rows in global_rows]
         micro = [to_batch(rows) for rows in local if rows]
 
-        def loss_fn(batch: dict) -> torch.Tensor:
-            with autocast():
-                total, _ = token_loss_sum(model, batch, t.loss_chunk_tokens, lean, t.share_prefix)
-            return total / max(step_trained, 1)
-
         lr = lr_at(step, rcfg.lr, max_steps, t.warmup_steps, t.lr_schedule)
-        local_loss = stepper.step(micro, loss_fn, lr)
+        local_loss = stepper.step(micro, trainee.loss_fn(spec, step_trained, autocast), lr)
         loss = float(_sum_scalar(local_loss))
         if not math.isfinite(loss):
             raise StudioError(f"the loss became {loss} at step {step + 1}.", "optimizer.lr",
