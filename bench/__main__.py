@@ -1,6 +1,6 @@
 """The suite runner: ``python -m bench [--full] [--only NAME]``.
 
-Runs the benchmarks in order (speed, memory, estimator, quality, efficiency, scale), each writing its JSON
+Runs the benchmarks in order (speed, ab, memory, estimator, quality, efficiency, scale), each writing its JSON
 file into bench/results/, then rewrites the report from those files. A benchmark that
 crashes does not stop the others; the exit status says whether all of them finished.
 """
@@ -13,7 +13,7 @@ import time
 
 from bench.common import say
 
-BENCHMARKS = ("speed", "memory", "estimator", "quality", "efficiency", "scale")
+BENCHMARKS = ("speed", "ab", "memory", "estimator", "quality", "efficiency", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

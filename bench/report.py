@@ -12,10 +12,11 @@ from pathlib import Path
 
 import bench.common
 
-ORDER = ("speed", "speed-secondary", "speed-prefix", "memory", "estimator", "quality", "efficiency", "scale")
+ORDER = ("speed", "speed-secondary", "speed-prefix", "ab", "memory", "estimator", "quality", "efficiency", "scale")
 TITLES = {"speed": "Speed and memory against Trainer and TRL",
           "speed-secondary": "Speed: the other legs (trained-positions loss, both on the system's malloc)",
           "speed-prefix": "Speed: what the shared prefix buys (ours with and without it)",
+          "ab": "Speed: one change at a time, both variants in one process",
           "memory": "Memory ladder", "quality": "Quality ladder",
           "efficiency": "Efficiency", "estimator": "Memory estimator out of sample",
           "scale": "Against Trainer by model size"}
@@ -45,14 +46,15 @@ def write_report(results: dict[str, dict] | None = None, results_dir: Path | Non
     if plt is None:
         lines += ["> matplotlib is not installed, so this report has tables only "
                   "(`pip install matplotlib` and rerun `python -m bench --only report` for the plots).", ""]
-    sections = {"speed": _speed, "speed-secondary": _speed, "speed-prefix": _speed, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
+    sections = {"speed": _speed, "ab": _ab, "memory": _memory, "quality": _quality, "efficiency": _efficiency,
                 "estimator": _estimator, "scale": _scale}
     for name in [*ORDER, *sorted(set(results) - set(ORDER))]:
         if name not in results:
             continue
         data = results[name]
         lines += [f"## {TITLES.get(name, name.replace('_', ' ').capitalize())}", "", _provenance(data), ""]
-        body, plot = sections.get(name, _generic)(data)
+        # A file a benchmark wrote under another name (``--name speed-prefix``) gets its benchmark's section.
+        body, plot = sections.get(name, sections.get(name.split("-")[0], _generic))(data)
         lines += body
         if plt is not None and plot is not None:
             image = results_dir / f"{name}.png"
@@ -197,6 +199,29 @@ def _speed(data: dict):
         fig.suptitle("LoRA on the same data (bars: medians, dots: single runs)")
         _save(fig, path)
     return lines, (plot if runs else None)
+
+
+def _ab(data: dict):
+    """bench.ab: per change, the paired rounds' speedup with its range and the losses' agreement."""
+    s = data.get("settings") or {}
+    lines = [f"Our loop with and without each change, built in one process, alternating on the same "
+             f"{s.get('rows', '?')} batches: {s.get('rounds', '?')} rounds of {s.get('steps_per_round', '?')} "
+             "optimizer steps per side (ABBA). Speedup: the variant without the change's seconds over the "
+             "variant with it, per round; a tie where the rounds fall on both sides of 1. Speed only: both "
+             "share the process's memory.", ""]
+    rows = []
+    for name, c in (data.get("changes") or {}).items():
+        if "error" in c:
+            rows.append([name, c.get("about", ""), "failed", c["error"], "", "", ""])
+            continue
+        sps = c["seconds_per_step"]
+        rows.append([name, c["about"], f"{c['speedup']:.2f}x ({c['speedup_min']:.2f}-{c['speedup_max']:.2f})",
+                     c["verdict"], f"{sps['with_it']['median']:.2f} ({sps['with_it']['min']:.2f}-{sps['with_it']['max']:.2f})",
+                     f"{sps['without']['median']:.2f} ({sps['without']['min']:.2f}-{sps['without']['max']:.2f})",
+                     f"{c['max_loss_difference']:.1e}"])
+    lines += [table(["change", "what", "speedup (min-max)", "verdict", "s/step with it", "s/step without",
+                     "largest relative loss difference"], rows), ""]
+    return lines, None
 
 
 def _memory(data: dict):
@@ -397,7 +422,7 @@ def _scale(data: dict):
                     [[r["size"], fmt_count(r.get("parameters")), r["method"], r.get("steps", "-"),
                       fmt((r.get("ours") or {}).get("trained_tokens_per_second")),
                       fmt((r.get("trainer") or {}).get("trained_tokens_per_second")),
-                      _ratio(r.get("speedup_vs_trainer")),
+                      _ratio(r.get("speedup_vs_trainer")) + _scale_range(r),
                       fmt_bytes((r.get("ours") or {}).get("peak_memory_bytes")),
                       fmt_bytes((r.get("trainer") or {}).get("peak_memory_bytes")),
                       _ratio(r.get("memory_ratio_vs_trainer")), _ratio(r.get("projection_speedup")),
@@ -438,6 +463,14 @@ def _scale(data: dict):
         fig.suptitle("Ours vs transformers.Trainer + peft by model size (failed runs: see the table)")
         _save(fig, path)
     return lines, (plot if any(r.get("ours") or r.get("trainer") for r in rows) else None)
+
+
+def _scale_range(row: dict) -> str:
+    """A scale row's speed range over its runs, and "tie" where the two systems' runs overlap."""
+    low_high = row.get("speed_range")
+    if not low_high or low_high[0] == low_high[1]:
+        return ""
+    return f" ({low_high[0]:.2f}-{low_high[1]:.2f})" + (" tie" if row.get("speed_tie") else "")
 
 
 def _params_label(n: int) -> str:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import bench.common
-from bench import efficiency, quality, speed
+from bench import ab, efficiency, quality, speed
 from bench.__main__ import main
 from bench.report import write_report
 from conftest import ROOT, toy_rows, write_jsonl
@@ -77,6 +77,39 @@ def test_the_default_suite_is_the_headline_and_unknown_systems_are_refused(tiny_
     assert out["suite_seconds"] >= 0 and (results / "speed-default.json").is_file()
     with pytest.raises(SystemExit, match="unknown system"):
         speed.run(spec=tiny_spec, results_dir=results, systems=["ours", "tranier"])
+
+
+def test_ab_pairs_each_change_with_the_loop_without_it_on_the_same_batches(tiny_spec, results):
+    # The compiled variant traces the same graphs without generating kernels (inductor's code
+    # generation alone takes a minute here; bench.ab uses it by default).
+    out = ab.run(spec=tiny_spec, changes=("share_prefix", "compile"), rounds=2, steps=2,
+                 results_dir=results, name="ab-tiny", compile_backend="aot_eager")
+    assert not out["failures"]
+    for name, c in out["changes"].items():
+        assert len(c["round_speedups"]) == 2 and all(r > 0 for r in c["round_speedups"])
+        assert c["speedup_min"] <= c["speedup"] <= c["speedup_max"]
+        assert c["verdict"] in ("faster", "slower", "tie")
+        assert len(c["losses"]["with_it"]) == len(c["losses"]["without"]) == 4
+        # No change alters the maths: both variants, from one seed on the same batches, train alike.
+        assert c["max_loss_difference"] < 1e-3, name
+    assert out["changes"]["share_prefix"]["without"] == "no_share_prefix"
+    assert out["changes"]["compile"]["compiled_layers"] == 2  # the tiny model's decoder layers
+    saved = json.loads((results / "ab-tiny.json").read_text())
+    assert saved["benchmark"] == "ab-tiny" and saved["machine"]["commit"] and saved["settings"]["rounds"] == 2
+    assert "| share_prefix |" in write_report(results_dir=results).read_text()
+    with pytest.raises(SystemExit, match="unknown change"):
+        ab.run(spec=tiny_spec, changes=("share_prefx",), results_dir=results)
+
+
+def test_ab_summary_calls_a_change_faster_only_when_every_round_agrees():
+    def result(with_it, without):
+        return {"seconds": {"with_it": with_it, "without": without}, "steps": 2, "max_loss_difference": 0.0}
+
+    faster = ab.summarise(result([1.0, 1.0, 1.2], [1.5, 1.6, 1.3]))
+    assert faster["verdict"] == "faster" and faster["speedup"] == pytest.approx(1.5)
+    assert faster["seconds_per_step"]["with_it"]["median"] == pytest.approx(0.5)
+    assert ab.summarise(result([1.0, 1.0], [1.2, 0.9]))["verdict"] == "tie"
+    assert ab.summarise(result([2.0, 2.0], [1.0, 1.5]))["verdict"] == "slower"
 
 
 def test_the_trained_positions_loss_equals_the_full_logits_loss(tiny_model):
