@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.speed import compare
 from bench.common import (compute_device, demo_spec, merge, quiet_eval, run_isolated, say, sync, train_timed,
                           with_budget, worker_main, write_result)
 
@@ -146,6 +147,15 @@ def summarise(runs: list[dict], sizes, methods, models: dict) -> list[dict]:
             both = row["ours"] and row["trainer"]
             row["speedup_vs_trainer"] = (row["ours"]["trained_tokens_per_second"] /
                                          row["trainer"]["trained_tokens_per_second"]) if both else None
+            # The range the runs' extremes allow, and a tie where the two systems' runs overlap
+            # (known only with two runs or more per system: one run has no spread to overlap).
+            row["speed_range"], row["speed_tie"] = None, None
+            if both:
+                ours = [r for r in mine if r["system"] == "ours" and "error" not in r]
+                theirs = [r for r in mine if r["system"] == "trainer" and "error" not in r]
+                c = compare(ours, theirs, "trained_tokens_per_second")
+                row["speed_range"] = [c["ratio_min"], c["ratio_max"]]
+                row["speed_tie"] = c["tie"] if min(len(ours), len(theirs)) >= 2 else None
             row["memory_ratio_vs_trainer"] = (row["ours"]["peak_memory_bytes"] /
                                               row["trainer"]["peak_memory_bytes"]) if both else None
             # What skipping the vocabulary projection at untrained positions alone would give
@@ -197,8 +207,17 @@ def finding(rows: list[dict]) -> str:
         series = ", ".join(f"{r['speedup_vs_trainer']:.2f}x at {_count(r['parameters'])}" for r in done)
         mems = ", ".join(f"{r['memory_ratio_vs_trainer']:.2f}x" for r in done)
         best = max(done, key=lambda r: r["speedup_vs_trainer"])
+        ties = [r["size"] for r in done if r.get("speed_tie")]
+        if len(ties) == len(done):  # no size separates the two systems: no trend to read
+            parts.append(f"{label}: ours and Trainer tie on speed at every size (each pair's runs overlap; medians "
+                         f"{series} trained tokens/s of Trainer's); the memory advantage {_verb(memory['trend'])} "
+                         f"(peak {mems} of Trainer's)" + (f"; no ratio for {', '.join(missing)} (a run failed)"
+                                                          if missing else "") + ".")
+            continue
         text = (f"{label}: the speed advantage {_verb(speed['trend'])} with size ({series} trained tokens/s of "
                 f"Trainer's)")
+        if ties:
+            text += f" (a tie at {', '.join(ties)}: the runs overlap)"
         ends = [done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"]]
         worst = min(done, key=lambda r: r["speedup_vs_trainer"])
         if best["speedup_vs_trainer"] / max(ends) - 1.0 > TREND_TOLERANCE:  # a peak between the ends

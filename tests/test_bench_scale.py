@@ -9,6 +9,7 @@ import json
 import pytest
 
 from bench import scale
+from bench import report
 from bench.report import write_report
 from conftest import toy_rows, write_jsonl
 
@@ -79,6 +80,24 @@ def test_summary_trend_and_finding_follow_the_numbers():
     slower = scale.summarise(_runs("s", 100, "lora", 18, 20, 6, 10) + _runs("l", 1500, "lora", 30, 20, 6, 10),
                              ("s", "l"), ("lora",), models)
     assert "grows" in scale.finding(slower) and "below 1x Trainer was the faster" in scale.finding(slower)
+
+
+def test_a_size_whose_runs_overlap_is_a_tie_and_ties_everywhere_claim_no_trend():
+    models = {"s": {"parameters": 100}, "l": {"parameters": 1500}}
+    overlap = (_runs("s", 100, "lora", 20, 18, 6, 10) + _runs("s", 100, "lora", 26, 27, 6, 10)
+               + _runs("l", 1500, "lora", 30, 26, 6, 10) + _runs("l", 1500, "lora", 25, 26, 6, 10))
+    rows = scale.summarise(overlap, ("s", "l"), ("lora",), models)
+    assert all(r["speed_tie"] for r in rows) and rows[0]["speed_range"] == pytest.approx([20 / 27, 26 / 18])
+    text = scale.finding(rows)
+    assert "tie on speed at every size" in text and "grows" not in text and "memory advantage holds" in text
+    assert report._scale_range(rows[0]) == " (0.74-1.44) tie"  # the report's speedup cell
+    apart = scale.summarise(_runs("s", 100, "lora", 20, 18, 6, 10) + _runs("s", 100, "lora", 21, 20.5, 6, 10)
+                            + _runs("l", 1500, "lora", 40, 20, 6, 10) + _runs("l", 1500, "lora", 42, 21, 6, 10),
+                            ("s", "l"), ("lora",), models)
+    assert [r["speed_tie"] for r in apart] == [True, False]
+    assert "grows" in scale.finding(apart) and "a tie at s" in scale.finding(apart)
+    single = scale.summarise(_runs("s", 100, "lora", 20, 18, 6, 10), ("s",), ("lora",), {"s": {"parameters": 100}})
+    assert single[0]["speed_tie"] is None  # one run per system: no spread, so no verdict
 
 
 def test_load_note_only_when_the_machine_was_shared():
