@@ -215,8 +215,9 @@ def _ab(data: dict):
             rows.append([name, c.get("about", ""), "failed", c["error"], "", "", ""])
             continue
         sps = c["seconds_per_step"]
+        ahead = sum(1 for r in c["round_speedups"] if r > 1.0)
         rows.append([name, c["about"], f"{c['speedup']:.2f}x ({c['speedup_min']:.2f}-{c['speedup_max']:.2f})",
-                     c["verdict"], f"{sps['with_it']['median']:.2f} ({sps['with_it']['min']:.2f}-{sps['with_it']['max']:.2f})",
+                     f"{c['verdict']} ({ahead} of {len(c['round_speedups'])} rounds faster with it)", f"{sps['with_it']['median']:.2f} ({sps['with_it']['min']:.2f}-{sps['with_it']['max']:.2f})",
                      f"{sps['without']['median']:.2f} ({sps['without']['min']:.2f}-{sps['without']['max']:.2f})",
                      f"{c['max_loss_difference']:.1e}"])
     lines += [table(["change", "what", "speedup (min-max)", "verdict", "s/step with it", "s/step without",

@@ -96,7 +96,8 @@ def test_ab_pairs_each_change_with_the_loop_without_it_on_the_same_batches(tiny_
     assert out["changes"]["compile"]["compiled_layers"] == 2  # the tiny model's decoder layers
     saved = json.loads((results / "ab-tiny.json").read_text())
     assert saved["benchmark"] == "ab-tiny" and saved["machine"]["commit"] and saved["settings"]["rounds"] == 2
-    assert "| share_prefix |" in write_report(results_dir=results).read_text()
+    report = write_report(results_dir=results).read_text()
+    assert "| share_prefix |" in report and " of 2 rounds faster with it)" in report
     with pytest.raises(SystemExit, match="unknown change"):
         ab.run(spec=tiny_spec, changes=("share_prefx",), results_dir=results)
 
