@@ -29,7 +29,6 @@ Writes ``bench/results/ab.json`` (``--name`` for another file name).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -144,17 +143,16 @@ def _pair(params: dict) -> dict:
     from jobs import models
     from jobs.data import collate, plan_batches, prepare
     from jobs.spec import parse_spec
-    from jobs.train import build_trainee, pick_precision
+    from jobs.train import build_trainee
 
-    device, dtype_name = compute_device()
     scratch = Path(params["scratch"])
     names = {"with_it": params["with_it"], "without": params["without"]}
     specs = {side: parse_spec(merge(params["spec"], {"output_dir": str(scratch / side),
                                                      "training": VARIANTS[variant]}))
              for side, variant in names.items()}
     base = specs["with_it"]
-    dev = torch.device(device)
-    dtype = pick_precision(base.training.precision, dev)
+    device, dtype_name = compute_device(base.training.precision)
+    dev, dtype = torch.device(device), getattr(torch, dtype_name)
     src = models.resolve(base.model)
     tokenizer = models.load_tokenizer(src)
     data = prepare(base.dataset, tokenizer, base.training.max_seq_len, base.training.seed)
@@ -162,20 +160,18 @@ def _pair(params: dict) -> dict:
     for side, spec in specs.items():
         method, mcfg = spec.method_config()
         rule, rcfg = spec.optimizer_config()
-        trainees[side] = (spec, rcfg, build_trainee(spec, method, mcfg, rule, rcfg, dev, dtype, src, tokenizer))
+        trainees[side] = (rcfg, build_trainee(spec, method, mcfg, rule, rcfg, dev, dtype, src, tokenizer))
         if names[side] in COMPILED:
-            compiled = compile_layers(trainees[side][2].model, params.get("compile_backend", "inductor"))
+            compiled = compile_layers(trainees[side][1].model, params.get("compile_backend", "inductor"))
 
     lengths = [len(e.input_ids) for e in data.train]
-    trained = [sum(1 for y in e.labels[1:] if y != -100) for e in data.train]
     plan = plan_batches(lengths, base.training.batch_size, base.training.seed, 0)
-    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
 
     def one_step(side: str, rows: list[int]) -> float:
-        spec, rcfg, trainee = trainees[side]
+        rcfg, trainee = trainees[side]
         batch = {k: v.to(dev) for k, v in collate([data.train[i] for i in rows], tokenizer.pad_token_id).items()}
-        count = sum(trained[i] for i in rows)
-        return float(trainee.stepper.step([batch], trainee.loss_fn(spec, count, autocast), rcfg.lr))
+        count = sum(data.train[i].trained for i in rows)
+        return float(trainee.stepper.step([batch], trainee.loss_fn(count), rcfg.lr))
 
     # Warm-up, untimed: the first batches, once per side. The first is the plan's longest, so
     # the allocator has grown to its size; compilation happens here (dynamic shapes: a second

@@ -34,6 +34,11 @@ class Example:
     prompt_ids: list[int] | None
     target: str | None
 
+    @property
+    def trained(self) -> int:
+        """Positions whose next-token label is trained (not -100): what the loss averages over."""
+        return sum(1 for y in self.labels[1:] if y != IGNORE)
+
 
 @dataclass
 class Prepared:

@@ -103,7 +103,7 @@ def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, objec
     lengths = [len(e.input_ids) for e in data.train]
     plan = [rows[::t.devices] for rows in plan_batches(lengths, t.batch_size * t.devices, t.seed, 0)]
     chosen = plan[0]
-    trained = sum(sum(1 for y in data.train[i].labels[1:] if y != -100) for i in chosen)
+    trained = sum(data.train[i].trained for i in chosen)
     length = max(lengths[i] for i in chosen)
     shared = _shared_for_estimate(plan, data.train, lengths) if t.share_prefix else 0
     return Batch(len(chosen), length, trained, "dataset", shared), tokenizer

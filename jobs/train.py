@@ -37,7 +37,7 @@ from jobs.loss import token_loss_sum
 from jobs.memory import peak_memory
 from jobs.runfolder import (CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNER_FILES, RUNNING, RunFolder,
                             append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run)
-from jobs.spec import JobSpec, check_combination
+from jobs.spec import JobSpec, TrainingSpec, check_combination
 from jobs.trackers import NO_TRACKERS, Trackers
 
 StopFn = Callable[[], bool]
@@ -187,18 +187,28 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
 @dataclass
 class Trainee:
     """What a run trains: the model with its method applied, the lean functions' shared state
-    (None when ``training.lean_activations`` is off), the trained parameters and the update rule."""
+    (None when ``training.lean_activations`` is off), the trained parameters, the update rule,
+    and the run's training settings, device and compute dtype."""
     model: torch.nn.Module
     lean: fused.SavedOutputs | None
     trainable: list[tuple[str, torch.nn.Parameter]]
     stepper: object
+    training: TrainingSpec
+    device: torch.device
+    dtype: torch.dtype
 
-    def loss_fn(self, spec: JobSpec, trained_tokens: int, autocast) -> Callable[[dict], torch.Tensor]:
+    def autocast(self):
+        """The context the model computes in: autocast to the compute dtype, none in fp32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def loss_fn(self, trained_tokens: int) -> Callable[[dict], torch.Tensor]:
         """A micro-batch's summed loss over ``trained_tokens``, the whole global step's count."""
-        t = spec.training
+        t = self.training
 
         def loss(batch: dict) -> torch.Tensor:
-            with autocast():
+            with self.autocast():
                 total, _ = token_loss_sum(self.model, batch, t.loss_chunk_tokens, self.lean, t.share_prefix)
             return total / max(trained_tokens, 1)
         return loss
@@ -231,7 +241,7 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
     if not trainable:
         raise StudioError(f"method {method.name!r} left no parameter to train.", "method",
                           "check the method's target modules / patterns.")
-    return Trainee(model, lean, trainable, rule.build(trainable, rcfg, ctx))
+    return Trainee(model, lean, trainable, rule.build(trainable, rcfg, ctx), t, device, dtype)
 
 
 def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, tokenizer, data,
@@ -245,7 +255,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
 
     # The micro-batch stream: a pure function of (seed, epoch), so resume replays it exactly.
     lengths = [len(e.input_ids) for e in data.train]
-    trained_counts = [sum(1 for y in e.labels[1:] if y != -100) for e in data.train]
+    trained_counts = [e.trained for e in data.train]
     global_mb = t.batch_size * world.size
     per_epoch = len(plan_batches(lengths, global_mb, t.seed, 0))
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
@@ -264,7 +274,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
     def to_batch(rows: list[int]) -> dict:
         return {k: v.to(device) for k, v in collate([data.train[i] for i in rows], tokenizer.pad_token_id).items()}
 
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    autocast = trainee.autocast
 
     # 3. Resume.
     step, tokens_seen, trained_seen, train_seconds = 0, 0, 0, 0.0
@@ -323,7 +333,7 @@ def _train(spec, world, run_dir, method, mcfg, rule, rcfg, device, dtype, src, t
         micro = [to_batch(rows) for rows in local if rows]
 
         lr = lr_at(step, rcfg.lr, max_steps, t.warmup_steps, t.lr_schedule)
-        local_loss = stepper.step(micro, trainee.loss_fn(spec, step_trained, autocast), lr)
+        local_loss = stepper.step(micro, trainee.loss_fn(step_trained), lr)
         loss = float(_sum_scalar(local_loss))
         if not math.isfinite(loss):
             raise StudioError(f"the loss became {loss} at step {step + 1}.", "optimizer.lr",
