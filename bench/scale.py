@@ -138,8 +138,8 @@ def summarise(runs: list[dict], sizes, methods, models: dict) -> list[dict]:
             mine = [r for r in runs if r["size"] == size and r["method"] == method]
             row = {"size": size, "method": method, "parameters": (models.get(size) or {}).get("parameters"),
                    "errors": {s: r["error"] for s in SYSTEMS for r in mine if r["system"] == s and "error" in r}}
-            for system in SYSTEMS:
-                ok = [r for r in mine if r["system"] == system and "error" not in r]
+            ok_runs = {system: [r for r in mine if r["system"] == system and "error" not in r] for system in SYSTEMS}
+            for system, ok in ok_runs.items():
                 row[system] = None if not ok else {
                     "trained_tokens_per_second": statistics.median(r["trained_tokens_per_second"] for r in ok),
                     "peak_memory_bytes": statistics.median(r["peak_memory_bytes"] for r in ok),
@@ -151,8 +151,7 @@ def summarise(runs: list[dict], sizes, methods, models: dict) -> list[dict]:
             # (known only with two runs or more per system: one run has no spread to overlap).
             row["speed_range"], row["speed_tie"] = None, None
             if both:
-                ours = [r for r in mine if r["system"] == "ours" and "error" not in r]
-                theirs = [r for r in mine if r["system"] == "trainer" and "error" not in r]
+                ours, theirs = ok_runs["ours"], ok_runs["trainer"]
                 c = compare(ours, theirs, "trained_tokens_per_second")
                 row["speed_range"] = [c["ratio_min"], c["ratio_max"]]
                 row["speed_tie"] = c["tie"] if min(len(ours), len(theirs)) >= 2 else None
@@ -209,23 +208,21 @@ def finding(rows: list[dict]) -> str:
         best = max(done, key=lambda r: r["speedup_vs_trainer"])
         ties = [r["size"] for r in done if r.get("speed_tie")]
         if len(ties) == len(done):  # no size separates the two systems: no trend to read
-            parts.append(f"{label}: ours and Trainer tie on speed at every size (each pair's runs overlap; medians "
-                         f"{series} trained tokens/s of Trainer's); the memory advantage {_verb(memory['trend'])} "
-                         f"(peak {mems} of Trainer's)" + (f"; no ratio for {', '.join(missing)} (a run failed)"
-                                                          if missing else "") + ".")
-            continue
-        text = (f"{label}: the speed advantage {_verb(speed['trend'])} with size ({series} trained tokens/s of "
-                f"Trainer's)")
-        if ties:
-            text += f" (a tie at {', '.join(ties)}: the runs overlap)"
-        ends = [done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"]]
-        worst = min(done, key=lambda r: r["speedup_vs_trainer"])
-        if best["speedup_vs_trainer"] / max(ends) - 1.0 > TREND_TOLERANCE:  # a peak between the ends
-            text += f", largest at {best['size']}"
-        elif 1.0 - worst["speedup_vs_trainer"] / min(ends) > TREND_TOLERANCE:  # a dip between them
-            text += f", smallest at {worst['size']}"
-        if min(r["speedup_vs_trainer"] for r in done) < 1.0:
-            text += " (below 1x Trainer was the faster)"
+            text = (f"{label}: ours and Trainer tie on speed at every size (each pair's runs overlap; medians "
+                    f"{series} trained tokens/s of Trainer's)")
+        else:
+            text = (f"{label}: the speed advantage {_verb(speed['trend'])} with size ({series} trained tokens/s of "
+                    f"Trainer's)")
+            if ties:
+                text += f" (a tie at {', '.join(ties)}: the runs overlap)"
+            ends = [done[0]["speedup_vs_trainer"], done[-1]["speedup_vs_trainer"]]
+            worst = min(done, key=lambda r: r["speedup_vs_trainer"])
+            if best["speedup_vs_trainer"] / max(ends) - 1.0 > TREND_TOLERANCE:  # a peak between the ends
+                text += f", largest at {best['size']}"
+            elif 1.0 - worst["speedup_vs_trainer"] / min(ends) > TREND_TOLERANCE:  # a dip between them
+                text += f", smallest at {worst['size']}"
+            if min(r["speedup_vs_trainer"] for r in done) < 1.0:
+                text += " (below 1x Trainer was the faster)"
         text += (f"; the memory advantage {_verb(memory['trend'])} (peak {mems} of Trainer's)")
         if missing:
             text += f"; no ratio for {', '.join(missing)} (a run failed)"
