@@ -113,17 +113,16 @@ def _shared_for_estimate(plan: list[list[int]], examples: list, lengths: list[in
     """The prefix the estimate's batch (the plan's first) may count as computed once.
 
     A batch's activations grow with the tokens the model computes: rows x length, less
-    (rows - 1) x the prefix the loss shares (jobs.loss.shared_prefix). The first batch is the
+    (rows - 1) x the prefix the loss shares (jobs.loss.shared_prefix), where it shares one. The first batch is the
     longest, but another may share less: its prefix, capped so that the first batch's count
     still covers every batch's, and none below the loss's minimum.
     """
     from jobs.data import collate
-    from jobs.loss import SHARED_PREFIX_MIN, common_prefix
+    from jobs.loss import SHARED_PREFIX_MIN, prefix_worth_sharing
 
-    def shares(rows: list[int]) -> int:  # as the loss finds it in the collated batch
+    def shares(rows: list[int]) -> int:  # as the loss decides it for the collated batch
         batch = collate([examples[i] for i in rows], pad_id=0)
-        n = common_prefix(batch["input_ids"], batch["attention_mask"])
-        return n if n >= SHARED_PREFIX_MIN else 0
+        return prefix_worth_sharing(batch["input_ids"], batch["attention_mask"])
 
     def computed(rows: list[int]) -> int:
         return len(rows) * max(lengths[i] for i in rows) - (len(rows) - 1) * shares(rows)

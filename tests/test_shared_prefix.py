@@ -2,6 +2,8 @@
 the unshared batch; where sharing would change the maths it is not used."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -138,3 +140,17 @@ def test_what_is_not_shared(setting):
     assert loss_module.shared_prefix(lora, short) == 0  # under SHARED_PREFIX_MIN in common
     ids[1, 0] += 1
     assert loss_module.shared_prefix(lora, dict(short, input_ids=ids)) == 0  # nothing in common
+
+
+def test_a_prefix_is_shared_only_where_it_saves_enough_of_the_batch():
+    """Two rows of 40 tokens: sharing n tokens saves n of the 80 computed. The extra call costs a
+    share of the step that grows as rows get fewer, so a prefix saving under
+    SHARED_PREFIX_MIN_SAVING of the tokens is computed per row like the rest."""
+    rows, width = 2, 40
+    enough = math.ceil(loss_module.SHARED_PREFIX_MIN_SAVING * rows * width / (rows - 1))
+    for n, shared in ((enough - 1, 0), (enough, enough)):
+        ids = torch.arange(rows * width).reshape(rows, width)
+        ids[1, :n] = ids[0, :n]
+        mask = torch.ones_like(ids)
+        assert loss_module.common_prefix(ids, mask) == n
+        assert loss_module.prefix_worth_sharing(ids, mask) == shared, n
