@@ -11,7 +11,7 @@ elementwise passes in forward.
 ``install(model, saved)`` replaces the ``forward`` of the modules it recognises on that instance
 only; saved models and exports are untouched. A norm is replaced only after its own output
 on a probe input matched ours, so a variant with other maths (Gemma's ``1 + weight``) keeps
-its own forward. It also routes the model's SDPA attention through ``_attention``, which
+its own forward. It also routes the model's SDPA attention through ``attention``, which
 trains short rows on the CPU under bf16 autocast with a leaner attention of ours.
 
 ``SavedOutputs.rebuilding()``, active while the loss's forward runs, lets a later layer that
@@ -264,7 +264,7 @@ def cpu_autocast_below_fp32() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
 
 
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The model's SDPA attention, except while training on short rows under CPU autocast."""
     sdpa_attention_forward = compat.sdpa_attention()
     t = query.shape[2]
@@ -287,8 +287,8 @@ ATTENTION = "studio_sdpa"
 
 
 def _install_attention(model: torch.nn.Module) -> int:
-    """Route ``model``'s SDPA attention through ``_attention``; how many models were switched."""
-    compat.register_attention(ATTENTION, _attention, mask_like="sdpa")
+    """Route ``model``'s SDPA attention through ``attention``; how many models were switched."""
+    compat.register_attention(ATTENTION, attention, mask_like="sdpa")
     switched = 0
     for module in model.modules():
         if compat.attention_of(module) == "sdpa" and compat.can_switch_attention(module):

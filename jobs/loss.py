@@ -13,6 +13,8 @@ their gradient.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from adapters.core import compat
+from jobs import fused
 from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 
@@ -46,13 +49,13 @@ def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None
 
 
 SHARED_PREFIX_MIN = 8  # tokens; below this the second call costs more than the prefix saves
-# Sharing saves (rows - 1) x prefix of the rows x width tokens the model would compute, but the
-# prefix's own call (one row, a small matrix product per layer) and the tail's second call cost a
-# share of the step that grows as rows get fewer. Measured with `python -m bench.ab --changes
-# share_prefix` (2-core AMD EPYC, fp32, SmolLM2-135M LoRA): saving 37% of the tokens (demo rows,
-# 8 per batch) made steps 1.23x faster, 32% (4 rows) 1.06x (a tie), 21% (2 rows) 0.84x, and 7%
-# (two conversations of ~165 tokens) 0.88x. Below this fraction the loop does not share.
-SHARED_PREFIX_MIN_SAVING = 0.3
+# Sharing saves (rows - 1) x prefix of the rows x width tokens the model would compute; the packed
+# call costs a little besides (the index maps, the split attention). Measured with `python -m
+# bench.ab --changes share_prefix` (2-core AMD EPYC, fp32, SmolLM2-135M LoRA, 8 rounds each):
+# saving 37% of the tokens (demo rows, 8 per batch) made steps 1.35x faster, 32% (4 rows) 1.15x,
+# 21% (2 rows) 1.07x (a tie), and 7% (two conversations of ~165 tokens) 1.04x (a tie), against
+# an ideal 1.075x there. Below this fraction the loop does not share.
+SHARED_PREFIX_MIN_SAVING = 0.05
 
 
 def shared_prefix(model: torch.nn.Module, batch: dict) -> int:
@@ -61,14 +64,14 @@ def shared_prefix(model: torch.nn.Module, batch: dict) -> int:
 
     Chat data repeats its template and system prompt at the start of every row: with SmolLM2's
     template that is 24 of the demo rows' 57 tokens. A causal model's states for those
-    positions are the same in every row, so the prefix runs once, its keys and values are
-    repeated for each row, and the rest of the rows attend to them. Summing the rows' gradients
-    through the repeat gives exactly the gradient of the unshared batch.
+    positions are the same in every row, so the prefix is computed once and the rest of every
+    row attends to it (``_shared_prefix_hidden``). Summing the rows' gradients at the prefix
+    gives exactly the gradient of the unshared batch.
 
     Not shared: a single row; a model with active dropout (one draw for the prefix would be
-    correlated across rows); gradient checkpointing (recomputation would replay the cache
-    writes); virtual-token methods (prefix and prompt tuning prepend their own states); models
-    without a key/value cache.
+    correlated across rows); gradient checkpointing (the memory estimate's checkpointed probe
+    assumes the unshared batch); virtual-token methods (prefix and prompt tuning prepend their
+    own states); models whose attention is not transformers' SDPA (``_inner_attention``).
     """
     n = prefix_worth_sharing(batch["input_ids"], batch["attention_mask"])
     if not n or not _can_share(model):
@@ -102,7 +105,7 @@ def _can_share(model: torch.nn.Module) -> bool:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False
-    if not callable(getattr(model, "can_generate", None)) or not model.can_generate():
+    if _inner_attention(_transformers_model(model)) is None:
         return False
     for m in model.modules():  # one pass: checkpointing blocks, active dropout
         if getattr(m, "gradient_checkpointing", None) is True or \
@@ -112,18 +115,97 @@ def _can_share(model: torch.nn.Module) -> bool:
 
 
 def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: torch.Tensor) -> torch.Tensor:
-    """``final_hidden`` with the first ``n`` positions computed once for every row."""
-    from transformers import DynamicCache
+    """``final_hidden`` with the first ``n`` positions computed once for every row.
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows = ids.shape[0]
-    cache = DynamicCache(config=model.config)  # filled in place by the first call
-    given = {compat.cache_keyword(model): cache, "use_cache": True, "output_hidden_states": True,
-             "logits_to_keep": none}
-    head = model(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], **given)
-    cache.batch_repeat_interleave(rows)
-    tail = model(input_ids=ids[:, n:], attention_mask=mask, **given)
-    return torch.cat([head.hidden_states[-1].expand(rows, -1, -1), tail.hidden_states[-1]], dim=1)
+    One model call over the batch's distinct tokens: the first row whole, then every other row
+    from position ``n`` on, packed into one sequence with each token's own position. Every
+    matrix product of the body runs once over them all (a separate call for the prefix would
+    run each layer's products on a one-row sliver, at a fraction of their speed).
+    ``_prefix_attention`` keeps the rows apart: the first row attends causally to itself, each
+    other row to the first row's prefix and causally to its own tokens, exactly the keys and
+    values it would have seen unshared. Gradients reaching the prefix from every row are summed,
+    as the unshared batch's are. The rows come back as ``[rows, width, hidden]``.
+    """
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    tail = width - n
+    dev = ids.device
+    packed = torch.cat([ids[0], ids[1:, n:].reshape(-1)])[None]
+    positions = torch.cat([torch.arange(width, device=dev), torch.arange(n, width, device=dev).repeat(rows - 1)])
+    base = _transformers_model(model)
+    layout = PackedPrefix(rows, width, n, _inner_attention(base))
+    with _attention_switched(base, PREFIX_ATTENTION):
+        out = model(input_ids=packed, position_ids=positions[None], output_hidden_states=True,
+                    logits_to_keep=none, use_cache=False, packed_prefix=layout)
+    hidden = out.hidden_states[-1][0]
+    # Where each row's positions sit in the packed sequence: its prefix is the first row's.
+    starts = width + tail * torch.arange(rows - 1, device=dev)
+    index = torch.cat([torch.arange(width, device=dev)[None],
+                       torch.cat([torch.arange(n, device=dev).expand(rows - 1, n),
+                                  starts[:, None] + torch.arange(tail, device=dev)], dim=1)])
+    return hidden[index]
+
+
+@dataclass(frozen=True)
+class PackedPrefix:
+    """The packed batch's layout, which the model passes down to its attention with the call."""
+    rows: int
+    width: int
+    prefix: int
+    inner: Callable  # the attention the model had: what computes each part
+
+
+PREFIX_ATTENTION = "studio_packed_prefix"
+
+
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _inner_attention(base: torch.nn.Module) -> Callable | None:
+    """The attention ``base`` dispatches to, when a packed call can run its parts through it:
+    transformers' SDPA, or the lean functions' SDPA (``jobs.fused``), which falls back to it."""
+    name = compat.attention_of(base)
+    if not compat.can_switch_attention(base) or name not in ("sdpa", fused.ATTENTION):
+        return None
+    compat.register_attention(PREFIX_ATTENTION, _prefix_attention, mask_like="sdpa")
+    return compat.sdpa_attention() if name == "sdpa" else fused.attention
+
+
+def _prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      packed_prefix: PackedPrefix | None = None, **kwargs):
+    """Attention for ``_shared_prefix_hidden``'s packed sequence (``query``: ``[1, heads, tokens, dim]``)."""
+    if packed_prefix is None:
+        raise RuntimeError("a packed shared-prefix call reached attention without its layout: this model's forward "
+                           "does not pass its keyword arguments down; set training.share_prefix: false")
+    p = packed_prefix
+    w, n, tail, others = p.width, p.prefix, p.width - p.prefix, p.rows - 1
+
+    def rows_of(t: torch.Tensor) -> torch.Tensor:  # [1, h, others * tail, d] -> [others, h, tail, d]
+        return t[0, :, w:].reshape(t.shape[1], others, tail, t.shape[3]).transpose(0, 1)
+
+    def with_prefix(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:, :, :n].expand(others, -1, -1, -1), rows_of(t)], dim=2)
+
+    first, _ = p.inner(module, query[:, :, :w], key[:, :, :w], value[:, :, :w], None, dropout=dropout,
+                       scaling=scaling, **kwargs)
+    # Each other row's query j sees the whole prefix and its own tokens up to j.
+    seen = torch.ones(tail, n + tail, dtype=torch.bool, device=query.device)
+    seen[:, n:] = torch.ones(tail, tail, dtype=torch.bool, device=query.device).tril()
+    rest, _ = p.inner(module, rows_of(query), with_prefix(key), with_prefix(value), seen[None, None],
+                      dropout=dropout, scaling=scaling, **kwargs)
+    # Both come back as [batch, tokens, heads, dim]; the packed sequence is one batch row.
+    return torch.cat([first[0], rest.reshape(others * tail, *rest.shape[2:])])[None], None
+
+
+@contextlib.contextmanager
+def _attention_switched(model: torch.nn.Module, name: str):
+    before = compat.attention_of(model)
+    compat.set_attention(model, name)
+    try:
+        yield
+    finally:
+        compat.set_attention(model, before)
 
 
 def attention_kernels(device: torch.device, seq_len: int):

@@ -50,24 +50,31 @@ def test_an_instance_forward_replaces_the_class_one_for_that_instance_only():
     assert "forward" not in a.state_dict() and "forward" not in vars(b)
 
 
-def test_a_causal_lm_fills_the_cache_it_is_given_by_the_keyword_compat_names():
-    """The loss's shared prefix (jobs.loss) passes a DynamicCache, reads nothing back from the
-    output, and continues from the cache after repeating it per row."""
+def test_a_keyword_of_the_call_reaches_the_attention_and_positions_are_the_callers():
+    """The loss's shared prefix (jobs.loss) packs a batch into one sequence: it passes its layout
+    as a keyword of the model's call (through peft too), which transformers hands down to the
+    attention function, and gives each token its own position, so a packed row attends and
+    rotates exactly as the row alone does."""
     from peft import LoraConfig, get_peft_model
-    from transformers import DynamicCache
 
-    model = tiny_llama()
+    def recording(module, query, key, value, attention_mask, seen=None, **kwargs):
+        layouts.append(seen)
+        return compat.sdpa_attention()(module, query, key, value, None, **kwargs)
+
+    compat.register_attention("test_recording", recording)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
-    whole = model(input_ids=ids).logits
-    for m in (model, get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))):
-        keyword = compat.cache_keyword(m)
-        cache = DynamicCache(config=m.config)
-        m(input_ids=ids[:, :4], **{keyword: cache}, use_cache=True)
-        assert cache.get_seq_length() == 4
-        cache.batch_repeat_interleave(2)
-        rest = m(input_ids=ids[:, 4:].repeat(2, 1), attention_mask=torch.ones(2, 6, dtype=torch.long),
-                 **{keyword: cache}, use_cache=True).logits
-        torch.testing.assert_close(rest, whole[:, 4:].repeat(2, 1, 1), rtol=1e-5, atol=1e-5)
+    for m in (tiny_llama(), get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))):
+        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        whole = m(input_ids=ids).logits
+        layouts = []
+        compat.set_attention(base, "test_recording")
+        packed = m(input_ids=ids, position_ids=torch.arange(6)[None], seen="layout").logits
+        gapped = m(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 10, 11, 12]]), seen="layout").logits
+        compat.set_attention(base, "sdpa")
+        assert layouts == ["layout", "layout"] and compat.attention_of(base) == "sdpa"
+        # The positions given are the ones the rotary embedding uses (it sees only their differences).
+        torch.testing.assert_close(packed, whole, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(gapped[:, 3:], whole[:, 3:], atol=1e-4)
 
 
 def test_tied_weight_keys_name_the_output_head():

@@ -143,11 +143,12 @@ def test_what_is_not_shared(setting):
 
 
 def test_a_prefix_is_shared_only_where_it_saves_enough_of_the_batch():
-    """Two rows of 40 tokens: sharing n tokens saves n of the 80 computed. The extra call costs a
-    share of the step that grows as rows get fewer, so a prefix saving under
-    SHARED_PREFIX_MIN_SAVING of the tokens is computed per row like the rest."""
-    rows, width = 2, 40
+    """Two rows of 400 tokens: sharing n tokens saves n of the 800 computed. The packed call costs
+    a little besides, so a prefix saving under SHARED_PREFIX_MIN_SAVING of the tokens is computed
+    per row like the rest."""
+    rows, width = 2, 400
     enough = math.ceil(loss_module.SHARED_PREFIX_MIN_SAVING * rows * width / (rows - 1))
+    assert enough > loss_module.SHARED_PREFIX_MIN  # the fraction decides here, not the minimum
     for n, shared in ((enough - 1, 0), (enough, enough)):
         ids = torch.arange(rows * width).reshape(rows, width)
         ids[1, :n] = ids[0, :n]

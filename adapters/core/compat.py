@@ -71,15 +71,6 @@ def set_attention(model: Any, name: str) -> None:
         model.config._attn_implementation_internal = name
 
 
-def cache_keyword(model: Any) -> str:
-    """The keyword a causal LM's ``forward`` takes its key/value cache by: ``cache`` in newer
-    transformers 5 releases, ``past_key_values`` before (deprecated there, to be removed)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def sdpa_attention():
     """transformers' own SDPA attention function, which a custom attention falls back to."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
