@@ -62,7 +62,7 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
     src = models.resolve(spec.model)
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
     base_dtype = models.frozen_base_dtype(method, trained_dtype(run_dir))
-    base = models.load_model(src, base_dtype, spec.trust_remote_code).to(device)
+    base = models.load_model(src, base_dtype, spec.trust_remote_code, tokenizer).to(device)
     ctx = Context(spec=spec, device=device, dtype=torch.float32, tokenizer=tokenizer)
     model = fingerprint.upcast(method.load(base, RunFolder(run_dir).adapter_dir, cfg, ctx).to(device)).eval()
     check = fingerprint.check(method, model, run_dir, "the reloaded run",

@@ -221,7 +221,8 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
     in the compute dtype; trained weights stay fp32 (peft keeps adapters fp32; full fine-tuning
     keeps fp32 masters)."""
     t = spec.training
-    model = models.load_model(src, models.frozen_base_dtype(method, dtype), spec.trust_remote_code).to(device)
+    model = models.load_model(src, models.frozen_base_dtype(method, dtype), spec.trust_remote_code,
+                              tokenizer).to(device)
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
