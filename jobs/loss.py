@@ -50,11 +50,12 @@ def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None
 
 SHARED_PREFIX_MIN = 8  # tokens; below this the second call costs more than the prefix saves
 # Sharing saves (rows - 1) x prefix of the rows x width tokens the model would compute; the packed
-# call costs a little besides (the index maps, the split attention). Measured with `python -m
-# bench.ab --changes share_prefix` (2-core AMD EPYC, fp32, SmolLM2-135M LoRA, 8 rounds each):
-# saving 37% of the tokens (demo rows, 8 per batch) made steps 1.35x faster, 32% (4 rows) 1.15x,
-# 21% (2 rows) 1.07x (a tie), and 7% (two conversations of ~165 tokens) 1.04x (a tie), against
-# an ideal 1.075x there. Below this fraction the loop does not share.
+# call costs a little besides (the index maps, the split attention). Paired in one process
+# (`python -m bench.ab --changes share_prefix`, 2-core AMD EPYC, fp32, SmolLM2-135M LoRA, 8 rounds):
+# saving 37% of the tokens (demo rows, 8 per batch) made steps 1.34x faster and 7% (the speed
+# benchmark's two conversations) 1.06x, a tie (bench/results/ab.json, ab-long.json); probes of
+# the same code before it was committed gave 1.15x at 32% (4 rows) and 1.07x at 21% (2 rows).
+# Below this fraction the loop does not share.
 SHARED_PREFIX_MIN_SAVING = 0.05
 
 
