@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from adapters.base import Context, Method, Params
+from adapters.core import compat
 from adapters.lora import LoraParams, lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.quant import nf4
@@ -56,7 +57,7 @@ def merge_dequantized(model: torch.nn.Module) -> torch.nn.Module:
     """Fold every LoRA layer into its dequantized base; return the bare fp32 transformers model."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = compat.bare_model(model)
     for name, module in [(n, m) for n, m in base.named_modules() if isinstance(m, LoraLayer)]:
         layer = module.get_base_layer()
         delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters if a in module.lora_A)

@@ -21,8 +21,8 @@ records both variants' losses: a change that should leave the maths alone shows 
 The changes (``CHANGES``): the shared prefix, the lean activation functions, and
 ``torch.compile`` of the decoder layers, which the loop does not use. Compiling needs the
 lean functions and the shared prefix off (their custom autograd functions, and the prefix's
-first, key/value-cache version, made dynamo recompile for every layer), so it is measured twice: against the
-same loop uncompiled (what compiling buys), and against the loop as it ships.
+first, key/value-cache version, made dynamo recompile for every layer), so it is measured
+twice: against the same loop uncompiled (what compiling buys), and against the loop as it ships.
 
 Writes ``bench/results/ab.json`` (``--name`` for another file name).
 """

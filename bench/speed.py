@@ -367,7 +367,9 @@ def _trained_positions_loss(model, inputs, num_items_in_batch=None):
     import torch
     import torch.nn.functional as F
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from adapters.core import compat
+
+    base = compat.bare_model(model)
     labels = inputs["labels"]
     hidden = base.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
     targets = labels[:, 1:]

@@ -48,7 +48,7 @@ def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None
     return hidden[:, offset:]
 
 
-SHARED_PREFIX_MIN = 8  # tokens; below this the second call costs more than the prefix saves
+SHARED_PREFIX_MIN = 8  # tokens; a shorter prefix saves too little to pay for packing the batch
 # Sharing saves (rows - 1) x prefix of the rows x width tokens the model would compute; the packed
 # call costs a little besides (the index maps, the split attention). Paired in one process
 # (`python -m bench.ab --changes share_prefix`, 2-core AMD EPYC, fp32, SmolLM2-135M LoRA, 8 rounds):
@@ -106,7 +106,7 @@ def _can_share(model: torch.nn.Module) -> bool:
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False
-    if _inner_attention(_transformers_model(model)) is None:
+    if _inner_attention(compat.bare_model(model)) is None:
         return False
     for m in model.modules():  # one pass: checkpointing blocks, active dropout
         if getattr(m, "gradient_checkpointing", None) is True or \
@@ -133,8 +133,9 @@ def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: tor
     dev = ids.device
     packed = torch.cat([ids[0], ids[1:, n:].reshape(-1)])[None]
     positions = torch.cat([torch.arange(width, device=dev), torch.arange(n, width, device=dev).repeat(rows - 1)])
-    base = _transformers_model(model)
+    base = compat.bare_model(model)
     layout = PackedPrefix(rows, width, n, _inner_attention(base))
+    compat.register_attention(PREFIX_ATTENTION, _prefix_attention, mask_like="sdpa")
     with _attention_switched(base, PREFIX_ATTENTION):
         out = model(input_ids=packed, position_ids=positions[None], output_hidden_states=True,
                     logits_to_keep=none, use_cache=False, packed_prefix=layout)
@@ -159,17 +160,12 @@ class PackedPrefix:
 PREFIX_ATTENTION = "studio_packed_prefix"
 
 
-def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _inner_attention(base: torch.nn.Module) -> Callable | None:
     """The attention ``base`` dispatches to, when a packed call can run its parts through it:
     transformers' SDPA, or the lean functions' SDPA (``jobs.fused``), which falls back to it."""
     name = compat.attention_of(base)
     if not compat.can_switch_attention(base) or name not in ("sdpa", fused.ATTENTION):
         return None
-    compat.register_attention(PREFIX_ATTENTION, _prefix_attention, mask_like="sdpa")
     return compat.sdpa_attention() if name == "sdpa" else fused.attention
 
 

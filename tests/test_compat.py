@@ -64,7 +64,7 @@ def test_a_keyword_of_the_call_reaches_the_attention_and_positions_are_the_calle
     compat.register_attention("test_recording", recording)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     for m in (tiny_llama(), get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))):
-        base = m.get_base_model() if hasattr(m, "get_base_model") else m
+        base = compat.bare_model(m)
         whole = m(input_ids=ids).logits
         layouts = []
         compat.set_attention(base, "test_recording")

@@ -71,6 +71,11 @@ def set_attention(model: Any, name: str) -> None:
         model.config._attn_implementation_internal = name
 
 
+def bare_model(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (peft's public ``get_base_model``), or ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def sdpa_attention():
     """transformers' own SDPA attention function, which a custom attention falls back to."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

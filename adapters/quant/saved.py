@@ -56,7 +56,7 @@ def read_layers(folder: Path, device: torch.device | str = "cpu") -> tuple[dict,
 
 def save_bnb_layers(model: nn.Module, out_dir: Path, method: str) -> None:
     """Save every bitsandbytes layer of a (peft-wrapped) model bit for bit."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = compat.bare_model(model)
     layers = {strip_wrapper(n): nf4.state_of(m) for n, m in base.named_modules() if nf4.is_bnb_linear(m)}
     bits = 8 if any("SCB" in s for s in layers.values()) else 4
     save_layers(out_dir, layers, {"method": method, "format": f"bitsandbytes-{bits}bit", "bits": bits})
