@@ -81,7 +81,7 @@ class Method(Protocol):
     # a merged model still holding one is a broken merge and is not exported.
     merged_away: tuple[str, ...] = ()
     # The largest logit difference (per unit of the largest logit) allowed between a reload or
-    # export and the trained model; None: the merge tolerance (jobs/fingerprint.py).
+    # export and the trained model; None: the merge tolerance (jobs/training/fingerprint.py).
     fingerprint_tolerance: float | None = None
     # ``to_quantized(model) -> model`` whose quantized layers are integer grids (adapters/quant),
     # exported by ``studio export --quantized``; None: the method has no quantized form.
@@ -110,7 +110,7 @@ class Method(Protocol):
 
 @dataclass(frozen=True)
 class RuleMemory:
-    """What an update rule holds beside the weights, for the memory estimator (jobs/estimate.py)."""
+    """What an update rule holds beside the weights, for the memory estimator (jobs/estimate/estimator.py)."""
 
     gradients: str                                  # "all": one per trained value; "one": a tensor at a time; "none"
     state_bytes: Callable[[list[tuple[int, ...]], Any], int]   # (trained shapes, rule config) -> bytes

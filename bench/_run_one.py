@@ -3,12 +3,12 @@
     python -m bench._run_one --worker train|inference IN.json OUT.json   (see bench.common)
 
 ``IN.json`` holds ``spec`` (a job spec dict) and ``scratch`` (a folder for the run). ``train``
-trains through ``jobs.train.train`` exactly as ``studio train`` does. ``inference`` loads the
+trains through ``jobs.training.recipe.train`` exactly as ``studio train`` does. ``inference`` loads the
 same model, tokenizer and data and runs the loss forward without gradients, twice (as a
 MeZO step does), over the run's first batch: the floor every method is compared with.
 
 The peak is the process's own (``bench.common.process_peak_memory``: VmHWM on Linux, the
-CUDA allocator's peak on a GPU); the run's own record (run.json, ``jobs.memory``) is kept
+CUDA allocator's peak on a GPU); the run's own record (run.json, ``jobs.training.memory``) is kept
 beside it. At each phase boundary (setup: imports, tokenizer, data; load; apply: method and
 update rule; each step; checkpoint; eval; adapter save) the peak so far and the current
 resident memory are noted: the phase where the peak grows is where it lies. With
@@ -83,8 +83,8 @@ def base_weight_bytes(model) -> int:
 
 def train_once(params: dict) -> dict:
     phases = Phases(params.get("phases", False))
-    import jobs.train as train_mod
-    from jobs import checkpoint, models
+    import jobs.training.recipe as train_mod
+    from jobs.training import checkpoint, models
     from jobs.spec import parse_spec
 
     spec = parse_spec(merge(params["spec"], {"output_dir": str(Path(params["scratch"]) / "run")}))
@@ -116,12 +116,12 @@ def inference_once(params: dict) -> dict:
     phases = Phases(params.get("phases", False))
     import torch
 
-    import jobs.train  # noqa: F401  (the imports of a training process)
-    from jobs import models
-    from jobs.data import collate, plan_batches, prepare
-    from jobs.loss import token_loss_sum
+    import jobs.training.recipe  # noqa: F401  (the imports of a training process)
+    from jobs.training import models
+    from jobs.data.examples import collate, plan_batches, prepare
+    from jobs.training.loss import token_loss_sum
     from jobs.spec import parse_spec
-    from jobs.train import pick_precision
+    from jobs.training.recipe import pick_precision
 
     spec = parse_spec(merge(params["spec"], {"output_dir": str(Path(params["scratch"]) / "run")}))
     t = spec.training

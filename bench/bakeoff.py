@@ -26,8 +26,8 @@ FULL = {"steps": None, "eval_rows": 40}  # None: the demo spec's own step count
 def run(full: bool = False, *, spec: dict | None = None, steps: int | None = None, seeds: int = 2,
         methods: list[str] | None = None, rules: list[str] | None = None, lr_factors: tuple[float, ...] | None = None,
         results_dir: Path | None = None, home: Path | None = None, inline: bool = False) -> dict:
-    from jobs import bakeoff
-    from jobs.bakeoff_driver import drive
+    from jobs.bakeoff import plan as bakeoff
+    from jobs.bakeoff.driver import drive
 
     budget = FULL if full else DEFAULT
     base = spec or demo_spec()

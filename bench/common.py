@@ -76,7 +76,7 @@ def quiet_eval() -> dict:
 
 def worker_env(preload: bool = True) -> dict:
     """A benchmark process's environment; ``preload``: on the allocator job processes use."""
-    from jobs.allocator import preload_env
+    from jobs.training.allocator import preload_env
 
     env = dict(os.environ)
     if preload:
@@ -91,7 +91,7 @@ def run_isolated(module: str, kind: str, params: dict, label: str, timeout: floa
                  preload: bool = True) -> dict:
     """Run ``kind`` of ``module``'s worker in a new process; its result dict, or ``{"error": ...}``.
 
-    The process starts as the studio starts a job's (``jobs.allocator``), unless ``preload``
+    The process starts as the studio starts a job's (``jobs.training.allocator``), unless ``preload``
     is false: then on the system's malloc, as a script of one's own would run.
 
     A scratch folder is handed to the worker as ``params["scratch"]`` and deleted afterwards
@@ -150,7 +150,7 @@ def compute_device(precision: str = "auto") -> tuple[str, str]:
     """(device, dtype) as the training loop picks them for a spec's ``training.precision``."""
     import torch
 
-    from jobs.train import pick_precision
+    from jobs.training.recipe import pick_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device.type, str(pick_precision(precision, device)).removeprefix("torch.")
@@ -167,8 +167,8 @@ def process_peak_memory(device: str) -> dict:
     malloc it ran on."""
     import torch
 
-    from jobs.allocator import running_on
-    from jobs.memory import peak_memory
+    from jobs.training.allocator import running_on
+    from jobs.training.memory import peak_memory
 
     return {**peak_memory(torch.device(device)), "allocator": running_on() or "system"}
 
@@ -183,7 +183,7 @@ def sync(device: str) -> None:
 def train_timed(spec_data: dict, output_dir: Path) -> tuple[dict, dict]:
     """Run our training loop on a spec dict; (run record, per-step clocks and token counts)."""
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     device, _ = compute_device()
     spec = parse_spec(merge(spec_data, {"output_dir": str(output_dir)}))
@@ -331,7 +331,7 @@ def warm_model_cache(model: str) -> dict:
 
 
 def _warm(params: dict) -> dict:
-    from jobs import models
+    from jobs.training import models
 
     import torch
 

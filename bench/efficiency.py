@@ -10,7 +10,7 @@ positions, R rows, L = T / R the mean row length:
 - a linear weight of N elements costs 2N per token forward, 2N backward for the input
   gradient and 2N for the weight gradient; a frozen weight skips the last;
 - the output projection (N_head = vocab x hidden) runs only on trained positions in our
-  loss (``jobs/loss.py``), so it counts P tokens, not T;
+  loss (``jobs/training/loss.py``), so it counts P tokens, not T;
 - causal attention costs 2·L·d per token and layer forward, twice that backward.
 
     full:  6·N_body·T + 6·N_head·P + 6·layers·d·L·T
@@ -84,7 +84,7 @@ def model_counts(spec) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from jobs import models
+    from jobs.training import models
 
     src = models.resolve(spec.model)
     config = AutoConfig.from_pretrained(src.path, trust_remote_code=spec.trust_remote_code, **src.kwargs())

@@ -2,7 +2,7 @@
 
     python -m bench.estimator [--full]        (or python -m bench --only estimator)
 
-The estimator's CPU constants (``jobs/estimate.py``: the allocator slack coefficients and
+The estimator's CPU constants (``jobs/estimate/estimator.py``: the allocator slack coefficients and
 the process's own bytes) were fitted on the SmolLM2 memory ladder (``bench/memory.py``);
 scored on that ladder they are in sample. This benchmark measures two sets of runs, each its
 own process on the allocator job processes run on (``bench/_run_one.py``'s ``train``):
@@ -14,7 +14,7 @@ own process on the allocator job processes run on (``bench/_run_one.py``'s ``tra
                   that length), LoRA and full fine-tuning with gradient checkpointing (4 x 256),
                   and a Qwen2-0.5B-shaped model with random weights (LoRA and QLoRA)
 
-Beside each measured peak is the estimator's prediction (``jobs.estimate.estimate``, computed
+Beside each measured peak is the estimator's prediction (``jobs.estimate.estimator.estimate``, computed
 in this process while the worker runs). The slack coefficients and a process offset are then
 fitted again on the fit set alone (least squares on relative errors, slack coefficients
 non-negative) and both the shipped and the refitted constants are scored on both sets:
@@ -111,7 +111,7 @@ def plan(steps: int, fit=None, out_of_sample=None, models: dict | None = None, b
 
 def measure(run: dict, device: str) -> dict:
     """The run in its own process while this one computes the estimator's prediction."""
-    from jobs.estimate import estimate
+    from jobs.estimate.estimator import estimate
     from jobs.spec import parse_spec
 
     box: dict = {}
@@ -149,7 +149,7 @@ def predict(estimate: dict, coefficients: tuple[float, float], offset: float = 0
 
     Only the train phase holds slack; the peak stays the largest phase.
     """
-    from jobs.estimate import allocator_slack
+    from jobs.estimate.estimator import allocator_slack
 
     details = estimate["details"]
     slack = allocator_slack(details["slack_basis"], coefficients) if details["slack_basis"] else 0
@@ -216,8 +216,8 @@ def run(full: bool = False, results_dir: Path | None = None, *, fit=None, out_of
         models: dict | None = None, base: dict | None = None) -> dict:
     """Measure, predict, refit, score; write results/estimator.json. The keyword arguments
     replace the default runs (tests use a tiny model)."""
-    from jobs.allocator import preload_env
-    from jobs.estimate import CPU_SLACK, PEFT_BYTES, PROCESS_BYTES, TOKENIZER_BYTES
+    from jobs.training.allocator import preload_env
+    from jobs.estimate.estimator import CPU_SLACK, PEFT_BYTES, PROCESS_BYTES, TOKENIZER_BYTES
 
     # The predictions must see the models as the workers do: from the bench home.
     os.environ.setdefault("STUDIO_HOME", str(HOME))

@@ -82,7 +82,7 @@ def measure(name: str, kind: str, spec: dict, predict) -> dict:
 def run(full: bool = False) -> dict:
     from adapters import METHODS, UPDATE_RULES
     from adapters.core.errors import StudioError
-    from jobs.estimate import estimate, estimate_inference
+    from jobs.estimate.estimator import estimate, estimate_inference
     from jobs.spec import check_combination, parse_spec
 
     # The predictions must see the model as the workers do: from the bench home's converted copy.

@@ -102,9 +102,9 @@ def _base(params: dict) -> dict:
 
     import torch
 
-    from jobs import models
-    from jobs.data import collate, prepare
-    from jobs.evaluate import evaluate
+    from jobs.training import models
+    from jobs.data.examples import collate, prepare
+    from jobs.training.evaluate import evaluate
     from jobs.spec import parse_spec
 
     device, dtype = compute_device()

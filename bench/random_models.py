@@ -64,7 +64,7 @@ def build(name: str, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jobs import models
+    from jobs.training import models
     from jobs.spec import DEFAULT_MODEL
 
     tmp = folder.with_name(folder.name + ".tmp")

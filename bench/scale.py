@@ -16,10 +16,10 @@ Qwen2-0.5B, Qwen2-1.5B) and for two methods:
   checkpointing is a setting both systems share), then ``get_peft_model`` with the same
   LoRA config.
 
-Both get the demo rows (one ``jobs.data.prepare``), 4 rows per step, the same learning rate,
+Both get the demo rows (one ``jobs.data.examples.prepare``), 4 rows per step, the same learning rate,
 schedule, steps, seed and precision (``precision: auto``: bf16 on a GPU or an AMX CPU,
 fp32 elsewhere). Every run is its own process, and BOTH systems start on the allocator job
-processes use (``jobs.allocator``, tcmalloc where installed), so the allocator is not part
+processes use (``jobs.training.allocator``, tcmalloc where installed), so the allocator is not part
 of the difference here. The two systems alternate which goes first from one pair to the
 next. A run that fails (out of memory, an unsupported method) stays in the results with
 its error. Writes ``bench/results/scale.json``.
@@ -334,8 +334,8 @@ def _trainer(params: dict) -> dict:
 
     from adapters.lora import lora_peft_config
     from bench.speed import _CountingCollator, _measure, trainer_arguments
-    from jobs import models
-    from jobs.data import prepare
+    from jobs.training import models
+    from jobs.data.examples import prepare
     from jobs.spec import parse_spec
 
     device, dtype = compute_device(_precision(params))

@@ -1,6 +1,6 @@
 """Speed and memory against the tools users pick directly: transformers.Trainer + peft, and TRL.
 
-The same LoRA run through our loop (``jobs.train.train``) and through each anchor:
+The same LoRA run through our loop (``jobs.training.recipe.train``) and through each anchor:
 
 - ``trainer``: ``transformers.Trainer`` with peft's ``get_peft_model``, as a script of one's own;
 - ``trainer_trained_loss``: the same with a ``compute_loss`` that projects only the trained
@@ -12,9 +12,9 @@ The same LoRA run through our loop (``jobs.train.train``) and through each ancho
 - on a GPU also ``trainer_liger`` (Trainer with ``use_liger_kernel``) and ``unsloth``.
 
 **Equal footing.** Every headline pair runs on the same allocator: each process starts as the
-studio starts a job (``jobs.allocator``: tcmalloc where the system has it), anchors included.
+studio starts a job (``jobs.training.allocator``: tcmalloc where the system has it), anchors included.
 The pair on the system's malloc (``ours_glibc`` against ``trainer_glibc``) is reported beside
-it. Precision, data (one ``jobs.data.prepare`` call), batch, sequence cap, learning rate,
+it. Precision, data (one ``jobs.data.examples.prepare`` call), batch, sequence cap, learning rate,
 schedule, optimizer settings, gradient checkpointing, seed and steps are the same for all.
 
 **Spread.** Every system runs ``repeats`` times in alternating order (ABBA...), each run its
@@ -54,7 +54,7 @@ class Leg:
     """One system of a round: its name in the results, its worker, and how its process starts."""
     system: str
     worker: str
-    preload: bool                  # on the allocator job processes use (jobs.allocator)
+    preload: bool                  # on the allocator job processes use (jobs.training.allocator)
     about: str
     options: dict = field(default_factory=dict)
     headline: bool = False         # in the default suite, on both row sets (the rest: --full or --systems)
@@ -62,9 +62,9 @@ class Leg:
 
 def legs(device: str = "cpu", full: bool = False) -> list[Leg]:
     """The systems of one round. ``device`` is where the runs will train ("cuda" adds the GPU anchors)."""
-    from jobs.allocator import preload_env
+    from jobs.training.allocator import preload_env
 
-    out = [Leg("ours", "ours", True, "our loop (jobs.train), as a job runs it", headline=True),
+    out = [Leg("ours", "ours", True, "our loop (jobs.training.recipe), as a job runs it", headline=True),
            Leg("trainer", "trainer", True, "transformers.Trainer + peft", headline=True),
            Leg("trainer_trained_loss", "trainer", True,
                "Trainer + peft with a compute_loss that projects only trained positions", {"trained_loss": True}),
@@ -305,8 +305,8 @@ class _Setup:
 def _setup(params: dict, name: str) -> _Setup:
     import torch
 
-    from jobs import models
-    from jobs.data import prepare
+    from jobs.training import models
+    from jobs.data.examples import prepare
     from jobs.spec import parse_spec
 
     device, dtype = compute_device(_precision(params))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # The run's own status in run.json, written by the training loop. A job's status in the store
-# (jobs.store.Status) uses the same words for the same states; jobs.worker.outcome translates.
+# (jobs.runner.store.Status) uses the same words for the same states; jobs.runner.worker.outcome translates.
 RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = "running", "completed", "failed", "cancelled", "interrupted"
 STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
 RUN_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "run.json", "metrics.jsonl", "adapter", "checkpoints"

@@ -37,8 +37,8 @@ def add_bakeoff_command(subparsers) -> None:
 
 
 def cmd_bakeoff(args) -> int:
-    from jobs.bakeoff import create
-    from jobs.bakeoff_driver import drive, resume
+    from jobs.bakeoff.plan import create
+    from jobs.bakeoff.driver import drive, resume
     from adapters.core.errors import StudioError
     from jobs.spec import apply_overrides, read_spec_file, with_paths
 

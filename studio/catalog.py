@@ -1,7 +1,7 @@
 """The method catalog: every method's and update rule's Config, seen from the web process.
 
 The single source stays each method's own module in ``adapters/``; importing those pulls
-in torch and peft, which the web process never does. So the model process (jobs.engine,
+in torch and peft, which the web process never does. So the model process (jobs.engine.server,
 task ``catalog``) writes the registries out as JSON (names, summaries, each Config's JSON
 schema with types, defaults, bounds and help), and the web process rebuilds a pydantic
 model per Config from that schema for its forms (``studio/ui/forms.py`` reads fields the

@@ -49,19 +49,19 @@ def cmd_train(args) -> int:
     spec = load_spec(args.spec, args.set)
     if args.argv is not None:
         _restart_on_job_allocator(args.argv)
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     run = train(spec, resume=not args.no_resume, progress=None if args.quiet else ProgressBar())
     return _summary(spec.output_dir, run)
 
 
 def _restart_on_job_allocator(argv: list[str]) -> None:
-    """Run an inline fine-tune on the malloc a queued job gets (jobs/allocator.py): otherwise
+    """Run an inline fine-tune on the malloc a queued job gets (jobs/training/allocator.py): otherwise
     `studio train` would peak higher and run slower on glibc than the same spec as a job, and
     `studio estimate`, which predicts for the job's allocator, would be wrong for it.
     The process replaces itself before torch is imported; nothing happens where the system
     has no such library, with STUDIO_ALLOCATOR=system, or once it is preloaded."""
-    from jobs.allocator import preload_env
+    from jobs.training.allocator import preload_env
 
     env = preload_env()
     if env:
@@ -85,13 +85,13 @@ def _summary(run_dir: str, run: dict) -> int:
 
 
 def cmd_export(args) -> int:
-    from jobs.export import export_adapter, export_merged, export_quantized
+    from jobs.results.export import export_adapter, export_merged, export_quantized
 
     if args.gguf:
         if args.merged or args.adapter or args.quantized:
             print("error: --gguf goes alone (it writes the merged model as one GGUF file)", file=sys.stderr)
             return 2
-        from jobs.gguf_export import export_gguf
+        from jobs.results.gguf import export_gguf
 
         print(json.dumps(export_gguf(args.run, args.gguf, args.gguf_type), indent=2))
         return 0
@@ -108,7 +108,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jobs.inference import generate_text, load_any
+    from jobs.results.inference import generate_text, load_any
 
     loaded = load_any(args.model)
     print(generate_text(loaded, args.prompt, args.max_new_tokens, args.temperature))
@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from jobs.lm_eval_task import evaluate_run
+    from jobs.results.lm_eval_task import evaluate_run
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     print(json.dumps(evaluate_run(args.run, tasks, args.limit, args.batch_size), indent=2))

@@ -83,7 +83,7 @@ class DatasetStore:
 
     def add(self, upload: str | Path, name: str | None = None, original_name: str | None = None) -> DatasetEntry:
         """Validate ``upload`` and keep a copy; raises StudioError and stores nothing when it is bad."""
-        from jobs.rows import read_rows
+        from jobs.data.rows import read_rows
         from jobs.spec import DatasetSpec
 
         src = Path(upload)
@@ -165,7 +165,7 @@ class DatasetStore:
         return candidate
 
     def _waiting_jobs(self, entry: DatasetEntry) -> list[int]:
-        from jobs.store import JobStore, Status
+        from jobs.runner.store import JobStore, Status
 
         folder = Path(entry.file).parent
         out = []
@@ -204,7 +204,7 @@ _bundled_cache: dict[str, DatasetEntry] = {}
 def bundled_entry() -> DatasetEntry:
     """The demo dataset shipped with the studio; counted once per process."""
     if BUNDLED_ID not in _bundled_cache:
-        from jobs.rows import read_rows
+        from jobs.data.rows import read_rows
         from jobs.spec import DatasetSpec
 
         train, evals = BUNDLED_DIR / "train.jsonl", BUNDLED_DIR / "eval.jsonl"

@@ -1,4 +1,4 @@
-"""The web process's side of the model process (``jobs.engine``): start it, ask, read the answer.
+"""The web process's side of the model process (``jobs.engine.server``): start it, ask, read the answer.
 
 The web process imports no torch. Whatever needs a model or the method registry runs in
 a child process that speaks JSON lines over a pipe:
@@ -64,7 +64,7 @@ def _start(home: Path, args: list[str]) -> subprocess.Popen:
     # The engine imports this same source tree, whatever the caller's folder and PYTHONPATH.
     path = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
     with _log_file(home) as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs.engine", *args], stdin=subprocess.PIPE,
+        return subprocess.Popen([sys.executable, "-m", "jobs.engine.server", *args], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=stderr, cwd=str(CODE_ROOT), text=True,
                                 encoding="utf-8", bufsize=1,
                                 env={**os.environ, "STUDIO_HOME": str(home), "PYTHONPATH": path,

@@ -31,7 +31,7 @@ def add_estimate_command(subparsers) -> None:
 
 
 def cmd_estimate(args) -> int:
-    from jobs.estimate import estimate
+    from jobs.estimate.estimator import estimate
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, args.set)

@@ -78,7 +78,7 @@ def add_jobs_commands(subparsers) -> None:
 
 
 def cmd_submit(args) -> int:
-    from jobs.scheduler import submit_job
+    from jobs.runner.scheduler import submit_job
     from jobs.spec import apply_overrides, read_spec_file
 
     data = apply_overrides(read_spec_file(args.spec), args.set)
@@ -89,8 +89,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from jobs.store import JobStore
-    from jobs.worker import progress
+    from jobs.runner.store import JobStore
+    from jobs.runner.worker import progress
 
     jobs = JobStore(args.home).list()
     rows = [{**j.to_dict(), "progress": progress(j.run_dir)} for j in jobs]
@@ -109,8 +109,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from jobs.store import JobStore
-    from jobs.worker import LOG_FILE, progress
+    from jobs.runner.store import JobStore
+    from jobs.runner.worker import LOG_FILE, progress
 
     job = JobStore(args.home).get(args.id)
     data = {**job.to_dict(), "progress": progress(job.run_dir), "log": str(Path(job.run_dir) / LOG_FILE)}
@@ -132,7 +132,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_control(args) -> int:
-    from jobs.store import JobStore
+    from jobs.runner.store import JobStore
 
     store = JobStore(args.home)
     job = getattr(store, args.verb)(args.id)
@@ -144,7 +144,7 @@ def cmd_control(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    from jobs.scheduler import delete_job
+    from jobs.runner.scheduler import delete_job
 
     removed = delete_job(args.home, args.id, files=args.files)
     print(f"job {args.id}: deleted" + (f"; removed {', '.join(removed)}" if removed else ""))
@@ -152,8 +152,8 @@ def cmd_delete(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from jobs.store import JobStore
-    from jobs.worker import LOG_FILE
+    from jobs.runner.store import JobStore
+    from jobs.runner.worker import LOG_FILE
 
     store = JobStore(args.home)
     job = store.get(args.id)
@@ -176,7 +176,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from jobs.scheduler import Scheduler
+    from jobs.runner.scheduler import Scheduler
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     gpus = None if args.gpus is None else [g.strip() for g in args.gpus.split(",") if g.strip()]

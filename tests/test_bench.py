@@ -34,7 +34,7 @@ def tiny_spec(tiny_model, tmp_path) -> dict:
 
 def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alike(tiny_spec, results):
     # 32 rows in batches of 4: 8 steps are exactly one epoch, so every system sees every row once.
-    from jobs.allocator import preload_env
+    from jobs.training.allocator import preload_env
 
     every = [leg.system for leg in speed.legs("cpu") if leg.system != "trl_defaults"]
     out = speed.run(spec=tiny_spec, steps=8, repeats=1, results_dir=results, long_rows=False, systems=every)

@@ -12,7 +12,7 @@ from adapters.bottleneck import CONFIG_FILE, WEIGHTS_FILE, Bottleneck
 from adapters.core.errors import CannotMerge, StudioError
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
-from jobs.train import train
+from jobs.training.recipe import train
 from conftest import make_spec
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)
@@ -177,8 +177,8 @@ def test_series_adapter_steps_through_the_loop_reloads_as_trained_and_exports_as
         tiny_model, toy_dataset, tmp_path, studio_home):
     """Whether 12 steps lower the loss depends on the CPU's arithmetic and the learning rate; that the
     loop trains the adapters (the up projections leave zero) and the reload is the trained model does not."""
-    from jobs.export import export_adapter, export_merged
-    from jobs.inference import load_run
+    from jobs.results.export import export_adapter, export_merged
+    from jobs.results.inference import load_run
 
     out = tmp_path / "run"
     run = train(parse_spec(make_spec(tiny_model, toy_dataset, out, method={"name": "series_adapter"},

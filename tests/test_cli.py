@@ -79,7 +79,7 @@ def test_an_inline_run_restarts_on_the_jobs_allocator(monkeypatch):
     import os
     import sys
 
-    from jobs import allocator
+    from jobs.training import allocator
     from studio import cli
 
     execs = []

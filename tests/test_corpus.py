@@ -27,7 +27,7 @@ def run_case(case: dict, request) -> None:
         from jobs.spec import load_spec
         load_spec(path, options.get("overrides", []))
         return
-    from jobs.data import prepare, read_rows
+    from jobs.data.examples import prepare, read_rows
     from jobs.spec import DatasetSpec
     max_seq_len = options.pop("max_seq_len", None)
     if options.get("eval_path"):

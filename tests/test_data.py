@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from jobs.data import IGNORE, Example, collate, encode, plan_batches, prepare, read_rows, render_preview
+from jobs.data.examples import IGNORE, Example, collate, encode, plan_batches, prepare, read_rows, render_preview
 from adapters.core.errors import StudioError
 from jobs.spec import DatasetSpec
 
@@ -236,10 +236,10 @@ def test_render_preview_covers_the_whole_row(tok):
 def test_demo_dataset_is_reproducible_and_correct(tmp_path):
     import datetime as dt
 
-    from jobs.demo import DEMO_DIR, write_demo
+    from jobs.data.demo import DEMO_DIR, write_demo
     write_demo(tmp_path)
     for name in ("train.jsonl", "eval.jsonl"):
-        assert (tmp_path / name).read_bytes() == (DEMO_DIR / name).read_bytes(), f"{name} is stale: python -m jobs.demo"
+        assert (tmp_path / name).read_bytes() == (DEMO_DIR / name).read_bytes(), f"{name} is stale: python -m jobs.data.demo"
     train, evals, fmt = read_rows(DatasetSpec(path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl")))
     assert fmt == "instruction" and (len(train), len(evals)) == (500, 80)
     assert {r["input"] for r in train}.isdisjoint({r["input"] for r in evals})

@@ -12,8 +12,8 @@ from conftest import make_spec, serving_scheduler, wait_until
 from safetensors.torch import load_file
 
 from jobs.runfolder import read_metrics, read_run
-from jobs.scheduler import run_inline, submit_job
-from jobs.store import JobStore, Status
+from jobs.runner.scheduler import run_inline, submit_job
+from jobs.runner.store import JobStore, Status
 
 
 def job_spec(model: Path, data: Path, **training) -> dict:

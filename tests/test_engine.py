@@ -10,7 +10,7 @@ import pytest
 from conftest import toy_rows, write_jsonl
 
 from adapters import METHODS, UPDATE_RULES
-from jobs.engine import serve
+from jobs.engine.server import serve
 from adapters.core.errors import StudioError
 from studio.catalog import load_catalog, model_from_schema
 from studio.engine import Engine, EngineFailed
@@ -78,7 +78,7 @@ def test_forms_rebuilt_from_the_catalog_match_every_config():
 
 
 def test_the_catalog_is_asked_once_per_code_version(tmp_path):
-    from jobs.tasks import catalog
+    from jobs.engine.tasks import catalog
 
     asked = []
 

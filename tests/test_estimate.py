@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, _tiny_tokenizer, make_spec
 
 from adapters import METHODS
-from jobs.estimate import estimate, estimate_inference
+from jobs.estimate.estimator import estimate, estimate_inference
 from jobs.spec import parse_spec
 
 PARTS = {"weights", "trainable", "gradients", "optimizer_state", "activations", "logits", "framework_overhead"}
@@ -55,7 +55,7 @@ def test_trainable_count_is_what_the_method_trains(name, tiny_model, toy_dataset
     import torch
 
     from adapters.base import Context
-    from jobs import models
+    from jobs.training import models
 
     s = spec(tiny_model, toy_dataset, tmp_path / "run", {"name": name})
     method, cfg = s.method_config()
@@ -133,7 +133,7 @@ def test_estimate_is_near_a_measured_tiny_run(tiny_model, toy_dataset, tmp_path)
     (tmp_path / "spec.json").write_text(json.dumps(data))
     # The process's own peak (VmHWM): ru_maxrss would start from pytest's size, inherited through fork.
     script = ("import json, re, sys; from pathlib import Path; from jobs.spec import parse_spec; "
-              "from jobs.train import train; "
+              "from jobs.training.recipe import train; "
               "train(parse_spec(json.loads(Path(sys.argv[1]).read_text())), resume=False); "
               "print(int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1)) * 1024)")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "spec.json")], cwd=ROOT, capture_output=True,
@@ -176,10 +176,10 @@ def _env() -> dict:
 
 def test_allocator_slack_follows_the_malloc_jobs_run_on(wide_model, toy_dataset, tmp_path, monkeypatch):
     # glibc keeps freed activations and DoRA's rebuilt weights resident; tcmalloc reuses them.
-    import jobs.estimate
+    import jobs.estimate.estimator
 
     def slack(preloaded: bool):
-        monkeypatch.setattr(jobs.estimate, "preload_env", lambda: {"LD_PRELOAD": "x"} if preloaded else {})
+        monkeypatch.setattr(jobs.estimate.estimator, "preload_env", lambda: {"LD_PRELOAD": "x"} if preloaded else {})
         return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": "dora"}), "cpu")["details"]
 
     glibc, tcmalloc = slack(False), slack(True)
@@ -188,7 +188,7 @@ def test_allocator_slack_follows_the_malloc_jobs_run_on(wide_model, toy_dataset,
 
     # On a reusing malloc the gradients take over the memory backward frees from activations.
     def train_parts(preloaded: bool):
-        monkeypatch.setattr(jobs.estimate, "preload_env", lambda: {"LD_PRELOAD": "x"} if preloaded else {})
+        monkeypatch.setattr(jobs.estimate.estimator, "preload_env", lambda: {"LD_PRELOAD": "x"} if preloaded else {})
         return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": "full"}), "cpu")["breakdown"]
 
     summed, reused = train_parts(False), train_parts(True)
@@ -203,8 +203,8 @@ def test_under_checkpointing_a_block_keeps_only_its_input(lean, tiny_model, toy_
     # else, whatever the lean norms and MLP register for rebuilding their outputs.
     from transformers import AutoConfig
 
-    from jobs import models
-    from jobs.footprint import first_batch, probe_saved
+    from jobs.training import models
+    from jobs.estimate.footprint import first_batch, probe_saved
 
     s = spec(tiny_model, toy_dataset, tmp_path / "run", gradient_checkpointing=True, lean_activations=lean)
     method, mcfg = s.method_config()

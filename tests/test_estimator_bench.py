@@ -9,7 +9,7 @@ import pytest
 from conftest import toy_rows, write_jsonl
 
 from bench import estimator
-from jobs.estimate import allocator_slack
+from jobs.estimate.estimator import allocator_slack
 
 # The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
 pytestmark = pytest.mark.bench

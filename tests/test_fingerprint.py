@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from jobs import fingerprint
+from jobs.training import fingerprint
 from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
-from jobs.train import train
+from jobs.training.recipe import train
 from studio.cli import main
 from conftest import make_spec
 
@@ -31,7 +31,7 @@ def tamper(run_dir, change) -> None:
 
 
 def test_the_run_folder_holds_the_trained_models_logits_on_its_own_rows(run_dir, toy_dataset):
-    from jobs.inference import load_run
+    from jobs.results.inference import load_run
 
     recorded = fingerprint.read(run_dir)
     meta = json.loads((run_dir / fingerprint.META).read_text())
@@ -70,7 +70,7 @@ def test_export_refuses_a_model_that_is_not_the_trained_one(run_dir, tmp_path, c
 
 
 def test_every_load_of_the_run_is_checked(run_dir):
-    from jobs.inference import load_any
+    from jobs.results.inference import load_any
 
     tamper(run_dir, lambda t: t * 1.5)
     with pytest.raises(StudioError, match="the reloaded run is not the model that trained"):
@@ -78,7 +78,7 @@ def test_every_load_of_the_run_is_checked(run_dir):
 
 
 def test_a_run_from_before_fingerprints_says_so_and_exports(run_dir, tmp_path):
-    from jobs.export import export_merged
+    from jobs.results.export import export_merged
 
     (run_dir / fingerprint.META).unlink()
     (run_dir / fingerprint.LOGITS).unlink()
@@ -108,7 +108,7 @@ def test_probe_positions_are_trained_ones():
 
 def test_a_fingerprint_that_did_not_fit_says_so(tiny_model, toy_dataset, tmp_path, studio_home, monkeypatch):
     """On a full GPU the fp32 copy may not fit: the run keeps its result and its loads say they are unchecked."""
-    from jobs.inference import load_run
+    from jobs.results.inference import load_run
 
     def no_room(*args, **kwargs):
         raise torch.OutOfMemoryError("no room")

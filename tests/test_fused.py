@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs import fused, models
-from jobs.data import collate, encode
-from jobs.loss import token_loss_sum
+from jobs.training import fused, models
+from jobs.data.examples import collate, encode
+from jobs.training.loss import token_loss_sum
 from conftest import toy_rows
 
 

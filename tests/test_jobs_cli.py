@@ -10,8 +10,8 @@ import yaml
 from conftest import make_spec
 
 from jobs.runfolder import make_marked_folder
-from jobs.scheduler import Scheduler
-from jobs.store import JobStore, Status
+from jobs.runner.scheduler import Scheduler
+from jobs.runner.store import JobStore, Status
 from studio.cli import main
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval", reason="the [eval] extra is not installed: pip in
 def run_dir(tmp_path_factory, tiny_model):
     from conftest import toy_rows, write_jsonl
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     root = tmp_path_factory.mktemp("lm-eval")
     data = write_jsonl(root / "toy.jsonl", toy_rows())
@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory, tiny_model):
 
 
 def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home):
-    from jobs.lm_eval_task import evaluate_run
+    from jobs.results.lm_eval_task import evaluate_run
 
     result = evaluate_run(run_dir, ["heldout"], limit=4)
     scores = result["scores"]["heldout"]
@@ -40,8 +40,8 @@ def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home):
 
 
 def test_named_tasks_without_cached_data_are_refused_not_waited_for(run_dir, monkeypatch):
-    from jobs import models
-    from jobs.lm_eval_task import evaluate_run
+    from jobs.training import models
+    from jobs.results.lm_eval_task import evaluate_run
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.hub_reachable.cache_clear()
@@ -52,7 +52,7 @@ def test_named_tasks_without_cached_data_are_refused_not_waited_for(run_dir, mon
 
 
 def test_missing_harness_names_the_extra(run_dir, monkeypatch):
-    from jobs.lm_eval_task import evaluate_run
+    from jobs.results.lm_eval_task import evaluate_run
 
     hide_package(monkeypatch, "lm_eval")
     with pytest.raises(StudioError, match=r"\.\[eval\]"):
@@ -63,7 +63,7 @@ def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir
     """The Compare tab's Evaluate starts `studio evaluate` in another process; its table shows the scores."""
     import sys
 
-    from jobs.store import Status
+    from jobs.runner.store import Status
     from studio.ui import child, compare
     from studio.ui.common import Studio
 
@@ -86,7 +86,7 @@ def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir
 @pytest.mark.smollm
 @pytest.mark.timeout(1500)  # pays for the shared SmolLM2 run when it is the first to use it
 def test_bundled_model_heldout_evaluation(smollm_lora_run, monkeypatch):
-    from jobs.lm_eval_task import evaluate_run
+    from jobs.results.lm_eval_task import evaluate_run
 
     monkeypatch.setenv("STUDIO_HOME", str(smollm_lora_run["home"]))
     result = evaluate_run(smollm_lora_run["run_dir"], ["heldout"], limit=2)

@@ -15,10 +15,10 @@ import torch
 
 from adapters import METHODS, UPDATE_RULES
 from adapters.base import Context, Method, decays_by_default
-from jobs import models
-from jobs.data import collate, encode
+from jobs.training import models
+from jobs.data.examples import collate, encode
 from adapters.core.errors import CannotMerge
-from jobs.loss import token_loss_sum
+from jobs.training.loss import token_loss_sum
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows
 
@@ -153,7 +153,7 @@ def test_method_declares_what_it_is(name, setting):
         twin = METHODS.get(method.memory_twin)
         assert twin.memory_twin is None and twin.name != name
         shared = {k: v for k, v in method.Config().model_dump().items() if k in twin.Config.model_fields}
-        twin.Config(**shared)  # as jobs/footprint.py builds it
+        twin.Config(**shared)  # as jobs/estimate/footprint.py builds it
     assert method.fingerprint_tolerance is None or method.fingerprint_tolerance > 0
     assert method.to_quantized is None or callable(method.to_quantized)
     assert isinstance(method.merged_away, tuple) and all(isinstance(p, str) and p for p in method.merged_away)

@@ -4,7 +4,7 @@ import shutil
 import torch
 from transformers import AutoModelForCausalLM
 
-from jobs import models
+from jobs.training import models
 
 REF = "example-org/tiny-bundled"
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from adapters import METHODS
-from jobs.loss import attention_kernels
+from jobs.training.loss import attention_kernels
 from jobs.spec import parse_spec
-from jobs.train import pick_precision, train
+from jobs.training.recipe import pick_precision, train
 from conftest import make_spec
 
 RULES = ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"]
@@ -31,8 +31,8 @@ def _train_bf16(tiny_model, toy_dataset, tmp_path, method: dict, optimizer: dict
 def test_every_method_trains_in_bf16_and_reloads_as_it_trained(name, tiny_model, toy_dataset, tmp_path, studio_home):
     """The quantizing methods (qlora, loftq, qalora, peqa) quantize the bf16 base here: the reload
     must restore those very layers, not re-quantize the fp32 one."""
-    from jobs import fingerprint
-    from jobs.inference import load_run
+    from jobs.training import fingerprint
+    from jobs.results.inference import load_run
 
     lr = METHODS.get(name).suggested_lr * 30
     run = _train_bf16(tiny_model, toy_dataset, tmp_path, {"name": name}, {"name": "adamw", "lr": lr})
@@ -48,7 +48,7 @@ def test_every_method_trains_in_bf16_and_reloads_as_it_trained(name, tiny_model,
 @pytest.mark.parametrize("rule", RULES)
 def test_every_update_rule_steps_in_bf16_and_reloads_as_it_trained(rule, tiny_model, toy_dataset, tmp_path,
                                                                    studio_home):
-    from jobs.inference import load_run
+    from jobs.results.inference import load_run
 
     method = {"name": "full"} if rule in ("lomo", "adalomo") else {"name": "lora", "r": 4}
     run = _train_bf16(tiny_model, toy_dataset, tmp_path, method, {"name": rule})
@@ -59,7 +59,7 @@ def test_every_update_rule_steps_in_bf16_and_reloads_as_it_trained(rule, tiny_mo
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import jobs.train as jt
+    import jobs.training.recipe as jt
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(jt, "cpu_has_bf16_matmul", lambda: True)
@@ -71,7 +71,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 def test_auto_precision_can_be_told_there_is_no_amx(monkeypatch):
     """CI's second leg caps the kernels below AMX; auto must then pick fp32 even where the tiles exist."""
-    import jobs.train as jt
+    import jobs.training.recipe as jt
 
     cpu = torch.device("cpu")
     for var in ("STUDIO_CPU_BF16", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):

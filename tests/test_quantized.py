@@ -15,7 +15,7 @@ from adapters.quant import intgrid, nf4
 from adapters.quant.export import load_quantized, save_quantized
 from adapters.quant.intgrid import GridLinear
 from adapters.quant.targets import held_bytes
-from jobs import models
+from jobs.training import models
 from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from conftest import make_spec, toy_rows
@@ -46,7 +46,7 @@ def wider_llama(hidden: int = 128, seed: int = 0) -> nn.Module:
 
 
 def toy_batch(src) -> dict:
-    from jobs.data import collate, encode
+    from jobs.data.examples import collate, encode
 
     tok = models.load_tokenizer(src)
     return collate(encode(toy_rows(8), "instruction", tok, 64, "toy"), tok.pad_token_id)
@@ -142,7 +142,7 @@ def test_qlora_base_is_nf4_and_holds_a_fraction_of_loras_base_bytes():
 def test_qlora_8bit_base_trains_saves_its_base_and_merges(tiny, tmp_path):
     import bitsandbytes as bnb
 
-    from jobs.loss import token_loss_sum
+    from jobs.training.loss import token_loss_sum
 
     src, batch = tiny
     cfg, ctx = method_config("qlora", bits=8)
@@ -296,7 +296,7 @@ def test_gpt2_conv1d_layers_quantize_and_merge_back_to_conv1d(name):
 
 @pytest.mark.parametrize("bits,group_size", [(4, None), (3, None), (4, 16)])
 def test_peqa_trains_only_the_scales(tiny, bits, group_size):
-    from jobs.loss import token_loss_sum
+    from jobs.training.loss import token_loss_sum
 
     src, batch = tiny
     model = apply("peqa", models.load_model(src), bits=bits, group_size=group_size).train()
@@ -347,9 +347,9 @@ def test_peqa_scales_never_decay_under_any_update_rule(tiny):
 def test_exports_of_a_trained_run_match_it(name, tiny_model, toy_dataset, tmp_path, studio_home):
     from transformers import AutoModelForCausalLM
 
-    from jobs.export import export_merged
-    from jobs.inference import load_run
-    from jobs.train import train
+    from jobs.results.export import export_merged
+    from jobs.results.inference import load_run
+    from jobs.training.recipe import train
     from studio.cli import main
 
     method, run_dir = METHODS.get(name), tmp_path / "run"
@@ -374,8 +374,8 @@ def test_exports_of_a_trained_run_match_it(name, tiny_model, toy_dataset, tmp_pa
 
 
 def test_export_quantized_names_the_methods_that_have_one(tiny_model, toy_dataset, tmp_path, studio_home):
-    from jobs.export import export_quantized
-    from jobs.train import train
+    from jobs.results.export import export_quantized
+    from jobs.training.recipe import train
 
     run_dir = tmp_path / "run"
     train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, max_steps=1, eval_samples=0, exact_match_rows=0)))
@@ -387,10 +387,10 @@ def test_quantizing_methods_copy_the_rest_of_the_base_off_its_file(tiny_model, t
                                                                     monkeypatch):
     """After the base's layers are quantized, the tensors left over (embeddings, norms) would keep
     the whole memory-mapped file resident: train() copies them once the method is applied."""
-    import jobs.memory
-    from jobs.memory import release_replaced_base
+    import jobs.training.memory
+    from jobs.training.memory import release_replaced_base
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
     from conftest import make_spec
 
     src = models.resolve(str(tiny_model))
@@ -403,7 +403,7 @@ def test_quantizing_methods_copy_the_rest_of_the_base_off_its_file(tiny_model, t
         not model.config.tie_word_embeddings  # ties survive the copy
 
     calls = []
-    monkeypatch.setattr(jobs.memory, "release_replaced_base", lambda m, d: calls.append(type(m).__name__))
+    monkeypatch.setattr(jobs.training.memory, "release_replaced_base", lambda m, d: calls.append(type(m).__name__))
     for name in ("lora", "qlora"):
         train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / name, method={"name": name}, max_steps=1,
                                    exact_match_rows=0, eval_samples=0)))

@@ -16,8 +16,8 @@ from conftest import make_spec, serving_scheduler, wait_until
 
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
-from jobs.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, _kill_tree
-from jobs.store import Job, JobStore, Status
+from jobs.runner.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, _kill_tree
+from jobs.runner.store import Job, JobStore, Status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,8 +104,8 @@ def test_two_jobs_with_one_slot_run_one_after_the_other(home, scheduler, tiny_mo
     assert first.finished_at <= second.started_at  # never together
     log = (Path(second.run_dir) / "log.txt").read_text()
     assert log.count("completed") == 1
-    # The job process ran on the allocator jobs.allocator picks here (tcmalloc where installed).
-    from jobs.allocator import preload_env
+    # The job process ran on the allocator jobs.training.allocator picks here (tcmalloc where installed).
+    from jobs.training.allocator import preload_env
 
     preloaded = preload_env({}).get("LD_PRELOAD", "").split(":")[0] or "the system"
     assert f"malloc: {preloaded}" in log
@@ -245,7 +245,7 @@ def test_run_inline_executes_synchronously(home, tiny_model, toy_dataset):
 
 def test_a_bad_allocator_setting_fails_the_job_with_the_fix_and_no_run_folder(home, tiny_model, toy_dataset,
                                                                               monkeypatch):
-    from jobs.worker import spawn
+    from jobs.runner.worker import spawn
 
     monkeypatch.setenv("STUDIO_ALLOCATOR", "fastest")
     queued = submit_job(home, job_spec(tiny_model, toy_dataset, max_steps=1), name="bad-malloc")

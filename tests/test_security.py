@@ -17,7 +17,7 @@ import pytest
 from conftest import build_tiny_llama, toy_rows, write_jsonl
 
 from jobs.runfolder import MARKER, make_marked_folder, write_json_atomic
-from jobs.store import JobStore, Status
+from jobs.runner.store import JobStore, Status
 
 pytestmark = pytest.mark.timeout(300)
 UPLOAD_LIMIT_MB = 0.05  # small, so the over-large upload below is cheap
@@ -329,7 +329,7 @@ def test_failed_logins_wait_longer_each_time():
 
 def test_job_processes_do_not_inherit_the_password(monkeypatch):
     from jobs.home import AUTH_ENV
-    from jobs.worker import job_environment
+    from jobs.runner.worker import job_environment
 
     monkeypatch.setenv(AUTH_ENV, "ann:secret")
     assert AUTH_ENV not in job_environment() and "PATH" in job_environment()

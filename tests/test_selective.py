@@ -12,7 +12,7 @@ from adapters.base import Context
 from adapters.selective import CONFIG_FILE, WEIGHTS_FILE, SelectiveParams, block_range, select
 from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
-from jobs.train import train
+from jobs.training.recipe import train
 from conftest import make_spec
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)

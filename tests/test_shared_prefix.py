@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-import jobs.loss as loss_module
+import jobs.training.loss as loss_module
 from adapters import METHODS
 from adapters.base import Context
 from conftest import make_spec
-from jobs import fused, models
-from jobs.data import collate, encode
+from jobs.training import fused, models
+from jobs.data.examples import collate, encode
 from jobs.spec import parse_spec
 
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
@@ -116,7 +116,7 @@ def test_the_spec_switch_turns_sharing_off(setting):
 
 def test_the_estimate_probes_with_the_prefix_every_batch_shares(setting, tmp_path):
     from conftest import write_jsonl
-    from jobs.footprint import first_batch
+    from jobs.estimate.footprint import first_batch
 
     src, tok, batch, factory = setting
     data = write_jsonl(tmp_path / "rows.jsonl", _rows(24))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import models
+from jobs.training import models
 from jobs.spec import load_spec
 
 pytestmark = pytest.mark.smollm
@@ -43,8 +43,8 @@ def test_bundled_model_loads_offline_and_is_cached(home):
 def test_short_lora_run_and_merged_export(home, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.export import export_merged
-    from jobs.train import train
+    from jobs.results.export import export_merged
+    from jobs.training.recipe import train
 
     spec = load_spec(ROOT / "assets" / "specs" / "demo_lora.yaml", [
         f"output_dir={tmp_path / 'run'}", "training.max_steps=3", "training.batch_size=4",
@@ -72,9 +72,9 @@ def test_first_run_of_each_method_on_an_empty_home_completes(tmp_path, monkeypat
     GGUF quantizer on the model; a bf16 method must train the model its reloads rebuild (a
     first load converted in memory once rounded the rotary frequencies to bf16); qlora must
     reload its saved NF4 base, not a re-quantized one."""
-    from jobs.inference import load_run
+    from jobs.results.inference import load_run
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("lora", "full", "qlora"):

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.core.errors import StudioError
 from jobs.home import studio_home
-from jobs.store import JobStore, Status
+from jobs.runner.store import JobStore, Status
 
 SPEC = {"model": "m", "dataset": {"path": "d.jsonl"}, "output_dir": "ignored"}
 

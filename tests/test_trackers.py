@@ -15,7 +15,7 @@ pytest.importorskip("mlflow", reason="the [trackers] extra is not installed: pip
 
 
 def train_reporting(tiny_model, toy_dataset, out, **training):
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     spec = parse_spec(make_spec(tiny_model, toy_dataset, out, max_steps=4, eval_every=2, **training))
     return train(spec)
@@ -78,7 +78,7 @@ def test_a_tracker_that_cannot_start_fails_the_job_before_training(tiny_model, t
 
 def test_a_tracker_failing_mid_run_is_logged_and_training_goes_on(tiny_model, toy_dataset, tmp_path, studio_home,
                                                                    monkeypatch, capsys):
-    from jobs import trackers
+    from jobs.training import trackers
 
     def broken(self, step, values):
         raise OSError("disk full")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import checkpoint
-from jobs.data import collate, encode
+from jobs.training import checkpoint
+from jobs.data.examples import collate, encode
 from adapters.core.errors import StudioError
-from jobs.loss import token_loss_sum
+from jobs.training.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
-from jobs.train import lr_at, train
+from jobs.training.recipe import lr_at, train
 from conftest import make_spec, toy_rows
 
 
@@ -90,7 +90,7 @@ def test_chunked_loss_gradients_match(tiny_model):
 
 
 def test_linear_cross_entropy_gradients():
-    from jobs.loss import _LinearCrossEntropy
+    from jobs.training.loss import _LinearCrossEntropy
 
     torch.manual_seed(0)
     h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
@@ -104,7 +104,7 @@ def test_linear_cross_entropy_gradients():
 
 def test_loss_under_bf16_autocast_matches_the_plain_head(tiny_model):
     """The fused head and loss compute what head(h) and cross_entropy compute under autocast."""
-    import jobs.loss as loss_module
+    import jobs.training.loss as loss_module
     from transformers import AutoModelForCausalLM
 
     batch = _toy_batch(tiny_model)

@@ -25,7 +25,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_studio(root: Path):
     """The real app on a free localhost port, its home and a tiny model under ``root``."""
-    from jobs.store import JobStore, Status
+    from jobs.runner.store import JobStore, Status
 
     home, model = root / "home", build_tiny_llama(root / "tiny-llama")
     with pytest.MonkeyPatch.context() as mp:

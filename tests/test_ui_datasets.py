@@ -10,7 +10,7 @@ import pytest
 from conftest import toy_rows, write_jsonl
 
 from adapters.core.errors import StudioError
-from jobs.store import JobStore
+from jobs.runner.store import JobStore
 from studio.datasets_store import DatasetStore
 
 

@@ -11,7 +11,7 @@ from conftest import toy_rows, write_jsonl
 import app as launcher
 from adapters.core.errors import StudioError
 from jobs.runfolder import write_json_atomic
-from jobs.store import JobStore, Status
+from jobs.runner.store import JobStore, Status
 from studio.ui import charts, compare, export, train
 from studio.ui.app import check_auth, parse_auth
 from studio.ui.common import Studio, job_summary
@@ -55,7 +55,7 @@ def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch
 
 @pytest.mark.parametrize("total, verdict", [(10, "fits"), (90, "tight"), (120, "does not fit")])
 def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch, total, verdict):
-    # The model process's answer, as jobs.tasks.check gives it; the verdict is the web process's.
+    # The model process's answer, as jobs.engine.tasks.check gives it; the verdict is the web process's.
     answer = {"available": True, "total_bytes": total, "breakdown": {"weights": total}, "peak_phase": "train",
               "assumptions": ["a note"]}
     monkeypatch.setattr(train, "estimate_for", lambda studio, data, device: answer)

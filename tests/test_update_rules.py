@@ -13,10 +13,10 @@ from adapters import METHODS, UPDATE_RULES
 from adapters.base import Context, RuleMemory, UpdateRule
 from adapters.mezo import seeded_noise
 from adapters.core.errors import StudioError
-from jobs.loss import token_loss_sum
+from jobs.training.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import check_combination, parse_spec
-from jobs.train import train
+from jobs.training.recipe import train
 from conftest import make_spec
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)
@@ -354,8 +354,8 @@ def test_rule_steps_through_the_loop_and_the_run_reloads_as_trained(method, opti
     """Whether a handful of steps lowers the loss depends on the CPU's arithmetic and the learning rate;
     the rules' maths is tested step by step above. Here: the loop drives the rule, the model changes,
     and what is saved reloads as the model that trained."""
-    from jobs import models
-    from jobs.inference import load_run
+    from jobs.training import models
+    from jobs.results.inference import load_run
 
     out = tmp_path / "run"
     run = train(parse_spec(make_spec(tiny_model, toy_dataset, out, method=method, optimizer=optimizer,

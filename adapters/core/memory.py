@@ -1,5 +1,5 @@
 """Giving freed heap memory back to the OS: shared by the memory-lean update rules (LOMO) and the
-quantizers (NF4), and by the job process after a method replaced its base (``jobs.memory``)."""
+quantizers (NF4), and by the job process after a method replaced its base (``jobs.training.memory``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +31,7 @@ class HeapReturner:
 
 def malloc_trim():
     """A function(pad) that gives freed heap memory back to the OS: tcmalloc's when this process
-    runs on it (see ``jobs.allocator``), else glibc's ``malloc_trim``; None elsewhere."""
+    runs on it (see ``jobs.training.allocator``), else glibc's ``malloc_trim``; None elsewhere."""
     import ctypes
     import ctypes.util
 

@@ -8,7 +8,7 @@ The weights file is not named ``model.safetensors`` on purpose: plain transforme
 load it with the grid layers missing and silently random-initialise them. Load it with
 ``load_quantized(folder)``.
 
-``jobs.export.export_quantized`` checks the quantized model against the run's unmerged
+``jobs.results.export.export_quantized`` checks the quantized model against the run's unmerged
 reload and its trained fingerprint before anything is written.
 """
 from __future__ import annotations

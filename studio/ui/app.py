@@ -2,9 +2,9 @@
 scheduler that starts queued jobs.
 
 The UI process never trains, and never imports torch: model work (estimates, previews,
-generation, export) runs in model processes (studio/engine.py, jobs/engine.py). Jobs run
+generation, export) runs in model processes (studio/engine.py, jobs/engine/server.py). Jobs run
 in their own processes, started by the scheduler
-(``jobs.scheduler``); when no ``studio worker`` serves this home, the UI runs one in a
+(``jobs.runner.scheduler``); when no ``studio worker`` serves this home, the UI runs one in a
 background thread, and keeps trying to take over if an outside one stops. Jobs outlive
 both the page and the UI process.
 """
@@ -51,7 +51,7 @@ class SchedulerService:
         self.thread.join(timeout)
 
     def _run(self) -> None:
-        from jobs.scheduler import Scheduler, scheduler_pid
+        from jobs.runner.scheduler import Scheduler, scheduler_pid
 
         while not self.stop_event.is_set():
             if scheduler_pid(self.home) is None:
@@ -68,7 +68,7 @@ class SchedulerService:
             self.stop_event.wait(self.retry_every)
 
     def describe(self) -> str:
-        from jobs.scheduler import scheduler_pid
+        from jobs.runner.scheduler import scheduler_pid
 
         if self.serving.is_set():
             return "jobs are started by this studio"

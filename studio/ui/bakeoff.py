@@ -3,7 +3,7 @@ its jobs, read its report (table, Pareto plot, recommendation) and download it.
 
 This process only writes the request and reads files: planning (the registry, the memory
 estimator) and waiting for the jobs happen in the bake-off's own driver process
-(``python -m jobs.bakeoff_driver drive``), and the jobs run under the scheduler like any other.
+(``python -m jobs.bakeoff.driver drive``), and the jobs run under the scheduler like any other.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import gradio as gr
 import yaml
 from gradio.data_classes import FileData
 
-from jobs import bakeoff, bakeoff_driver
+from jobs.bakeoff import plan as bakeoff, driver as bakeoff_driver
 from adapters.core.errors import StudioError
-from jobs.store import FINISHED
+from jobs.runner.store import FINISHED
 from studio.ui.common import (Studio, describe_failure, fmt_bytes, fmt_seconds, for_api, message_html, want_float,
                               want_int)
 

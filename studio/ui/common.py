@@ -19,7 +19,7 @@ from jobs.confine import Policy
 from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import RunFolder
-from jobs.store import Job, JobStore, Status
+from jobs.runner.store import Job, JobStore, Status
 from studio.catalog import Catalog, load_catalog
 from studio.datasets_store import DatasetStore, slug
 from studio.engine import EngineFailed, engine
@@ -64,7 +64,7 @@ class Studio:
         return DatasetStore(self.home)
 
     def ask(self, task: str, progress: Callable[[dict], None] | None = None, **args: Any) -> Any:
-        """Run a task of ``jobs.tasks`` in the home's warm model process (validation, estimates, previews)."""
+        """Run a task of ``jobs.engine.tasks`` in the home's warm model process (validation, estimates, previews)."""
         return engine(self.home, "forms").call(task, progress, **args)
 
     @property
@@ -226,7 +226,7 @@ def completed_run(studio: Studio, job_id: int | str) -> Job:
 
 def parse_ids(values: Any) -> list[int]:
     """Job ids from a dropdown or an API call: ints, "3", "#3" or labels like "#3 name"."""
-    from jobs.store import parse_id
+    from jobs.runner.store import parse_id
 
     if values is None:
         return []

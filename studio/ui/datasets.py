@@ -29,7 +29,7 @@ def list_all(studio: Studio) -> list[dict]:
 def preview(studio: Studio, key: str, model_ref: str, max_seq_len: int) -> dict:
     """The first rows as token spans (trained or prompt) and the token lengths of a sample of rows.
 
-    Tokenizing needs transformers, so the model process does it (jobs.tasks.preview)."""
+    Tokenizing needs transformers, so the model process does it (jobs.engine.tasks.preview)."""
     from jobs.spec import MAX_SEQ_LEN
 
     max_seq_len = want_int(max_seq_len, "max_seq_len", 8, MAX_SEQ_LEN)

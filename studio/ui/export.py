@@ -25,7 +25,7 @@ from studio.ui.common import (Studio, archive_path, completed_run, describe_fail
                               message_html, progress_reporter)
 
 KINDS = ("merged", "adapter", "gguf")
-# The same names as jobs.gguf_export.TYPES, which the web process cannot import (it loads torch).
+# The same names as jobs.results.gguf.TYPES, which the web process cannot import (it loads torch).
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0")
 _lock = threading.Lock()  # one export at a time: each loads a whole model (in its own process)
 

@@ -13,7 +13,7 @@ import gradio as gr
 import yaml
 
 from jobs.runfolder import RunFolder
-from jobs.store import Status
+from jobs.runner.store import Status
 from studio.ui.charts import loss_chart
 from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, job_choices,
                               job_summary, log_tail, message_html, want_bool)
@@ -57,7 +57,7 @@ def control(studio: Studio, verb: str, job_id: int | str) -> dict:
 
 
 def delete(studio: Studio, job_id: int | str, files: bool = False) -> list[str]:
-    from jobs.scheduler import delete_job
+    from jobs.runner.scheduler import delete_job
 
     return delete_job(studio.home, job_id, files=files)
 
@@ -131,7 +131,7 @@ def build(studio: Studio) -> dict:
     head = gr.HTML(elem_id="jobs.status")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            plot = gr.HTML(loss_chart([]), label="Loss", elem_id="jobs.loss")
+            plot = gr.HTML(loss_chart([]), label="Loss", elem_id="jobs.training.loss")
         samples = gr.Textbox(label="Sample generations (last evaluation)", lines=10, max_lines=14, scale=2,
                              elem_id="jobs.samples", interactive=False)
     log_box = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True, elem_id="jobs.log",

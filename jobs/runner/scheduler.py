@@ -31,8 +31,8 @@ import psutil
 from jobs.confine import Policy, check_devices
 from adapters.core.errors import StudioError
 from jobs.home import ENV_VAR, lock_path, studio_home
-from jobs.store import Job, JobStore, Status
-from jobs.worker import execute, heartbeat_age, spawn
+from jobs.runner.store import Job, JobStore, Status
+from jobs.runner.worker import execute, heartbeat_age, spawn
 
 log = logging.getLogger("studio.scheduler")
 

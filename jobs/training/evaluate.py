@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from jobs.loss import token_loss_sum
+from jobs.training.loss import token_loss_sum
 
 
 @torch.no_grad()

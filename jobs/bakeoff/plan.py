@@ -2,7 +2,7 @@
 
 A bake-off lives in ``<home>/bakeoffs/<id>/``: ``bakeoff.json`` (the manifest: request,
 plan, the jobs it queued, the learning rates it chose) and, at the end, the report
-(``jobs.bakeoff_report``). Every training run is an ordinary job in the store, named
+(``jobs.bakeoff.report``). Every training run is an ordinary job in the store, named
 ``bakeoff <id> ...``, so it shows in the Jobs tab and can be cancelled or resumed there.
 
 Fairness, as a practitioner would set it up:
@@ -13,7 +13,7 @@ Fairness, as a practitioner would set it up:
 - each candidate gets its own learning rate from a short, bounded search: a few multiples
   of its suggested rate, each trained on a slice of the budget, the lowest held-out loss wins.
 
-This module holds the request, the plan and the choices; ``jobs.bakeoff_driver`` queues the
+This module holds the request, the plan and the choices; ``jobs.bakeoff.driver`` queues the
 jobs and waits for them. Nothing here imports torch at module level: the UI writes requests
 with ``create`` and starts the driver in a process of its own.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 from adapters.core.errors import StudioError
 from jobs.home import studio_home
 from jobs.runfolder import read_run, write_json_atomic
-from jobs.store import JobStore
+from jobs.runner.store import JobStore
 
 MANIFEST = "bakeoff.json"
 # Rules that trade quality or speed for memory; they only make sense on full fine-tuning,
@@ -166,7 +166,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
     import torch
 
     from adapters import METHODS, UPDATE_RULES
-    from jobs.estimate import estimate
+    from jobs.estimate.estimator import estimate
     from jobs.spec import check_combination, parse_spec
 
     started = time.time()

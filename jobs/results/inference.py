@@ -1,6 +1,6 @@
 """Load what a run produced (base + its trained state) and generate text from it or a base model.
 
-Every load of a run is checked against the trained model's fingerprint (jobs/fingerprint.py):
+Every load of a run is checked against the trained model's fingerprint (jobs/training/fingerprint.py):
 the playground, ``studio generate`` and every export use only a model that computes what the
 trained one computed.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from adapters.base import Context
-from jobs import fingerprint, models
-from jobs.data import prompt_ids
+from jobs.training import fingerprint, models
+from jobs.data.examples import prompt_ids
 from adapters.core.errors import StudioError
 from jobs.runfolder import COMPLETED, RunFolder, read_run
 from jobs.spec import JobSpec, parse_spec

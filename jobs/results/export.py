@@ -1,7 +1,7 @@
 """Export a run: the merged standalone model, the adapter alone, or the quantized model.
 Reads only the run folder.
 
-Every export is checked against the trained model's fingerprint (jobs/fingerprint.py): the
+Every export is checked against the trained model's fingerprint (jobs/training/fingerprint.py): the
 reloaded run, and the merged or quantized model itself, must compute the logits the trained
 model computed, within the method's tolerance (relative to the largest logit). The report
 gives the largest difference as ``max_abs_logit_diff_vs_trained``; past the tolerance, or
@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from jobs.data import encode, read_rows
+from jobs.data.examples import encode, read_rows
 from adapters.core.errors import CannotMerge, StudioError
 from adapters.quant.export import save_quantized
-from jobs import fingerprint
-from jobs.inference import load_run, run_spec
+from jobs.training import fingerprint
+from jobs.results.inference import load_run, run_spec
 from jobs.runfolder import RunFolder, replace_dir_atomic
 
 PROBE_TEXT = "The studio checks that merging changed nothing: one, two, three, four, five."

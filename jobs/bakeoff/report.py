@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapters.core.errors import StudioError
 from jobs.runfolder import RunFolder, read_run, write_json_atomic
-from jobs.store import JobStore
+from jobs.runner.store import JobStore
 
 # Per-run fields copied from run.json's metrics (names as the training loop writes them).
 RUN_METRICS = ("eval_loss", "exact_match", "train_loss", "peak_memory_bytes", "memory_kind", "train_seconds",
@@ -222,7 +222,7 @@ def write_report(home: Path, manifest: dict) -> Path:
     png = plot(report, out / "pareto.png")
     report["plot"] = png.name if png else None
     write_json_atomic(out / "report.json", report)
-    from jobs.bakeoff_page import markdown
+    from jobs.bakeoff.page import markdown
 
     tmp = out / ".report.md.tmp"
     tmp.write_text(markdown(report), encoding="utf-8")

@@ -130,7 +130,7 @@ class SavedOutputs:
     """What one installed model's lean functions share with its loss: the outputs a later layer
     may save for backward, while ``rebuilding()`` is active, and who watches what autograd keeps.
 
-    Made by the caller and handed to ``install`` and to the loss (``jobs.loss``), so two models
+    Made by the caller and handed to ``install`` and to the loss (``jobs.training.loss``), so two models
     in one process never share it.
     """
 

@@ -22,13 +22,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from adapters.core import compat
-from jobs import fused
-from jobs.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
+from jobs.training import fused
+from jobs.training.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_below_fp32
 
 
 def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None,
                  share_prefix: bool = True) -> torch.Tensor:
-    """The last hidden states; with ``saved`` (the state ``jobs.fused.install`` was given), its lean
+    """The last hidden states; with ``saved`` (the state ``jobs.training.fused.install`` was given), its lean
     functions' outputs that later layers save are rebuilt in backward instead of kept.
 
     A prefix every row of the batch starts with is computed once (``shared_prefix``), unless
@@ -162,7 +162,7 @@ PREFIX_ATTENTION = "studio_packed_prefix"
 
 def _inner_attention(base: torch.nn.Module) -> Callable | None:
     """The attention ``base`` dispatches to, when a packed call can run its parts through it:
-    transformers' SDPA, or the lean functions' SDPA (``jobs.fused``), which falls back to it."""
+    transformers' SDPA, or the lean functions' SDPA (``jobs.training.fused``), which falls back to it."""
     name = compat.attention_of(base)
     if not compat.can_switch_attention(base) or name not in ("sdpa", fused.ATTENTION):
         return None
@@ -212,7 +212,7 @@ def attention_kernels(device: torch.device, seq_len: int):
     for the math kernel at 8 x 57 tokens, 9 heads (2-core Xeon with AMX, torch 2.13); at 512
     tokens flash wins 50 ms to 217 ms, and in fp32 it wins at every length, as it does without
     backward (0.4 ms against 1.3 ms forward). The choice only changes which kernel computes the
-    same attention. Models with ``jobs.fused`` installed train short rows through its own
+    same attention. Models with ``jobs.training.fused`` installed train short rows through its own
     attention instead, which is leaner and faster than either; this covers the rest.
     """
     if device.type == "cpu" and cpu_autocast_below_fp32() and seq_len <= SHORT_ROWS and torch.is_grad_enabled():

@@ -3,7 +3,7 @@
 ``drive`` is idempotent: it picks up from what the manifest records, so a bake-off whose
 driver stopped continues with ``studio bakeoff --resume ID``. ``cancel`` stops one: its
 unfinished jobs are cancelled and the driver ends at its next check. The UI starts the
-driver as ``python -m jobs.bakeoff_driver drive HOME ID``.
+driver as ``python -m jobs.bakeoff.driver drive HOME ID``.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.bakeoff import candidate_spec, choose_rates, folder, load, plan, save
+from jobs.bakeoff.plan import candidate_spec, choose_rates, folder, load, plan, save
 from adapters.core.errors import StudioError
 from jobs.home import ENV_VAR, studio_home
-from jobs.store import FINISHED, RESUMABLE, JobStore, Status
+from jobs.runner.store import FINISHED, RESUMABLE, JobStore, Status
 
 CANCEL_FILE = "cancel"  # a marker, not a manifest field: the driver rewrites the manifest
 
@@ -26,7 +26,7 @@ class Cancelled(Exception):
 
 
 def _submit(home: Path, bid: str, data: dict, name: str) -> int:
-    from jobs.scheduler import submit_job
+    from jobs.runner.scheduler import submit_job
 
     return submit_job(home, data, name=f"bakeoff {bid} {name}", where=f"bake-off {bid}: {name}").id
 
@@ -107,7 +107,7 @@ def wait(home: Path, job_ids: list[int], inline: bool = False, say=lambda text: 
     """Until every job has finished: run them here one by one (``inline``), leave them to the
     scheduler serving this home, or, when none does, serve the home ourselves (one process
     per job, so each run's peak memory is its own). Raises Cancelled once ``cancelled()``."""
-    from jobs.scheduler import Scheduler, run_inline, scheduler_pid
+    from jobs.runner.scheduler import Scheduler, run_inline, scheduler_pid
 
     store = JobStore(home)
     if inline:
@@ -144,7 +144,7 @@ def wait(home: Path, job_ids: list[int], inline: bool = False, say=lambda text: 
 
 def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda text: None) -> Path:
     """Run a bake-off to its report from wherever it stands; returns the report folder."""
-    from jobs.bakeoff_report import write_report
+    from jobs.bakeoff.report import write_report
 
     home = studio_home(home)
     manifest = load(home, bid)
@@ -215,18 +215,18 @@ def spawn_driver(home: Path, bid: str) -> int:
     """Start ``drive`` in a process of its own (the UI's launch); its output goes to driver.log."""
     import subprocess
 
-    code_root = str(Path(__file__).resolve().parent.parent)
+    code_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p),
            "PYTHONUNBUFFERED": "1"}
     with open(folder(home, bid) / "driver.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.bakeoff_driver", "drive", str(home), bid],
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.bakeoff.driver", "drive", str(home), bid],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
     return proc.pid
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bakeoff_driver")
+    parser = argparse.ArgumentParser(prog="python -m jobs.bakeoff.driver")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("drive", help="run a recorded bake-off to its report")
     d.add_argument("home")

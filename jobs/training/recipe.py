@@ -4,7 +4,7 @@
 2. load the base model, apply the method, build the update rule
 3. resume from the newest valid checkpoint when there is one
 4. step: micro-batches -> update rule -> log; evaluate and checkpoint on schedule
-5. evaluate, record the trained model's fingerprint (jobs/fingerprint.py), save the adapter,
+5. evaluate, record the trained model's fingerprint (jobs/training/fingerprint.py), save the adapter,
    write run.json
 
 Under torchrun each process takes every world-size-th row of each global micro-batch; the
@@ -29,16 +29,16 @@ from typing import Callable
 import torch
 
 from adapters.base import Context, decay_rule
-from jobs import checkpoint, distributed, fingerprint, fused, memory, models
-from jobs.data import collate, plan_batches, prepare
+from jobs.training import checkpoint, distributed, fingerprint, fused, memory, models
+from jobs.data.examples import collate, plan_batches, prepare
 from adapters.core.errors import StudioError
-from jobs.evaluate import evaluate
-from jobs.loss import token_loss_sum
-from jobs.memory import peak_memory
+from jobs.training.evaluate import evaluate
+from jobs.training.loss import token_loss_sum
+from jobs.training.memory import peak_memory
 from jobs.runfolder import (CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNER_FILES, RUNNING, RunFolder,
                             append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run)
 from jobs.spec import JobSpec, TrainingSpec, check_combination
-from jobs.trackers import NO_TRACKERS, Trackers
+from jobs.training.trackers import NO_TRACKERS, Trackers
 
 StopFn = Callable[[], bool]
 ProgressFn = Callable[[dict], None]

@@ -1,6 +1,6 @@
-"""The model process: runs ``jobs.tasks`` for the web process, which never imports torch.
+"""The model process: runs ``jobs.engine.tasks`` for the web process, which never imports torch.
 
-``python -m jobs.engine [--once] [--idle SECONDS]`` reads one JSON request per line on
+``python -m jobs.engine.server [--once] [--idle SECONDS]`` reads one JSON request per line on
 stdin, ``{"id": 1, "task": "check", "args": {...}}``, and answers on stdout with any
 number of progress lines, ``{"id": 1, "progress": {...}}``, then exactly one
 ``{"id": 1, "result": ...}`` or ``{"id": 1, "error": {...}}``. An error carries a
@@ -36,7 +36,7 @@ def describe_error(e: BaseException) -> dict:
 
 def answer(out: IO[str], request: dict) -> None:
     """Run one request and write its progress lines and its result (or error)."""
-    from jobs.tasks import TASKS
+    from jobs.engine.tasks import TASKS
 
     rid = request.get("id")
 
@@ -85,7 +85,7 @@ def serve(inp: IO[str], out: IO[str], *, once: bool = False, idle: float = IDLE_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.engine", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.engine.server", description=__doc__.splitlines()[0])
     p.add_argument("--once", action="store_true", help="answer one request, then exit")
     p.add_argument("--idle", type=float, default=IDLE_SECONDS, help="exit after this many quiet seconds (0: never)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""One job, one OS process: ``python -m jobs.worker HOME JOB_ID``.
+"""One job, one OS process: ``python -m jobs.runner.worker HOME JOB_ID``.
 
 The scheduler starts this in its own process session with stdout and stderr going to
 ``<run>/log.txt``, so a crash, an out-of-memory kill or a segfault takes down only the
@@ -9,7 +9,7 @@ job. The process:
 - turns SIGTERM (or a cancel request found in the store) into a graceful stop at the
   next step boundary, where the training loop writes a checkpoint;
 - runs the training loop itself, or, for a job asking for N devices, ``torchrun`` with
-  N processes that each run ``python -m jobs.worker --rank HOME JOB_ID``;
+  N processes that each run ``python -m jobs.runner.worker --rank HOME JOB_ID``;
 - writes the outcome from ``run.json`` back to the store.
 
 Heavy imports (torch, the training loop) happen after the heartbeat starts.
@@ -26,12 +26,12 @@ import time
 import traceback
 from pathlib import Path
 
-from jobs.allocator import preload_env, running_on
+from jobs.training.allocator import preload_env, running_on
 from adapters.core.errors import StudioError
 from jobs.home import AUTH_ENV, ENV_VAR
 from jobs import runfolder
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
-from jobs.store import Job, JobStore, Status
+from jobs.runner.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
 
@@ -115,9 +115,9 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
         log.write(f"--- job {job.id} attempt {job.attempt} started {time.ctime()} ---\n".encode())
         log.flush()
         # The job's process imports this same source tree, whatever folder it runs in.
-        code_root = str(Path(__file__).resolve().parent.parent)
+        code_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
-        return subprocess.Popen([sys.executable, "-m", "jobs.worker", str(home), str(job.id)],
+        return subprocess.Popen([sys.executable, "-m", "jobs.runner.worker", str(home), str(job.id)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
                                 env={**job_environment(), **preload, **env, ENV_VAR: str(home),
@@ -170,14 +170,14 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
 def _run_here(job: Job, stop: StopRequest) -> None:
     _limit_threads()
     from jobs.spec import parse_spec
-    from jobs.train import train
+    from jobs.training.recipe import train
 
     train(parse_spec(job.spec, where=f"job {job.id}"), resume=True, stop=stop)
 
 
 def _run_distributed(home: Path, job: Job, stop: StopRequest) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.nprocs}",
-           *node_args(job.spec, job.id), "-m", "jobs.worker", "--rank", str(home), str(job.id)]
+           *node_args(job.spec, job.id), "-m", "jobs.runner.worker", "--rank", str(home), str(job.id)]
     print("launching:", " ".join(cmd), flush=True)
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     stop.children.append(child)
@@ -245,7 +245,7 @@ def rank_main(home: Path, job_id: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.worker", description="Run one queued job (started by the scheduler).")
+    parser = argparse.ArgumentParser(prog="python -m jobs.runner.worker", description="Run one queued job (started by the scheduler).")
     parser.add_argument("--rank", action="store_true", help="run as one rank under torchrun")
     parser.add_argument("home", type=Path)
     parser.add_argument("job_id", type=int)

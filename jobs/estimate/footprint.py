@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from adapters.core import compat
 from adapters.core.errors import StudioError
-from jobs.models import frozen_base_dtype
+from jobs.training.models import frozen_base_dtype
 from jobs.spec import JobSpec
 
 PROBE_BLOCKS = 2
@@ -32,7 +32,7 @@ def _text(config):
 
 
 def load_dtype(method, dtype: torch.dtype) -> torch.dtype:
-    # As jobs.train: frozen bases load in the compute dtype, full fine-tuning keeps fp32 masters.
+    # As jobs.training.recipe: frozen bases load in the compute dtype, full fine-tuning keeps fp32 masters.
     return frozen_base_dtype(method, dtype)
 
 
@@ -42,7 +42,7 @@ class Batch:
     length: int
     trained: int       # positions whose next token is trained (what the loss projects)
     source: str
-    shared: int = 0    # leading tokens every row of every batch has in common (jobs.loss.shared_prefix)
+    shared: int = 0    # leading tokens every row of every batch has in common (jobs.training.loss.shared_prefix)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Counts:
 
 def dtype_for(precision: str, device: str) -> torch.dtype:
     """The training loop's compute dtype; a GPU that is not this machine's is assumed to have bf16."""
-    from jobs.train import pick_precision
+    from jobs.training.recipe import pick_precision
 
     if precision == "auto" and device == "cuda":
         return torch.bfloat16
@@ -78,7 +78,7 @@ def read_config(spec: JobSpec):
     """The model's config from its folder, the bundled cache or a GGUF file's metadata."""
     from transformers import AutoConfig
 
-    from jobs import models
+    from jobs.training import models
 
     src = models.resolve(spec.model)
     try:
@@ -95,8 +95,8 @@ def first_batch(spec: JobSpec, src, use_data: bool = True) -> tuple[Batch, objec
     rows = t.batch_size
     if not use_data:
         return Batch(rows, t.max_seq_len, rows * t.max_seq_len, "max_seq_len"), None
-    from jobs import models
-    from jobs.data import plan_batches, prepare
+    from jobs.training import models
+    from jobs.data.examples import plan_batches, prepare
 
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
     data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
@@ -113,12 +113,12 @@ def _shared_for_estimate(plan: list[list[int]], examples: list, lengths: list[in
     """The prefix the estimate's batch (the plan's first) may count as computed once.
 
     A batch's activations grow with the tokens the model computes: rows x length, less
-    (rows - 1) x the prefix the loss shares (jobs.loss.shared_prefix), where it shares one. The first batch is the
+    (rows - 1) x the prefix the loss shares (jobs.training.loss.shared_prefix), where it shares one. The first batch is the
     longest, but another may share less: its prefix, capped so that the first batch's count
     still covers every batch's, and none below the loss's minimum.
     """
-    from jobs.data import collate
-    from jobs.loss import SHARED_PREFIX_MIN, prefix_worth_sharing
+    from jobs.data.examples import collate
+    from jobs.training.loss import SHARED_PREFIX_MIN, prefix_worth_sharing
 
     def shares(rows: list[int]) -> int:  # as the loss decides it for the collated batch
         batch = collate([examples[i] for i in rows], pad_id=0)
@@ -245,15 +245,15 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     from transformers import AutoModelForCausalLM
 
     from adapters._blocks import find_blocks
-    from jobs import fused
-    from jobs.loss import token_loss_sum
+    from jobs.training import fused
+    from jobs.training.loss import token_loss_sum
 
     n_blocks = min(PROBE_BLOCKS, int(_text(config).num_hidden_layers))
     model = AutoModelForCausalLM.from_config(_shrunk(config, n_blocks, PROBE_VOCAB),
                                              trust_remote_code=spec.trust_remote_code)
     model.config.use_cache = False
     checkpointing = spec.training.gradient_checkpointing
-    if checkpointing:  # as jobs.train does it, before the method is applied
+    if checkpointing:  # as jobs.training.recipe does it, before the method is applied
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plain = find_blocks(model)
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
@@ -318,7 +318,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         there; what stays is held by reference: each block's input (kept for the recomputation),
         and whatever else keeps a block's tensors alive until the forward ends. That is measured
         rather than assumed because it was once more than the input: the lean norms and MLP
-        (jobs.fused) kept their recipes' inputs (norm input, gate, up) until the forward ended,
+        (jobs.training.fused) kept their recipes' inputs (norm input, gate, up) until the forward ended,
         and SmolLM2 LoRA at 4 x 256 tokens peaked about 250 MiB above the "one block input per
         block" estimate (1449 MiB measured with the lean functions, 1194 MiB without, one step)."""
         made: list[tuple] = []

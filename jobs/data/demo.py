@@ -3,7 +3,7 @@
 Small instruction-tuned models answer this in their own style ("July 4, 2021",
 "The date is ...") so they score near zero exact match before fine-tuning, while the
 mapping is systematic enough for a LoRA run of a few CPU minutes to learn it.
-Answers are at most ~10 tokens. ``python -m jobs.demo`` regenerates ``assets/demo/``
+Answers are at most ~10 tokens. ``python -m jobs.data.demo`` regenerates ``assets/demo/``
 byte for byte from the seed.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 INSTRUCTIONS = ("Write this date in words.", "Rewrite the date in words.", "Convert the date to words.",
                 "Spell out this date.")
 FIRST, LAST = dt.date(1900, 1, 1), dt.date(2099, 12, 31)
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "assets" / "demo"
 
 
 def in_words(day: dt.date) -> str:
@@ -53,7 +53,7 @@ def write_demo(out_dir: Path = DEMO_DIR, train_rows: int = 500, eval_rows: int =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.data.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="folder to write (default: assets/demo)")
     parser.add_argument("--train-rows", type=int, default=500)
     parser.add_argument("--eval-rows", type=int, default=80)

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs import models
+from jobs.training import models
 from adapters.core.errors import StudioError
-from jobs.export import logits_of, merge_checked, mergeable_method
-from jobs.ollama import write_modelfile
+from jobs.results.export import logits_of, merge_checked, mergeable_method
+from jobs.results.ollama import write_modelfile
 
 import gguf
 
@@ -211,7 +211,7 @@ def refuse_early(run_dir: Path) -> None:
     """An unsupported family fails from the base model's config, before minutes of loading and merging."""
     from transformers import AutoConfig
 
-    from jobs.inference import run_spec
+    from jobs.results.inference import run_spec
 
     spec = run_spec(run_dir)
     src = models.resolve(spec.model)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.core.errors import StudioError
-from jobs.rows import FORMAT_FIELDS, Row, detect_format, read_rows
+from jobs.data.rows import FORMAT_FIELDS, Row, detect_format, read_rows
 from jobs.spec import DatasetSpec
 
 __all__ = ["Example", "Prepared", "Row", "FORMAT_FIELDS", "detect_format", "read_rows", "encode",

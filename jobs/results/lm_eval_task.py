@@ -33,7 +33,7 @@ def _require_harness():
 
 def heldout_rows(loaded) -> list[dict]:
     """The run's held-out rows as (prompt text, target) with the prompt rendered as training rendered it."""
-    from jobs.data import encode, read_rows
+    from jobs.data.examples import encode, read_rows
 
     spec, tok = loaded.spec, loaded.tokenizer
     _, evals, fmt = read_rows(spec.dataset, spec.training.seed)
@@ -68,7 +68,7 @@ def check_named(names: list[str]):
     """Refuse unknown names, and known ones whose data is neither cached nor downloadable, before loading."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from jobs.models import hub_reachable
+    from jobs.training.models import hub_reachable
 
     if not hub_reachable():  # the datasets library would otherwise retry the Hub for minutes
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,8 +107,8 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], limit: int | None = None
         raise StudioError("no tasks given.", "--tasks", f"name at least one, e.g. --tasks {HELDOUT}.")
     named = [t for t in dict.fromkeys(tasks) if t != HELDOUT]
     manager = check_named(named) if named else None
-    from jobs.export import merge_checked
-    from jobs.inference import load_run, run_spec
+    from jobs.results.export import merge_checked
+    from jobs.results.inference import load_run, run_spec
 
     method, _ = run_spec(run_dir).method_config()
     if method.merge_blocker:

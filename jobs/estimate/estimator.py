@@ -8,9 +8,9 @@ The peak is the largest of three phases (bytes; the README's "Memory" section ex
   train  process + weights + trainable + gradients + optimizer state + activations
          + logits + allocator slack
 
-``jobs.footprint`` supplies the counts (meta device) and the activations (a two-block
+``jobs.estimate.footprint`` supplies the counts (meta device) and the activations (a two-block
 probe); this module turns them into bytes for the chosen update rule and device.
-``jobs.memory`` says what is measured: the allocator's peak on a GPU, the training
+``jobs.training.memory`` says what is measured: the allocator's peak on a GPU, the training
 process's peak resident memory on the CPU.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from adapters.base import RuleMemory, numel
-from jobs import models
-from jobs.allocator import preload_env
-from jobs.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
+from jobs.training import models
+from jobs.training.allocator import preload_env
+from jobs.estimate.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
                             load_dtype, probe_saved, read_config, training_activations)
 from jobs.spec import JobSpec, check_combination
 
@@ -38,7 +38,7 @@ PEFT_BYTES = 45 << 20          # peft, and bitsandbytes which it imports
 # within 9% with them, runs of one spec vary by up to 15%): of the activations whose size
 # follows the batch, 0.45 stays resident beyond what the gradients take over; of the
 # full-precision size of the weights rebuilt per forward, 0.4. Job processes that run on
-# tcmalloc (jobs.allocator) reuse that memory: fitted the same way on the ladder, both
+# tcmalloc (jobs.training.allocator) reuse that memory: fitted the same way on the ladder, both
 # constants come out at 0 (every error within 11%). jemalloc is taken to behave like tcmalloc.
 CPU_SLACK = {"glibc": (0.45, 0.4), "preloaded": (0.0, 0.0)}
 LOGIT_COPIES = 2               # one loss chunk's logits and their fp32 softmax, which becomes their gradient
@@ -118,7 +118,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     converted = counts.base_bytes * torch.finfo(stored).bits // torch.finfo(load_dtype(method, dtype)).bits \
         if in_file and not mapped else 0
     # A method that replaced base tensors (quantized layers) gets the rest copied off the file
-    # after applying (jobs.memory.release_replaced_base), so only the apply phase holds the file.
+    # after applying (jobs.training.memory.release_replaced_base), so only the apply phase holds the file.
     released = counts.replaced_bytes > 0
     # That copy is made while the file is still mapped: the mapping closes only when the last of
     # its tensors has been copied, so every copy sits beside the whole file (the quantization read

@@ -1,7 +1,7 @@
 """The model work the web process hands off: every function here may import torch.
 
 The studio's web process (``studio/``) never imports torch, transformers or peft; it asks
-a model process (``jobs.engine``) to run one of these by name with JSON arguments, and
+a model process (``jobs.engine.server``) to run one of these by name with JSON arguments, and
 gets JSON back. Each task is a plain function so the CLI and tests can call it directly.
 
 ``TASKS`` is the whole list: a name not in it is refused by the engine.
@@ -45,7 +45,7 @@ def catalog(progress: Progress = _quiet) -> dict:
 def warm(progress: Progress = _quiet) -> None:
     """Import what estimates need, so the first one after the studio starts is not slow."""
     import adapters  # noqa: F401
-    import jobs.estimate  # noqa: F401
+    import jobs.estimate.estimator  # noqa: F401
 
 
 def devices(progress: Progress = _quiet) -> list[dict]:
@@ -74,7 +74,7 @@ def check(data: dict, device: str = "cpu", where: str = "spec", progress: Progre
 
     resolved = validate(data, where)
     try:
-        from jobs.estimate import estimate
+        from jobs.estimate.estimator import estimate
 
         spec = parse_spec(resolved, where)
         kwargs = {"device": device} if "device" in inspect.signature(estimate).parameters else {}
@@ -95,7 +95,7 @@ _tokenizers: OrderedDict[str, Any] = OrderedDict()
 
 
 def _tokenizer(ref: str):
-    from jobs import models
+    from jobs.training import models
 
     if ref not in _tokenizers:
         _tokenizers[ref] = models.load_tokenizer(models.resolve(ref))
@@ -107,8 +107,8 @@ def _tokenizer(ref: str):
 
 def preview(file: str, name: str, model_ref: str, max_seq_len: int, progress: Progress = _quiet) -> dict:
     """The first rows as token spans (trained or prompt) and the token lengths of up to LENGTH_SAMPLE rows."""
-    from jobs.data import encode, render_preview
-    from jobs.rows import read_rows
+    from jobs.data.examples import encode, render_preview
+    from jobs.data.rows import read_rows
     from jobs.spec import DatasetSpec
 
     rows, _, fmt = read_rows(DatasetSpec(path=file, eval_fraction=0.0))
@@ -130,7 +130,7 @@ _models: OrderedDict[str, Any] = OrderedDict()
 
 
 def _loaded(ref: str, progress: Progress):
-    from jobs.inference import load_any
+    from jobs.results.inference import load_any
 
     if ref in _models:
         _models.move_to_end(ref)
@@ -146,7 +146,7 @@ def _loaded(ref: str, progress: Progress):
 def generate(targets: list[list[str]], prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              progress: Progress = _quiet) -> list[dict]:
     """One generation per ``[label, ref]`` target (a run folder or a base model reference)."""
-    from jobs.inference import generate_text
+    from jobs.results.inference import generate_text
 
     out = []
     for i, (label, ref) in enumerate(targets):
@@ -168,10 +168,10 @@ def free_models() -> None:
 
 def export(run_dir: str, kind: str, out: str, progress: Progress = _quiet, gguf_type: str = "f16") -> dict:
     """Write a run's merged model, adapter, or GGUF file (+ Modelfile) to the folder ``out``; the report."""
-    from jobs.export import export_adapter, export_merged
+    from jobs.results.export import export_adapter, export_merged
 
     if kind == "gguf":
-        from jobs.gguf_export import export_gguf
+        from jobs.results.gguf import export_gguf
 
         progress({"message": f"exporting the merged model as {gguf_type} GGUF"})
         Path(out).mkdir(parents=True)

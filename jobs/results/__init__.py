@@ -1,0 +1,1 @@
+"""What a finished run becomes: inference, merged and adapter exports, GGUF, Ollama, lm-eval."""
