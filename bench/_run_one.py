@@ -121,7 +121,7 @@ def inference_once(params: dict) -> dict:
     from jobs.data.examples import collate, plan_batches, prepare
     from jobs.training.loss import token_loss_sum
     from jobs.spec import parse_spec
-    from jobs.training.recipe import pick_precision
+    from jobs.training.precision import pick_precision
 
     spec = parse_spec(merge(params["spec"], {"output_dir": str(Path(params["scratch"]) / "run")}))
     t = spec.training

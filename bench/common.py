@@ -150,7 +150,7 @@ def compute_device(precision: str = "auto") -> tuple[str, str]:
     """(device, dtype) as the training loop picks them for a spec's ``training.precision``."""
     import torch
 
-    from jobs.training.recipe import pick_precision
+    from jobs.training.precision import pick_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device.type, str(pick_precision(precision, device)).removeprefix("torch.")

@@ -15,7 +15,8 @@ import torch
 from adapters import METHODS
 from jobs.training.loss import attention_kernels
 from jobs.spec import parse_spec
-from jobs.training.recipe import pick_precision, train
+from jobs.training.precision import pick_precision
+from jobs.training.recipe import train
 from conftest import make_spec
 
 RULES = ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"]
@@ -59,7 +60,7 @@ def test_every_update_rule_steps_in_bf16_and_reloads_as_it_trained(rule, tiny_mo
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import jobs.training.recipe as jt
+    import jobs.training.precision as jt
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(jt, "cpu_has_bf16_matmul", lambda: True)
@@ -71,7 +72,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 
 def test_auto_precision_can_be_told_there_is_no_amx(monkeypatch):
     """CI's second leg caps the kernels below AMX; auto must then pick fp32 even where the tiles exist."""
-    import jobs.training.recipe as jt
+    import jobs.training.precision as jt
 
     cpu = torch.device("cpu")
     for var in ("STUDIO_CPU_BF16", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):

@@ -67,7 +67,7 @@ class Counts:
 
 def dtype_for(precision: str, device: str) -> torch.dtype:
     """The training loop's compute dtype; a GPU that is not this machine's is assumed to have bf16."""
-    from jobs.training.recipe import pick_precision
+    from jobs.training.precision import pick_precision
 
     if precision == "auto" and device == "cuda":
         return torch.bfloat16
