@@ -72,6 +72,9 @@ class TrainingSpec(Section):
     loss_chunk_tokens: int = Field(
         512, ge=16, le=MAX_SEQ_LEN, description="Trained positions per chunk of the vocabulary projection (bounds logits memory).")
     devices: int = Field(1, ge=1, le=MAX_DEVICES, description="Data-parallel processes per machine (GPUs, or CPU processes on gloo).")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="none: every process holds the whole model (DDP when devices > 1); fsdp: parameters, "
+        "gradients and optimizer state sharded across processes (FSDP2).")
     nnodes: int = Field(1, ge=1, le=MAX_DEVICES, description="Machines taking part; world size is nnodes x devices.")
     node_rank: int = Field(0, ge=0, le=MAX_DEVICES - 1, description="This machine's index; node 0 hosts the rendezvous.")
     rdzv_endpoint: str | None = Field(
@@ -293,6 +296,9 @@ def check_combination(spec: JobSpec, where: str = "spec") -> None:
     """Cross-section checks owned by the method and the update rule themselves."""
     method, mcfg = spec.method_config()
     rule, rcfg = spec.optimizer_config()
+    if spec.training.sharding == "fsdp":
+        raise StudioError("training.sharding: fsdp is not available in this build.", f"{where}: training.sharding",
+                          "use sharding: none.")
     for part in (method.check, rule.check):
         try:
             part(mcfg if part is method.check else rcfg, spec)
