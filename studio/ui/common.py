@@ -220,18 +220,18 @@ def archive_path(studio: Studio, job, kind: str) -> Path:
 # What a web caller may ask of a job (the words the refusal uses), and the command the machine's
 # own user types instead when the job is not the server's to act on.
 ACTIONS = {
-    "cancel": ("cancel", "studio jobs cancel {id} --home {home}"),
-    "resume": ("resume", "studio jobs resume {id} --home {home}"),
-    "retry": ("retry", "studio jobs retry {id} --home {home}"),
-    "delete": ("delete", "studio jobs delete {id} --home {home}"),
-    "delete_files": ("delete the files of", "studio jobs delete {id} --files --home {home}"),
-    "compare": ("compare", "studio jobs show {id} --home {home}"),
-    "export_merged": ("export", "studio export {run} --merged OUT"),
-    "export_adapter": ("export", "studio export {run} --adapter OUT"),
-    "export_gguf": ("export", "studio export {run} --gguf OUT.gguf --gguf-type TYPE"),
-    "evaluate": ("evaluate", "studio evaluate {run} --tasks TASKS"),
-    "generate": ("generate with", "studio generate {run} --prompt TEXT"),
-    "status": ("show the spec and log of", "studio jobs show {id} --home {home}; studio jobs logs {id} --home {home}"),
+    "cancel": ("cancel it", "studio jobs cancel {id} --home {home}"),
+    "resume": ("resume it", "studio jobs resume {id} --home {home}"),
+    "retry": ("retry it", "studio jobs retry {id} --home {home}"),
+    "delete": ("delete it", "studio jobs delete {id} --home {home}"),
+    "delete_files": ("delete its files", "studio jobs delete {id} --files --home {home}"),
+    "compare": ("compare it", "studio jobs show {id} --home {home}"),
+    "export_merged": ("export it", "studio export {run} --merged OUT"),
+    "export_adapter": ("export it", "studio export {run} --adapter OUT"),
+    "export_gguf": ("export it", "studio export {run} --gguf OUT.gguf --gguf-type TYPE"),
+    "evaluate": ("evaluate it", "studio evaluate {run} --tasks TASKS"),
+    "generate": ("generate with it", "studio generate {run} --prompt TEXT"),
+    "status": ("show its spec and log", "studio jobs show {id} --home {home}; studio jobs logs {id} --home {home}"),
 }
 
 
@@ -245,7 +245,7 @@ def outside_note(studio: Studio, job: Job, action: str) -> tuple[str, str]:
     """Why ``action`` is not done through the web on ``job``, and the command that does it."""
     verb, command = ACTIONS[action]
     command = command.format(id=job.id, home=shlex.quote(str(studio.home)), run=shlex.quote(str(job.run_dir)))
-    return (f"job {job.id}'s run folder {job.run_dir} is outside the studio home, so the web API does not {verb} it "
+    return (f"its run folder {job.run_dir} is outside the studio home, so the web API does not {verb} "
             "(it lists the job with its status and progress, nothing more).", command)
 
 

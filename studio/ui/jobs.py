@@ -40,7 +40,7 @@ def status(studio: Studio, job_id: int | str, log_bytes: int = 4000) -> dict:
                withheld=None)
     if not held(studio, job):
         why, command = outside_note(studio, job, "status")
-        return {**out, "withheld": f"{why} Its spec and log, on this machine's command line: {command}"}
+        return {**out, "withheld": f"Job {job.id}: {why} On this machine's command line: {command}"}
     # The spec goes out as YAML text: gradio_client would take its dataset section, a dict
     # with a "path", for a file to download.
     out.update(samples=run.get("samples") or [], log=log_tail(job.run_dir, log_bytes),
