@@ -7,6 +7,12 @@ user visits), so the server applies a confined policy: every path it is given mu
 resolve, symlinks followed, inside the studio home's own folders or a folder the
 operator allowed with ``--allow-path``; run folders are chosen by the studio; remote
 model code and multi-node rendezvous need a start-up flag of their own.
+
+Jobs follow the same rule: the server acts (cancel, resume, retry, delete, export,
+evaluate, generate, compare) only on jobs whose run folders all lie inside the home or an
+``--allow-path`` folder (``Policy.holds_run``). A job the machine's own user queued from
+the command line with its output_dir elsewhere is still listed, with its status and
+progress; everything else about it stays with the command line.
 """
 from __future__ import annotations
 
@@ -105,6 +111,18 @@ class Policy:
         if ref == DEFAULT_MODEL or (hub_like and not Path(ref).exists() and not (self.home / ref).exists()):
             return ref
         return self.place(ref, self.model_roots(), where, "model")
+
+    # -- run folders -----------------------------------------------------------------------
+
+    def run_roots(self) -> tuple[Path, ...]:
+        """Where the run folders of jobs this server may act on lie: the home, or a folder the operator allowed."""
+        return (self.home, *self.allow_paths)
+
+    def holds_run(self, *folders: str | os.PathLike) -> bool:
+        """Whether a job with these run folders (every attempt's, and a new attempt's before it is
+        made) is one this server may act on: each inside ``run_roots`` once symlinks are followed.
+        The command line's open policy holds every run."""
+        return not self.confined or all(contained(f, self.run_roots()) is not None for f in folders)
 
     # -- a whole spec ----------------------------------------------------------------------
 

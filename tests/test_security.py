@@ -1,15 +1,17 @@
 """Hostile calls against the real app: every one is refused with a message that says why,
 and canary files inside and outside the studio home stay as they were.
 
-The app runs once for the module, on a free localhost port with a temporary home and no
-scheduler (nothing here trains: a job that got queued would sit there, and the test
-would see it). Each case is one line of data: the endpoint, its arguments (built from
-the paths of this run), and what the refusal must say.
+The app runs once for the module, on a free localhost port with a temporary home, one
+--allow-path folder and no scheduler (nothing here trains: a job that got queued would sit
+there, and the test would see it). Each case is one line of data: the endpoint, its
+arguments (built from the paths of this run), and what the refusal must say. Each row is
+meant to reach its own guard: deleting that guard makes the row fail.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,7 @@ class Paths:
         self.root = root
         self.home = root / "home"
         self.outside = root / "outside"
+        self.allowed = root / "allowed"  # the operator's --allow-path folder
         self.model = self.home / "models" / "tiny"
         self.jobs: dict[str, int] = {}
 
@@ -56,10 +59,18 @@ def prepare(p: Paths) -> None:
     os.symlink(p.outside / "model", p.home / "models" / "link")
     os.symlink(p.outside, p.home / "uploads" / "out")
 
+    # A bake-off manifest and report outside the bake-offs folder, reachable by an id with "..".
+    fake = p.outside / "fake-bakeoff"
+    fake.mkdir()
+    write_json_atomic(fake / "bakeoff.json", {"id": "fake", "status": "done", "search": [], "final": [],
+                                              "candidates": [], "error": None})
+    write_json_atomic(fake / "report.json", {"leaked": "ssn,salary"})
+    p.allowed.mkdir()
+
     store = JobStore(p.home)
     spec = p.spec()
 
-    def job(name: str, run_dir: Path, status: Status, marker_for: str | None = None) -> int:
+    def job(name: str, run_dir: Path, status: Status, marker_for: str | None = None, spec: dict = spec) -> int:
         jid = store.submit(spec, name=name, run_dir=str(run_dir)).id
         if marker_for == "self":
             make_marked_folder(run_dir, {"job": jid})
@@ -85,12 +96,40 @@ def prepare(p: Paths) -> None:
     os.symlink(target, p.home / "runs" / "linked")
     jid = job("symlinked", p.home / "runs" / "linked", Status.FAILED)
     (target / MARKER).write_text(json.dumps({"made_by": "studio", "job": jid}), encoding="utf-8")
-    assert running and done
+    # Inside the home, so the web may act on them: a folder the studio did not make, and a
+    # symlink to a folder that carries the job's marker.
+    (p.home / "runs" / "unmarked").mkdir()
+    (p.home / "runs" / "unmarked" / "notes.txt").write_text("the user's notes\n", encoding="utf-8")
+    job("unmarked", p.home / "runs" / "unmarked", Status.FAILED)
+    jid = job("alias", p.home / "runs" / "alias", Status.FAILED)
+    make_marked_folder(p.home / "runs" / "aliased", {"job": jid})
+    os.symlink(p.home / "runs" / "aliased", p.home / "runs" / "alias")
+    # A run whose folder is the home itself: retrying it would put the next attempt beside the home.
+    job("home as run", p.home, Status.FAILED)
+    # A run in the operator's --allow-path folder, which a launch must not write into again.
+    job("allowed", p.allowed / "run", Status.COMPLETED, marker_for="self")
+    # Jobs the operator queued from the command line with their output_dir outside the home:
+    # the web lists them and acts on none of them.
+    cli_spec = p.spec(dataset={"path": str(p.outside / "data.jsonl")})
+    cli = p.outside / "cli-run"
+    jid = job("cli completed", cli, Status.COMPLETED, marker_for="self", spec=cli_spec)
+    write_json_atomic(cli / "run.json", {"status": "completed", "samples": [{"target": "samples canary", "output": "x"}],
+                                         "metrics": {"train_loss": 1.0}})
+    (cli / "log.txt").write_text("log canary\n", encoding="utf-8")
+    (cli / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n', encoding="utf-8")
+    job("cli queued", p.outside / "cli-queued", Status.QUEUED, spec=cli_spec)
+    assert running and done and jid
 
 
 UPLOAD_REFUSED = "not uploaded through this studio"
-# File data marked as such never reaches the studio: Gradio refuses it while preparing the
-# call, and the server (show_error=False) withholds its message.
+OUTSIDE = "outside the studio home, so the web API does not "  # studio.ui.common.job_for's refusal
+
+
+class Server(str):
+    """A refusal Gradio makes before the studio is called: the client is told only that the call
+    failed (show_error=False withholds the message), and the server's log names the reason."""
+
+
 GRADIO_REFUSED = 'event: error\ndata: {"error": null}'
 # (what it tries, endpoint, arguments from Paths, what the refusal says)
 CASES = [
@@ -108,7 +147,7 @@ CASES = [
     ("playground base model outside", "/generate", lambda p: ["hi", [], True, str(p.outside / "model"), 4, 0.0], "outside the folders"),
     ("output_dir outside", "/launch", lambda p: [p.spec(output_dir=str(p.outside)), "", 0], "--allow-path"),
     ("output_dir relative ../..", "/launch", lambda p: [p.spec(output_dir="../../x"), "", 0], "output_dir is chosen by the studio"),
-    ("output_dir onto another run", "/launch", lambda p: [p.spec(output_dir=str(p.home / "runs" / "done")), "", 0], "output_dir is chosen by the studio"),
+    ("output_dir onto another run", "/launch", lambda p: [p.spec(output_dir=str(p.allowed / "run")), "", 0], "is the run folder of job"),
     ("remote code", "/launch", lambda p: [p.spec(trust_remote_code=True), "", 0], "--allow-remote-code"),
     ("remote code as text", "/estimate", lambda p: [p.spec(trust_remote_code="false"), "cpu"], "valid boolean"),
     ("rendezvous endpoint", "/launch", lambda p: [p.spec(training={"rdzv_endpoint": "10.0.0.1:29500"}), "", 0], "--allow-multi-node"),
@@ -132,14 +171,28 @@ CASES = [
     ("UNION in an export id", "/export_merged", lambda p: ["1 UNION SELECT 1"], "is not a job id"),
     ("files as the text 'false'", "/delete_job", lambda p: [p.jobs["completed"], "false"], "must be true or false"),
     ("delete a running job", "/delete_job", lambda p: [p.jobs["running"], True], "is running"),
-    ("delete the user's own folder", "/delete_job", lambda p: [p.jobs["foreign"], True], "not made by this studio"),
+    ("delete a folder the studio did not make", "/delete_job", lambda p: [p.jobs["unmarked"], True], "not made by this studio"),
+    ("delete through a symlink inside the home", "/delete_job", lambda p: [p.jobs["alias"], True], "not made by this studio"),
     ("delete another job's run", "/delete_job", lambda p: [p.jobs["same-folder"], True], "run folder of job"),
-    ("delete through a symlinked run folder", "/delete_job", lambda p: [p.jobs["symlinked"], True], "not made by this studio"),
+    ("delete the user's own folder", "/delete_job", lambda p: [p.jobs["foreign"], True], OUTSIDE + "delete its files.*studio jobs delete \\d+ --files"),
+    ("delete through a symlink out of the home", "/delete_job", lambda p: [p.jobs["symlinked"], True], OUTSIDE + "delete its files"),
+    ("delete a job queued from the CLI, files kept", "/delete_job", lambda p: [p.jobs["cli queued"], False], OUTSIDE + "delete it.*studio jobs delete \\d+ --home"),
+    ("cancel a job queued from the CLI", "/cancel", lambda p: [p.jobs["cli queued"]], OUTSIDE + "cancel it.*studio jobs cancel \\d+"),
+    ("resume a run outside the home", "/resume", lambda p: [p.jobs["foreign"]], OUTSIDE + "resume it.*studio jobs resume \\d+"),
+    ("retry a run outside the home", "/retry", lambda p: [p.jobs["cli completed"]], OUTSIDE + "retry it.*studio jobs retry \\d+"),
+    ("retry a run whose folder is the home", "/retry", lambda p: [p.jobs["home as run"]], "would make its new run folder .*-attempt2 outside"),
+    ("export merged a run outside the home", "/export_merged", lambda p: [p.jobs["cli completed"]], OUTSIDE + "export it.*studio export \\S+ --merged OUT"),
+    ("export the adapter of a run outside", "/export_adapter", lambda p: [p.jobs["cli completed"]], OUTSIDE + "export it.*--adapter OUT"),
+    ("export GGUF of a run outside", "/export_gguf", lambda p: [p.jobs["cli completed"], "f16"], OUTSIDE + "export it.*--gguf OUT.gguf"),
+    ("evaluate a run outside the home", "/evaluate", lambda p: [p.jobs["cli completed"], "heldout", None], OUTSIDE + "evaluate it.*studio evaluate"),
+    ("generate with a run outside the home", "/generate", lambda p: ["hi", [p.jobs["cli completed"]], True, "", 4, 0.0], OUTSIDE + "generate with it.*studio generate"),
+    ("compare a run outside the home", "/compare", lambda p: [[p.jobs["completed"], p.jobs["cli completed"]]], OUTSIDE + "compare it.*studio jobs show"),
     ("forged upload of /etc/passwd", "raw /upload_dataset", lambda p: [forged("/etc/passwd"), ""], UPLOAD_REFUSED),
     ("forged upload of the job store", "raw /upload_dataset", lambda p: [forged(p.home / "jobs.sqlite"), ""], UPLOAD_REFUSED),
     ("forged upload by .. from uploads", "raw /upload_dataset", lambda p: [forged(p.home / "uploads" / ".." / "canary.txt"), ""], UPLOAD_REFUSED),
     ("forged upload through a symlink", "raw /upload_dataset", lambda p: [forged(p.home / "uploads" / "out" / "data.jsonl"), ""], UPLOAD_REFUSED),
-    ("forged file data, marked as a file", "raw /upload_dataset", lambda p: [forged(p.home / "jobs.sqlite", marked=True), ""], GRADIO_REFUSED),
+    ("forged file data naming a blocked file", "raw /upload_dataset", lambda p: [forged(p.home / "jobs.sqlite", marked=True), ""], Server("located in one of the blocked_paths")),
+    ("forged file data naming a file outside", "raw /upload_dataset", lambda p: [forged(p.outside / "secret.csv", marked=True), ""], Server("was not uploaded by a user")),
     ("a 100k-character prompt", "/generate", lambda p: ["x" * 100_000, [], True, "", 4, 0.0], "prompt must be text"),
     ("10**9 new tokens", "/generate", lambda p: ["hi", [], True, "", 10**9, 0.0], "max_new_tokens must be"),
     ("NaN temperature", "/generate", lambda p: ["hi", [], True, "", 4, "nan"], "temperature must be"),
@@ -154,7 +207,9 @@ CASES = [
     ("lm-eval task that is an option", "/evaluate", lambda p: [p.jobs["completed"], "--output_path=/tmp/x", None], "task names"),
     ("lm-eval limit of 10**12", "/evaluate", lambda p: [p.jobs["completed"], "heldout", 10**12], "limit must be"),
     ("GGUF type as a path", "/export_gguf", lambda p: [p.jobs["completed"], "../../q4_0"], "unknown GGUF type"),
-    ("bake-off id by ..", "/bakeoff_status", lambda p: ["../runs"], "no bake-off"),
+    ("bake-off id by ..", "/bakeoff_status", lambda p: ["../../outside/fake-bakeoff"], "no bake-off"),
+    ("bake-off report by ..", "/bakeoff_report", lambda p: ["../../outside/fake-bakeoff"], "no bake-off"),
+    ("bake-off id as an absolute path", "/bakeoff_status", lambda p: [str(p.outside / "fake-bakeoff")], "no bake-off"),
 ]
 
 
@@ -225,8 +280,8 @@ def studio(tmp_path_factory):
         prepare(p)
         port = free_port()
         demo, _ = launch(p.home, port=port, default_model=str(p.model), block=False, scheduler=False,
-                         max_upload_mb=UPLOAD_LIMIT_MB)
-        p.url = f"http://127.0.0.1:{port}"
+                         max_upload_mb=UPLOAD_LIMIT_MB, allow_paths=(str(p.allowed),))
+        p.url, p.demo = f"http://127.0.0.1:{port}", demo
         try:
             yield p
         finally:
@@ -248,17 +303,60 @@ def test_there_are_enough_hostile_cases():
     assert len({c[0] for c in CASES + HTTP_CASES}) == len(CASES) + len(HTTP_CASES)
 
 
+def store_rows(p: Paths) -> list[tuple]:
+    return [(j.id, j.status, j.run_dir, j.attempt, j.cancel_requested) for j in JobStore(p.home).list()]
+
+
 @pytest.mark.parametrize("what, endpoint, args, refusal", CASES, ids=[c[0] for c in CASES])
-def test_a_hostile_call_is_refused(studio, client, what, endpoint, args, refusal):
+def test_a_hostile_call_is_refused(studio, client, capfd, what, endpoint, args, refusal):
     from gradio_client.exceptions import AppError
 
-    before, jobs = snapshot(studio), [j.id for j in JobStore(studio.home).list()]
-    with pytest.raises(AppError, match=refusal) as err:
+    before, jobs = snapshot(studio), store_rows(studio)
+    capfd.readouterr()
+    with pytest.raises(AppError, match=re.escape(GRADIO_REFUSED) if isinstance(refusal, Server) else refusal) as err:
         call(client, studio.url, endpoint, args(studio))
+    if isinstance(refusal, Server):  # Gradio's own refusal, for this reason, and no other failure
+        assert re.search(r"InvalidPathError: Cannot move .* " + refusal, capfd.readouterr().err)
     assert "Traceback" not in str(err.value)
     assert "ssn" not in str(err.value)  # nothing read from a file outside leaks into the message
     assert snapshot(studio) == before
-    assert [j.id for j in JobStore(studio.home).list()] == jobs  # nothing queued, nothing deleted
+    assert store_rows(studio) == jobs  # nothing queued, retried, cancelled or deleted
+
+
+# Calls that answer, but must not hand out what a job outside the home keeps (its spec, log
+# and samples): (what, endpoint, arguments from Paths)
+WITHHELD_CASES = [
+    ("status of a completed run outside the home", "/job_status", lambda p: [p.jobs["cli completed"]]),
+    ("status of a job queued from the CLI", "/job_status", lambda p: [p.jobs["cli queued"]]),
+    ("status of a run through a symlink out", "/job_status", lambda p: [p.jobs["symlinked"]]),
+    ("the job list", "/list_jobs", lambda p: []),
+]
+OUTSIDE_SECRETS = ("log canary", "samples canary", "data.jsonl")  # in the CLI jobs' log, run.json and spec
+
+
+@pytest.mark.parametrize("what, endpoint, args", WITHHELD_CASES, ids=[c[0] for c in WITHHELD_CASES])
+def test_a_job_outside_the_home_is_listed_but_not_shown(studio, client, what, endpoint, args):
+    before = snapshot(studio)
+    answer = client.predict(*args(studio), api_name=endpoint)
+    text = json.dumps(answer)
+    assert not [s for s in OUTSIDE_SECRETS if s in text], text
+    for row in answer if isinstance(answer, list) else [answer]:  # status and progress are shown
+        assert {"status", "step", "progress", "train_loss"} <= set(row)
+    if endpoint == "/job_status":
+        assert answer["spec_yaml"] == "" and answer["log"] == "" and answer["samples"] == []
+        assert OUTSIDE in answer["withheld"] and f"studio jobs logs {answer['id']}" in answer["withheld"]
+    else:  # every job is listed, those outside the home too
+        assert {r["id"] for r in answer} >= {studio.jobs["cli completed"], studio.jobs["cli queued"]}
+    assert snapshot(studio) == before
+
+
+def test_a_job_inside_the_home_is_shown_whole(studio, client):
+    """The other side of the rule: the same call on a run in the home hands out its spec and log."""
+    folder = studio.home / "runs" / "done"
+    (folder / "log.txt").write_text("inside log\n", encoding="utf-8")
+    s = client.predict(studio.jobs["completed"], api_name="/job_status")
+    assert s["withheld"] is None and "inside log" in s["log"] and "numbers" in s["spec_yaml"]
+    assert client.predict(studio.jobs["allowed"], api_name="/job_status")["withheld"] is None  # --allow-path
 
 
 @pytest.mark.parametrize("what, method, path, headers, status, says", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
@@ -268,6 +366,39 @@ def test_a_hostile_request_is_refused(studio, client, what, method, path, header
     answer = httpx.request(method, studio.url + path(studio), headers=headers, timeout=30, **body)
     assert answer.status_code == status and says in answer.text
     assert snapshot(studio) == before
+
+
+# Files that Gradio's allow-list would serve if it covered the home (as it does when the
+# operator's GRADIO_TEMP_DIR, or a path allowed to Gradio, lies above the home): only the
+# app's blocked_paths refuses them. (what, path from Paths)
+BLOCKED_CASES = [
+    ("the job store", lambda p: p.home / "jobs.sqlite"),
+    ("a run's run.json", lambda p: p.home / "runs" / "done" / "run.json"),
+    ("a stored dataset", lambda p: next((p.home / "datasets").glob("numbers*/*.jsonl"))),
+    ("a model's config", lambda p: p.model / "config.json"),
+]
+
+
+@pytest.mark.parametrize("what, path", BLOCKED_CASES, ids=[c[0] for c in BLOCKED_CASES])
+def test_blocked_paths_refuse_what_a_wider_allow_list_would_serve(studio, client, monkeypatch, what, path):
+    monkeypatch.setattr(studio.demo, "allowed_paths", [*studio.demo.allowed_paths, str(studio.home)])
+    served = httpx.get(f"{studio.url}/gradio_api/file={studio.home / 'canary.txt'}", timeout=30)
+    assert served.status_code == 200 and served.text == "inside canary\n"  # the wider allow-list is in force
+    target = path(studio)
+    assert target.is_file()
+    answer = httpx.get(f"{studio.url}/gradio_api/file={target}", timeout=30)
+    assert answer.status_code == 403 and "not allowed" in answer.text
+
+
+# Every endpoint the API offers, each named; a new one joins this list on purpose.
+API = {"upload_dataset", "list_datasets", "estimate", "launch", "list_jobs", "job_status", "cancel", "resume", "retry",
+       "delete_job", "compare", "evaluate", "generate", "export_merged", "export_adapter", "export_gguf",
+       "bakeoff_start", "bakeoff_cancel", "bakeoff_resume", "bakeoff_status", "bakeoff_report"}
+
+
+def test_the_api_offers_only_named_endpoints(studio):
+    info = httpx.get(studio.url + "/gradio_api/info", timeout=30).json()
+    assert {name.lstrip("/") for name in info["named_endpoints"]} == API and not info["unnamed_endpoints"]
 
 
 def test_an_over_large_upload_is_refused(studio, client):

@@ -405,6 +405,24 @@ def _validate_here(data: dict, where: str) -> dict:
     return spec.resolved()
 
 
+def retry_job(home: str | Path | None, job_id: int | str, *, policy: Policy | None = None) -> Job:
+    """Queue a finished job again from scratch; the new attempt's folder is ``<first folder>-attempt<N>``.
+
+    Under a confined ``policy`` (the web server) that folder must lie where the server may act
+    (``Policy.holds_run``), checked before the store changes: a run folder that is the home itself
+    or an --allow-path folder would otherwise get its next attempt beside it, outside."""
+    home = studio_home(home)
+    policy = policy or Policy.open(home)
+
+    def check(folder: str) -> None:
+        if not policy.holds_run(folder):
+            raise StudioError(f"retrying job {job_id} would make its new run folder {folder} outside the studio home.",
+                              f"job {job_id}", f"retry it on this machine's command line: studio jobs retry {job_id} "
+                              f"--home {home}; or launch its spec again from the web.")
+
+    return JobStore(home).retry(job_id, check=check)
+
+
 def delete_job(home: str | Path | None, job_id: int | str, *, files: bool = False) -> list[str]:
     """Remove a job from the store; with ``files``, its run folders too. Returns what was removed.
 

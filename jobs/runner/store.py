@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from adapters.core.errors import StudioError
 from jobs.home import runs_dir, store_path, studio_home
@@ -216,14 +216,17 @@ class JobStore:
         self._requeue(job, "resume", {})
         return self.get(job.id)
 
-    def retry(self, job_id: int | str) -> Job:
-        """Queue a finished job again from scratch, in a fresh run folder."""
+    def retry(self, job_id: int | str, check: Callable[[str], None] | None = None) -> Job:
+        """Queue a finished job again from scratch, in a fresh run folder beside its first one;
+        ``check(folder)`` may refuse that folder (raise) before anything changes."""
         job = self.get(job_id)
         attempt = job.attempt + 1
         first = (job.earlier_run_dirs or [job.run_dir])[0]
         with self._connect() as db:
             taken = _run_folders(db)
         folder = str(_free_folder(Path(f"{first}-attempt{attempt}"), taken))
+        if check is not None:
+            check(folder)
         spec = {**job.spec, "output_dir": folder}
         self._requeue(job, "retry", {"attempt": attempt, "run_dir": folder, "spec": json.dumps(spec),
                                      "earlier_run_dirs": json.dumps(job.earlier_run_dirs + [job.run_dir])})

@@ -112,6 +112,7 @@ def _wire(studio, demo, tabs, tab, parts, header, service) -> None:
     runs = {"compare": "all", "playground": "completed", "export": "completed"}
     demo.load(dataset_choices, train_ds, train_ds, **private)
     ds_choice = parts["datasets"]["choice"]
+    demo.load(lambda: datasets.table(studio), None, parts["datasets"]["listing"], **private)
     demo.load(dataset_choices, ds_choice, ds_choice, **private)
     restore, inputs, outputs = parts["jobs"]["restore"]
     demo.load(restore, inputs, outputs, **private)

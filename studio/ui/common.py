@@ -7,6 +7,7 @@ import functools
 import hashlib
 import html
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -216,8 +217,52 @@ def archive_path(studio: Studio, job, kind: str) -> Path:
     return studio.exports / f"{slug(job.name)}-job{job.id}-{run}-{kind}.zip"
 
 
-def completed_run(studio: Studio, job_id: int | str) -> Job:
+# What a web caller may ask of a job (the words the refusal uses), and the command the machine's
+# own user types instead when the job is not the server's to act on.
+ACTIONS = {
+    "cancel": ("cancel it", "studio jobs cancel {id} --home {home}"),
+    "resume": ("resume it", "studio jobs resume {id} --home {home}"),
+    "retry": ("retry it", "studio jobs retry {id} --home {home}"),
+    "delete": ("delete it", "studio jobs delete {id} --home {home}"),
+    "delete_files": ("delete its files", "studio jobs delete {id} --files --home {home}"),
+    "compare": ("compare it", "studio jobs show {id} --home {home}"),
+    "export_merged": ("export it", "studio export {run} --merged OUT"),
+    "export_adapter": ("export it", "studio export {run} --adapter OUT"),
+    "export_gguf": ("export it", "studio export {run} --gguf OUT.gguf --gguf-type TYPE"),
+    "evaluate": ("evaluate it", "studio evaluate {run} --tasks TASKS"),
+    "generate": ("generate with it", "studio generate {run} --prompt TEXT"),
+    "status": ("show its spec and log", "studio jobs show {id} --home {home}; studio jobs logs {id} --home {home}"),
+}
+
+
+def held(studio: Studio, job: Job) -> bool:
+    """Whether this server may act on ``job``: its run folders, every attempt's, lie inside the
+    studio home (or an --allow-path folder). See jobs.confine."""
+    return studio.policy.holds_run(job.run_dir, *job.earlier_run_dirs)
+
+
+def outside_note(studio: Studio, job: Job, action: str) -> tuple[str, str]:
+    """Why ``action`` is not done through the web on ``job``, and the command that does it."""
+    verb, command = ACTIONS[action]
+    command = command.format(id=job.id, home=shlex.quote(str(studio.home)), run=shlex.quote(str(job.run_dir)))
+    return (f"its run folder {job.run_dir} is outside the studio home, so the web API does not {verb} "
+            "(it lists the job with its status and progress, nothing more).", command)
+
+
+def job_for(studio: Studio, job_id: int | str, action: str) -> Job:
+    """The job ``job_id``, when this server may ``action`` it (a key of ACTIONS); else a refusal
+    naming the command-line equivalent. Every endpoint and page handler that takes a job id
+    fetches the job here: the web API acts only on jobs whose run folders are inside the home."""
     job = studio.jobs.get(job_id)
+    if not held(studio, job):
+        why, command = outside_note(studio, job, action)
+        raise StudioError(why, f"job {job.id}", f"on this machine's command line: {command}. The operator can let the "
+                          "web act on runs under a folder by starting the server with --allow-path DIR.")
+    return job
+
+
+def completed_run(studio: Studio, job_id: int | str, action: str) -> Job:
+    job = job_for(studio, job_id, action)
     if job.status != Status.COMPLETED:
         raise StudioError(f"job {job.id} is {job.status.value}; only completed jobs have a result.",
                           f"job {job.id}", "wait for it to finish, or resume it.")

@@ -11,7 +11,7 @@ from adapters.core.errors import StudioError
 from jobs.runfolder import RunFolder
 from studio.ui.child import run_cli
 from studio.ui.common import (Studio, completed_run, describe_failure, fmt_bytes, fmt_num, fmt_seconds, for_api,
-                              message_html, parse_ids, want_int, want_text)
+                              job_for, message_html, parse_ids, want_int, want_text)
 from studio.ui.charts import loss_chart
 from studio.ui.jobs import curve_points
 
@@ -29,7 +29,7 @@ def compare(studio: Studio, job_ids: list) -> dict:
         raise StudioError("no runs chosen.", "runs", "choose at least one job.")
     runs, curves, specs = [], [], {}
     for jid in dict.fromkeys(ids):
-        job = studio.jobs.get(jid)
+        job = job_for(studio, jid, "compare")
         m = RunFolder(job.run_dir).read().get("metrics") or {}
         label = f"#{job.id} {job.name}"
         runs.append({"id": job.id, "label": label, "status": job.status.value,
@@ -133,7 +133,7 @@ def build(studio: Studio) -> dict:
 
 def evaluate(studio: Studio, job_id: int | str, tasks: str, limit: int | None = None) -> dict:
     """lm-eval on a completed run, in a child process (``studio evaluate``); its scores land in run.json."""
-    job = completed_run(studio, job_id)
+    job = completed_run(studio, job_id, "evaluate")
     names = [t.strip() for t in want_text(tasks, "tasks", 1000).split(",") if t.strip()]
     if not names:
         raise StudioError("no lm-eval task named.", "tasks", "write heldout, or harness task names.")

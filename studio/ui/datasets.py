@@ -87,7 +87,9 @@ def build(studio: Studio) -> dict:
             file = gr.File(label="Upload JSONL, JSON, CSV or Parquet", type="filepath", elem_id="datasets.upload")
             status = gr.HTML(elem_id="datasets.status")
         with gr.Column(scale=2, min_width=400):
-            listing = gr.Dataframe(headers=COLUMNS, value=lambda: table(studio), interactive=False,
+            # Filled on each page load by a private event (studio.ui.app): a callable value here
+            # would add an unnamed public endpoint (/lambda_N) to the API.
+            listing = gr.Dataframe(headers=COLUMNS, interactive=False,
                                    label="Datasets", elem_id="datasets.table", wrap=True)
     with gr.Row(equal_height=True):
         choice = gr.Dropdown(label="Dataset", choices=choices(studio), value=None, elem_id="datasets.choice",

@@ -40,7 +40,7 @@ def export(studio: Studio, job_id: int | str, kind: str, progress: Progress | No
         raise StudioError(f"unknown export kind {kind!r}.", "kind", f"use one of: {', '.join(KINDS)}.")
     if kind == "gguf" and gguf_type not in GGUF_TYPES:
         raise StudioError(f"unknown GGUF type {gguf_type!r}.", "gguf_type", f"use one of: {', '.join(GGUF_TYPES)}.")
-    job = completed_run(studio, job_id)
+    job = completed_run(studio, job_id, f"export_{kind}")
     target = archive_path(studio, job, f"gguf-{gguf_type}" if kind == "gguf" else kind)
     run_json = RunFolder(job.run_dir).run_file
     with _lock:
@@ -83,7 +83,7 @@ def export_message(path: Path, report: dict) -> str:
 def describe(studio: Studio, job_id: int | str) -> tuple[str, bool]:
     """What the chosen run will export, and whether it can merge."""
     methods = studio.catalog.methods
-    job = completed_run(studio, job_id)
+    job = completed_run(studio, job_id, "export_merged")
     name = job.spec["method"]["name"]
     blocker = methods.get(name).merge_blocker if name in methods else None
     base = html.escape(str(job.spec.get("model")))

@@ -15,8 +15,8 @@ import yaml
 from jobs.runfolder import RunFolder
 from jobs.runner.store import Status
 from studio.ui.charts import loss_chart
-from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, job_choices,
-                              job_summary, log_tail, message_html, want_bool)
+from studio.ui.common import (Studio, describe_failure, fmt_num, fmt_seconds, fmt_when, for_api, held, job_choices,
+                              job_for, job_summary, log_tail, message_html, outside_note, want_bool)
 
 TICK_SECONDS = 2.0
 COLUMNS = ["ID", "Name", "Status", "Progress", "Train loss", "Eval loss", "ETA", "Created"]
@@ -30,14 +30,21 @@ def list_rows(studio: Studio) -> list[dict]:
 
 
 def status(studio: Studio, job_id: int | str, log_bytes: int = 4000) -> dict:
-    """One job in detail: its summary, loss points, final metrics, samples and log tail."""
+    """One job in detail: its summary, loss points, final metrics, samples and log tail. A job
+    outside the home (common.held) shows its summary, curve and metrics only: its spec, log and
+    samples stay with the command line, and ``withheld`` says so."""
     job = studio.jobs.get(job_id)
     out = job_summary(job)
     run = RunFolder(job.run_dir).read()
+    out.update(curve=curve_points(job.run_dir), metrics=run.get("metrics") or {}, samples=[], log="", spec_yaml="",
+               withheld=None)
+    if not held(studio, job):
+        why, command = outside_note(studio, job, "status")
+        return {**out, "withheld": f"Job {job.id}: {why} On this machine's command line: {command}"}
     # The spec goes out as YAML text: gradio_client would take its dataset section, a dict
     # with a "path", for a file to download.
-    out.update(curve=curve_points(job.run_dir), metrics=run.get("metrics") or {}, samples=run.get("samples") or [],
-               log=log_tail(job.run_dir, log_bytes), spec_yaml=yaml.safe_dump(job.spec, sort_keys=False))
+    out.update(samples=run.get("samples") or [], log=log_tail(job.run_dir, log_bytes),
+               spec_yaml=yaml.safe_dump(job.spec, sort_keys=False))
     return out
 
 
@@ -52,14 +59,19 @@ def curve_points(run_dir: str) -> list[dict]:
 
 
 def control(studio: Studio, verb: str, job_id: int | str) -> dict:
-    job = getattr(studio.jobs, verb)(job_id)
-    return job_summary(job)
+    from jobs.runner.scheduler import retry_job
+
+    job = job_for(studio, job_id, verb)
+    if verb == "retry":  # the new attempt's folder is checked against the same rule before it is made
+        return job_summary(retry_job(studio.home, job.id, policy=studio.policy))
+    return job_summary(getattr(studio.jobs, verb)(job.id))
 
 
 def delete(studio: Studio, job_id: int | str, files: bool = False) -> list[str]:
     from jobs.runner.scheduler import delete_job
 
-    return delete_job(studio.home, job_id, files=files)
+    job = job_for(studio, job_id, "delete_files" if files else "delete")
+    return delete_job(studio.home, job.id, files=files)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -153,7 +165,8 @@ def build(studio: Studio) -> dict:
         out[head] = header_html(s)
         if key == last:
             return out
-        return {**out, plot: loss_chart(s["curve"]), samples: samples_text(s["samples"]), log_box: s["log"],
+        return {**out, plot: loss_chart(s["curve"]), samples: samples_text(s["samples"]),
+                log_box: s["withheld"] or s["log"],
                 shown: key}
 
     def restore(saved: Any):

@@ -33,7 +33,7 @@ def generate(studio: Studio, prompt: str, job_ids: list, include_base: bool = Tr
     ids = parse_ids(job_ids)
     if len(ids) > MAX_RUNS:
         raise StudioError(f"{len(ids)} runs chosen.", "runs", f"choose at most {MAX_RUNS}.")
-    jobs = [completed_run(studio, jid) for jid in ids]
+    jobs = [completed_run(studio, jid, "generate") for jid in ids]
     targets = []
     if include_base:
         base = studio.policy.model(base_model, "base_model") if base_model else (
