@@ -161,14 +161,15 @@ def test_the_measurement_is_kept_per_cpu_and_torch_version(measured, tmp_path, m
     assert len(json.loads((tmp_path / CACHE_FILE).read_text())["entries"]) == 5
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"entries": []}', '{"entries": {"k": 1}}'])
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"entries": []}', {"fp32_gflops": "fast", "bf16_gflops": 9},
+                                     {"fp32_gflops": 0, "bf16_gflops": 980.0}, {"fp32_gflops": 225.0}])
 def test_a_damaged_cache_is_measured_again_not_a_crash(measured, tmp_path, content):
     import jobs.training.precision as jt
 
-    (tmp_path / CACHE_FILE).write_text(content)
     key = jt.cache_key(jt.layer_shapes({}))
-    if content.startswith('{"entries": {'):  # an entry of this very key with nonsense rates
-        (tmp_path / CACHE_FILE).write_text(json.dumps({"entries": {key: {"fp32_gflops": "fast", "bf16_gflops": -1}}}))
+    if isinstance(content, dict):  # an entry of this very key with unusable rates
+        content = json.dumps({"entries": {key: content}})
+    (tmp_path / CACHE_FILE).write_text(content)
     assert choose_precision("auto", CPU, measure=measured, home=tmp_path).dtype == torch.bfloat16
     assert len(measured.calls) == 1
     assert json.loads((tmp_path / CACHE_FILE).read_text())["entries"][key]["bf16_gflops"] == 980.0
