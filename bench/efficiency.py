@@ -314,5 +314,24 @@ def _profile(params: dict) -> dict:
                            "share": e.self_cpu_time_total / max(total, 1)} for e in others[:15]]}
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.efficiency [--full] [--profile] [--name NAME]``: this benchmark alone,
+    written to results/NAME.json (``python -m bench --only efficiency`` writes efficiency.json)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.efficiency")
+    parser.add_argument("--full", action="store_true", help="more steps and a longer matmul measurement")
+    parser.add_argument("--profile", action="store_true", help="also profile a few LoRA steps")
+    parser.add_argument("--name", default="efficiency", help="results file name (default: efficiency)")
+    args = parser.parse_args(argv)
+    run(args.full, profile=args.profile or None, name=args.name)
+    return 0
+
+
 if __name__ == "__main__":
-    worker_main({"train": _train, "matmul": _matmul, "profile": _profile})
+    import sys
+
+    if "--worker" in sys.argv:
+        worker_main({"train": _train, "matmul": _matmul, "profile": _profile})
+    else:
+        sys.exit(main())
