@@ -19,9 +19,25 @@ positions, R rows, L = T / R the mean row length:
 N_body is every linear weight of the decoder except the output projection; embeddings are
 lookups and cost nothing. For reference the result also gives the conventional 6·N·T with
 N every parameter of the base model.
+
+Those are the FLOPs a step needs. The FLOPs it does differ: padding positions are computed
+too, and a prefix every row of a batch shares is computed once (``jobs/training/loss.py``). The
+same formulas over the positions actually computed, ``R·W`` per micro-batch of R rows padded to
+W, or ``W + (R-1)·(W-n)`` with a shared prefix of n, give the FLOPs done.
+
+The square ``torch.mm`` rate is not what a step's matmuls can reach: they run at the model's own
+shapes (a micro-batch's positions by each linear layer), where small products run below the
+square peak. So each training worker also times, after its run and in its dtype and fp32, every
+linear layer's forward, input-gradient and (for trained weights) weight-gradient product at the
+mean micro-batch's positions (the output projection at its trained positions): the layer rate,
+the limit a step can reach, and the step's FLOP/s are also given as a fraction of that.
+
+``profile=True`` (and ``--full``) also runs a few LoRA steps under ``torch.profiler`` and lists
+where the time that is not a matrix product goes.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -35,8 +51,15 @@ FULL = {"steps": 20, "matmul_seconds": 10.0}
 MEASURED = ("full", "lora")
 
 
+LAYER_RATE_SECONDS = 1.0  # per dtype: each product's best of the repeats that fit
+PROFILE_STEPS = 4         # profiled after one untimed step
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
+
+
 def run(full: bool = False, *, spec: dict | None = None, steps: int | None = None,
-        matmul_size: int | None = None, results_dir: Path | None = None) -> dict:
+        matmul_size: int | None = None, results_dir: Path | None = None, profile: bool | None = None,
+        name: str = "efficiency", layer_seconds: float = LAYER_RATE_SECONDS) -> dict:
     budget = FULL if full else DEFAULT
     steps = steps or budget["steps"]
     base = with_budget(merge(spec or demo_spec(), quiet_eval()), steps)
@@ -45,13 +68,14 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
     peak = run_isolated("bench.efficiency", "matmul",
                         {"seconds": budget["matmul_seconds"], "size": matmul_size}, "efficiency-matmul")
     rows = []
-    for name in MEASURED:
+    for method in MEASURED:
         mspec = dict(base)
-        if name != base["method"]["name"]:
-            mspec["method"] = {"name": name}
-        say(f"efficiency: {name}, {steps} steps")
-        result = run_isolated("bench.efficiency", "train", {"spec": mspec}, f"efficiency-{name}")
-        rows.append({"method": name, **result})
+        if method != base["method"]["name"]:
+            mspec["method"] = {"name": method}
+        say(f"efficiency: {method}, {steps} steps")
+        result = run_isolated("bench.efficiency", "train", {"spec": mspec, "layer_seconds": layer_seconds},
+                              f"efficiency-{method}")
+        rows.append({"method": method, **result})
         if "error" in result or "error" in peak:
             say(f"  failed: {result.get('error') or peak.get('error')}")
             continue
@@ -62,13 +86,29 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
         # The rate the issue states its target against, whatever dtype the run trained in.
         result["fraction_of_fp32_matmul"] = result["model_flops_per_second"] / \
             peak["rates"]["float32"]["best_flops_per_second"]
+        layer = result["layer_rates"][result["dtype"]]
+        result["fraction_of_layer_rate"] = result["model_flops_per_second"] / layer
+        result["done_fraction_of_layer_rate"] = result["done_flops_per_second"] / layer
         say(f"  {result['model_flops_per_second'] / 1e9:.1f} GFLOP/s = {result['fraction_of_peak']:.0%} "
-            f"of the measured {result['dtype']} matmul rate")
+            f"of the measured {result['dtype']} matmul rate, {result['fraction_of_layer_rate']:.0%} of its rate at "
+            f"the model's shapes ({layer / 1e9:.0f} GFLOP/s); FLOPs done / needed "
+            f"{result['done_flops'] / result['model_flops']:.2f}")
     payload = {"settings": {"steps": steps, "spec": base}, "device": peak.get("device"),
                "device_name": peak.get("device_name"), "dtype": next((r["dtype"] for r in rows if "dtype" in r), None),
                "matmul": peak, "rows": rows}
-    write_result("efficiency", payload, results_dir)
+    if full if profile is None else profile:
+        lora = merge(base, {"training": {"max_steps": PROFILE_STEPS + 1}})
+        say(f"efficiency: profiling {PROFILE_STEPS} steps of {lora['method']['name']}")
+        payload["profile"] = run_isolated("bench.efficiency", "profile", {"spec": lora}, "efficiency-profile")
+    write_result(name, payload, results_dir)
     return payload
+
+
+def done_flops(method: str, counts: dict, rows: int, width: int, shared: int, trained: int) -> float:
+    """FLOPs a micro-batch's step does: ``training_flops`` over the positions computed (padding
+    included, a shared prefix once), each attending to at most ``width`` positions."""
+    positions = width + (rows - 1) * (width - shared) if shared else rows * width
+    return training_flops(method, counts, positions, trained, positions / width)
 
 
 def training_flops(method: str, counts: dict, tokens: int, trained: int, rows: int) -> float:
@@ -91,17 +131,25 @@ def model_counts(spec) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     head = model.get_output_embeddings()
-    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    body = sum(m.weight.numel() for m in linears)
+    shapes: dict[tuple[int, int], int] = {}
+    for m in linears:
+        shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return {"body": body, "head": head.weight.numel(), "layers": text.num_hidden_layers,
             "attention_width": text.num_attention_heads * head_dim,
-            "all": sum(p.numel() for p in model.parameters())}
+            "all": sum(p.numel() for p in model.parameters()),
+            "linears": [[k, n, c] for (k, n), c in shapes.items()],
+            "head_shape": [head.in_features, head.out_features]}
 
 
 # ---------------------------------------------------------------- workers (one run per process)
 
 def _train(params: dict) -> dict:
+    import torch
+
     from adapters import METHODS
     from jobs.spec import parse_spec
 
@@ -111,7 +159,9 @@ def _train(params: dict) -> dict:
     data = merge(data, {"optimizer": {"lr": METHODS.get(data["method"]["name"]).suggested_lr}})
     spec = parse_spec(merge(data, {"output_dir": "unused"}))
     counts = model_counts(spec)
-    record, c = train_timed(data, Path(params["scratch"]) / "run")
+    with _recording_batches() as batches:
+        record, c = train_timed(data, Path(params["scratch"]) / "run")
+    memory = process_peak_memory(device)  # before the layer rates' operands
     metrics = record["metrics"]
     counts["adapter"] = metrics["trainable_params"] if spec.method_name != "full" else 0
     rows = spec.training.batch_size * spec.training.grad_accum
@@ -119,13 +169,23 @@ def _train(params: dict) -> dict:
     seconds = c["marks"][-1] - c["marks"][0] if len(c["marks"]) > 1 else 0.0
     flops = sum(training_flops(spec.method_name, counts, t, p, rows) for t, p in steps)
     tokens = sum(t for t, _ in steps)
-    return {"model_flops": flops, "measured_seconds": seconds, "measured_steps": len(steps), "tokens": tokens,
+    timed = batches[spec.training.grad_accum:spec.training.grad_accum * len(c["marks"])]  # micro-batches of steps 2..
+    done = sum(done_flops(spec.method_name, counts, *b) for b in timed)
+    positions = [b[1] + (b[0] - 1) * (b[1] - b[2]) if b[2] else b[0] * b[1] for b in timed] or [1]
+    trained = [b[3] for b in timed] or [1]
+    shape = (round(sum(positions) / len(positions)), round(sum(trained) / len(trained)))
+    layer_rates = {name: layer_rate(counts, *shape, spec.method_name == "full", getattr(torch, name), device,
+                                    params.get("layer_seconds", LAYER_RATE_SECONDS))
+                   for name in dict.fromkeys(["float32", dtype])}
+    return {"model_flops": flops, "done_flops": done, "done_flops_per_second": done / max(seconds, 1e-9),
+            "micro_batches": [list(b) for b in timed], "layer_shape_tokens": shape, "layer_rates": layer_rates,
+            "measured_seconds": seconds, "measured_steps": len(steps), "tokens": tokens,
             "trained_tokens": sum(p for _, p in steps),
             "model_flops_per_second": flops / max(seconds, 1e-9),
             "flops_6nt_per_second": 6 * counts["all"] * tokens / max(seconds, 1e-9),
             "tokens_per_second": tokens / max(seconds, 1e-9), "counts": counts,
             "trainable_params": metrics["trainable_params"], "device": device, "device_name": device_name(device),
-            "dtype": dtype, **process_peak_memory(device)}
+            "dtype": dtype, **memory}
 
 
 def _matmul(params: dict) -> dict:
@@ -160,5 +220,118 @@ def matmul_rate(size: int, dtype, device: str, seconds: float) -> dict:
             "repeats": len(times)}
 
 
+@contextlib.contextmanager
+def _recording_batches():
+    """(rows, width, shared prefix, trained positions) of every micro-batch the loop trains on
+    (forward passes under autograd; evaluation runs without it)."""
+    import torch
+
+    from jobs.training import loss
+
+    seen: list[tuple[int, int, int, int]] = []
+    inner = loss.final_hidden
+
+    def final_hidden(model, batch, saved=None, share_prefix=True):
+        if torch.is_grad_enabled():
+            rows, width = batch["input_ids"].shape
+            shared = loss.shared_prefix(model, batch) if share_prefix else 0
+            seen.append((rows, width, shared, int(loss.trained_positions(batch["labels"]).sum())))
+        return inner(model, batch, saved, share_prefix)
+    loss.final_hidden = final_hidden
+    try:
+        yield seen
+    finally:
+        loss.final_hidden = inner
+
+
+def layer_rate(counts: dict, tokens: int, trained: int, full: bool, dtype, device: str,
+               seconds: float = LAYER_RATE_SECONDS) -> float:
+    """FLOP/s of a step's matrix products at the model's shapes: each linear layer's forward
+    ``x @ W^T`` and input gradient ``g @ W`` over ``tokens`` positions, and its weight gradient
+    ``g^T @ x`` when the weights train (``full``); the output projection over ``trained``
+    positions. Each product's best time of the repeats that fit in ``seconds``, weighted by how
+    many layers have its shape. (LoRA's rank-r products are left out: a few percent of the FLOPs.)"""
+    import torch
+
+    products = []  # (a, b, layers): a @ b
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+    for (k, n, layers), m, trains in [*((tuple(s), tokens, full) for s in counts["linears"]),
+                                      ((*counts["head_shape"], 1), trained, full)]:
+        x, w, g = rand(m, k), rand(n, k), rand(m, n)
+        products += [(x, w.t(), layers), (g, w, layers)] + ([(g.t(), x, layers)] if trains else [])
+    best = [float("inf")] * len(products)
+    with torch.no_grad():
+        for a, b, _ in products:
+            torch.mm(a, b)  # first calls pick kernels
+        sync(device)
+        deadline, rounds = time.perf_counter() + seconds, 0
+        while rounds < 3 or time.perf_counter() < deadline:
+            for i, (a, b, _) in enumerate(products):
+                started = time.perf_counter()
+                torch.mm(a, b)
+                sync(device)
+                best[i] = min(best[i], time.perf_counter() - started)
+            rounds += 1
+    work = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] * layers for a, b, layers in products)
+    return work / sum(t * layers for t, (_, _, layers) in zip(best, products))
+
+
+def _profile(params: dict) -> dict:
+    """Where the time of a few training steps goes, by the profiler's self time per operator: the
+    matrix products (and attention) against everything else, whose top items are listed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from jobs.spec import parse_spec
+    from jobs.training.recipe import train
+
+    device, dtype = compute_device()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    spec = parse_spec(merge(params["spec"], {"output_dir": str(Path(params["scratch"]) / "run")}))
+    steps: list[float] = []
+
+    def progress(record):
+        if record.get("event"):
+            return
+        steps.append(time.perf_counter())
+        if len(steps) == 1:
+            prof.start()
+        elif len(steps) == PROFILE_STEPS + 1:
+            prof.stop()
+    train(spec, progress=progress)
+    if 1 <= len(steps) <= PROFILE_STEPS:  # the run ended early
+        prof.stop()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    others = sorted((e for e in events if e.key not in MATMUL_OPS), key=lambda e: -e.self_cpu_time_total)
+    return {"device": device, "dtype": dtype, "method": spec.method_name, "steps": PROFILE_STEPS,
+            "wall_seconds_profiled": steps[-1] - steps[0], "self_seconds": total / 1e6,
+            "matmul_seconds": matmul / 1e6, "matmul_share": matmul / max(total, 1),
+            "top_other": [{"op": e.key, "seconds": e.self_cpu_time_total / 1e6, "calls": e.count,
+                           "share": e.self_cpu_time_total / max(total, 1)} for e in others[:15]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.efficiency [--full] [--profile] [--name NAME]``: this benchmark alone,
+    written to results/NAME.json (``python -m bench --only efficiency`` writes efficiency.json)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.efficiency")
+    parser.add_argument("--full", action="store_true", help="more steps and a longer matmul measurement")
+    parser.add_argument("--profile", action="store_true", help="also profile a few LoRA steps")
+    parser.add_argument("--name", default="efficiency", help="results file name (default: efficiency)")
+    args = parser.parse_args(argv)
+    run(args.full, profile=args.profile or None, name=args.name)
+    return 0
+
+
 if __name__ == "__main__":
-    worker_main({"train": _train, "matmul": _matmul})
+    import sys
+
+    if "--worker" in sys.argv:
+        worker_main({"train": _train, "matmul": _matmul, "profile": _profile})
+    else:
+        sys.exit(main())

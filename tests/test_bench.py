@@ -198,15 +198,27 @@ def test_a_failing_run_is_reported_with_its_error_and_log(results):
 
 
 def test_efficiency_counts_model_flops_and_measures_matmul(tiny_spec, results):
-    out = efficiency.run(spec=tiny_spec, steps=3, matmul_size=128, results_dir=results)
+    out = efficiency.run(spec=tiny_spec, steps=3, matmul_size=128, results_dir=results, layer_seconds=0.05)
     assert out["matmul"]["rates"]["float32"]["best_flops_per_second"] > 0
     rows = {r["method"]: r for r in out["rows"]}
     assert set(rows) == {"full", "lora"}
     for r in rows.values():
         assert r["model_flops"] > 0 and 0 < r["fraction_of_peak"] and r["measured_steps"] == 2
+        assert r["layer_rates"]["float32"] > 0 and r["fraction_of_layer_rate"] > 0
+        # FLOPs done: the timed steps' micro-batches, padding included (one micro-batch per step here)
+        assert len(r["micro_batches"]) == 2 and r["done_flops"] > 0
+        assert r["done_flops"] == sum(efficiency.done_flops(r["method"], r["counts"], *b) for b in r["micro_batches"])
     counts = rows["full"]["counts"]
     assert counts["adapter"] == 0 and rows["lora"]["counts"]["adapter"] == rows["lora"]["trainable_params"] > 0
     assert counts["body"] + counts["head"] <= counts["all"]
+
+
+def test_flops_done_count_padding_and_a_shared_prefix_once():
+    counts = {"body": 100, "head": 10, "adapter": 0, "layers": 2, "attention_width": 4}
+    # 3 rows padded to 10: 30 positions computed; with a shared prefix of 4: 10 + 2 x 6 = 22
+    assert efficiency.done_flops("full", counts, 3, 10, 0, 5) == efficiency.training_flops("full", counts, 30, 5, 3)
+    assert efficiency.done_flops("full", counts, 3, 10, 4, 5) == \
+        efficiency.training_flops("full", counts, 22, 5, 2.2)
 
 
 def test_training_flops_follow_the_documented_formula():

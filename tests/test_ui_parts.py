@@ -57,7 +57,7 @@ def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch
 def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch, total, verdict):
     # The model process's answer, as jobs.engine.tasks.check gives it; the verdict is the web process's.
     answer = {"available": True, "total_bytes": total, "breakdown": {"weights": total}, "peak_phase": "train",
-              "assumptions": ["a note"]}
+              "assumptions": ["a note"], "precision": {"dtype": "bfloat16", "reason": "measured: bf16 4.4x fp32"}}
     monkeypatch.setattr(train, "estimate_for", lambda studio, data, device: answer)
     monkeypatch.setattr(train, "device_capacity", lambda studio, device: ("test device", 100, "cpu"))
     spec = {"model": str(tiny_model), "dataset": {"path": "demo"}, "method": {"name": "lora"}}
@@ -65,6 +65,7 @@ def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch,
     assert result["verdict"] == verdict and result["total_bytes"] == total and result["device_bytes"] == 100
     page = train.check_html(result)
     assert verdict in page and "a note" in page and "highest while training" in page
+    assert "computes in bfloat16: measured: bf16 4.4x fp32" in page
 
 
 def test_an_invalid_combination_is_explained_before_launch(studio_home, tiny_model):

@@ -86,7 +86,7 @@ def check(data: dict, device: str = "cpu", where: str = "spec", progress: Progre
         return {"resolved": resolved, "available": False, "reason": reason}
     return {"resolved": resolved, "available": True, "total_bytes": int(result["total_bytes"]),
             "breakdown": result.get("breakdown", {}), "peak_phase": result.get("peak_phase"),
-            "assumptions": result.get("assumptions", [])}
+            "assumptions": result.get("assumptions", []), "precision": result.get("precision")}
 
 
 # -- the dataset preview ------------------------------------------------------------------

@@ -22,8 +22,9 @@ import torch
 from adapters.base import RuleMemory, numel
 from jobs.training import models
 from jobs.training.allocator import preload_env
-from jobs.estimate.footprint import (Batch, Counts, count, dtype_for, first_batch, guess_saved, inference_activations,
-                            load_dtype, probe_saved, read_config, training_activations)
+from jobs.estimate.footprint import (Batch, Counts, choice_for, count, dtype_for, first_batch, guess_saved,
+                                     inference_activations, load_dtype, probe_saved, read_config,
+                                     training_activations)
 from jobs.spec import JobSpec, check_combination
 
 # The training process before it touches a weight, measured on the CPU (Linux x86-64, Python
@@ -70,9 +71,10 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     method, mcfg = spec.method_config()
     rule, rcfg = spec.optimizer_config()
     t = spec.training
-    dtype = dtype_for(t.precision, device)
     notes: list[str] = []
     src, config = read_config(spec)
+    precision = choice_for(t.precision, device, src)
+    dtype = precision.dtype
     # The file the run will load, read before count(), which builds the model and rewrites config.dtype.
     stored = models.stored_dtype(models.weights_for(src, load_dtype(method, dtype)).path) or _file_dtype(config)
     batch, tokenizer = first_batch(spec, src, use_data)
@@ -150,8 +152,9 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
     notes += describe(spec, device, dtype, src, batch, counts, mapped, peak, method.name, rule.name)
+    notes.append(f"computes in {str(dtype).removeprefix('torch.')}: {precision.reason}.")
     return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
-            "dtype": str(dtype).removeprefix("torch."), "peak_phase": peak,
+            "dtype": str(dtype).removeprefix("torch."), "precision": precision.record(), "peak_phase": peak,
             "phases": {k: int(sum(v.values())) for k, v in phases.items()},
             "phase_breakdowns": {k: {part: int(v.get(part, 0)) for part in phases["train"]}
                                  for k, v in phases.items()},
@@ -170,8 +173,8 @@ def estimate_inference(spec: JobSpec, device: str | None = None, use_data: bool 
     from adapters import METHODS
 
     device = (device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
-    dtype = dtype_for(spec.training.precision, device)
     src, config = read_config(spec)
+    dtype = dtype_for(spec.training.precision, device, src)
     batch, _ = first_batch(spec, src, use_data)
     full = METHODS.get("full")
     counts = count(config, spec, full, full.Config(), dtype)

@@ -65,13 +65,20 @@ class Counts:
     vocab: int = 0
 
 
-def dtype_for(precision: str, device: str) -> torch.dtype:
-    """The training loop's compute dtype; a GPU that is not this machine's is assumed to have bf16."""
-    from jobs.training.precision import pick_precision
+def dtype_for(precision: str, device: str, src=None) -> torch.dtype:
+    return choice_for(precision, device, src).dtype
 
-    if precision == "auto" and device == "cuda":
-        return torch.bfloat16
-    return pick_precision(precision, torch.device("cuda" if device == "cuda" else "cpu"))
+
+def choice_for(precision: str, device: str, src=None):
+    """The training loop's compute dtype and its reason (jobs.training.precision.Choice), at the
+    model's shapes when ``src`` is given, as the loop picks it; a GPU that is not this machine's
+    is assumed to have bf16."""
+    from jobs.training.precision import Choice, choose_precision, source_shapes
+
+    if precision == "auto" and device == "cuda" and not torch.cuda.is_available():
+        return Choice(torch.bfloat16, "GPU assumed to support bf16")
+    return choose_precision(precision, torch.device("cuda" if device == "cuda" else "cpu"),
+                            source_shapes(src) if src is not None else None)
 
 
 def read_config(spec: JobSpec):

@@ -29,7 +29,7 @@ import torch
 
 from adapters.base import Context, decay_rule
 from jobs.training import checkpoint, distributed, fingerprint, fused, memory, models
-from jobs.training.precision import pick_device, pick_precision
+from jobs.training.precision import choose_precision, pick_device, source_shapes
 from jobs.data.examples import collate, plan_batches, prepare
 from adapters.core.errors import StudioError
 from jobs.training.evaluate import evaluate
@@ -91,10 +91,11 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
     rule, rcfg = spec.optimizer_config()
     check_combination(spec)
     device = pick_device(world)
-    dtype = pick_precision(t.precision, device)
 
     # 1. Data first: a bad file must fail before minutes of model loading, and leave nothing behind.
     src = models.resolve(spec.model)
+    precision = choose_precision(t.precision, device, source_shapes(src))  # auto: measured at the model's shapes
+    dtype = precision.dtype
     tokenizer = models.load_tokenizer(src, spec.trust_remote_code)
     data = prepare(spec.dataset, tokenizer, t.max_seq_len, t.seed)
     continuing = check_run_folder(run_dir, spec, resume)
@@ -105,7 +106,8 @@ def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
         update_run(run_dir, status=RUNNING, error=None, spec=spec.resolved(), started_at=now(),
                    finished_at=None, model_source={"kind": src.kind, "path": src.path, "gguf_file": src.gguf_file},
                    data={"format": data.format, "train_rows": data.train_rows, "eval_rows": data.eval_rows},
-                   world_size=world.size, device=str(device), dtype=str(dtype).removeprefix("torch."))
+                   world_size=world.size, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                   precision=precision.record())
     try:
         if world.main:  # a tracker that cannot start fails the job here, before the model loads
             trackers = Trackers.start(spec, run_dir)

@@ -115,7 +115,7 @@ def check(studio: Studio, data: dict, device: str = "auto") -> dict:
     verdict = "fits" if share < FITS else "tight" if share <= TIGHT else "does not fit"
     return {**out, "available": True, "total_bytes": total, "breakdown": result.get("breakdown", {}),
             "peak_phase": result.get("peak_phase"), "assumptions": result.get("assumptions", []),
-            "share": share, "verdict": verdict}
+            "precision": result.get("precision"), "share": share, "verdict": verdict}
 
 
 def estimate_for(studio: Studio, data: dict, device: str) -> dict:
@@ -151,10 +151,13 @@ def check_html(result: dict) -> str:
     peak = result.get("peak_phase")
     phase = f", highest while {html.escape(PHASES.get(peak, str(peak)))}" if peak else ""
     notes = "".join(f"<li>{html.escape(str(a))}</li>" for a in result.get("assumptions") or [])
+    precision = result.get("precision") or {}  # the compute dtype and why (jobs/training/precision.py)
+    computes = (f'<div class="estimate-parts">computes in {html.escape(str(precision["dtype"]))}: '
+                f'{html.escape(str(precision.get("reason")))}</div>' if precision.get("dtype") else "")
     return (f'<div class="studio-msg studio-msg-{kind}"><b>{html.escape(result["verdict"])}</b>: about '
             f'{fmt_bytes(result["total_bytes"])} of {fmt_bytes(result["device_bytes"])} '
             f'({html.escape(result["device"])}, {result["share"]:.0%}){phase}'
-            + (f'<div class="estimate-parts">{html.escape(parts)}</div>' if parts else "")
+            + (f'<div class="estimate-parts">{html.escape(parts)}</div>' if parts else "") + computes
             + (f'<details class="estimate-parts"><summary>assumptions</summary><ul>{notes}</ul></details>'
                if notes else "") + "</div>")
 
