@@ -30,7 +30,7 @@ import psutil
 
 from jobs.confine import Policy, check_devices
 from adapters.core.errors import StudioError
-from jobs.home import ENV_VAR, lock_path, studio_home
+from jobs.home import home_env, lock_path, studio_home
 from jobs.runner.store import Job, JobStore, Status
 from jobs.runner.worker import execute, heartbeat_age, spawn
 
@@ -290,15 +290,8 @@ def run_inline(home: str | Path | None, job_id: int | str) -> Job:
     if not store.claim(job.id, "inline"):
         raise StudioError(f"job {job.id} is {job.status}, not queued.", f"job {job.id}",
                           "resume or retry it first.")
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(home)  # the model cache follows the job's home
-    try:
+    with home_env(home):  # the model cache follows the job's home
         execute(home, job.id, install_signals=False)
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
     return store.get(job.id)
 
 

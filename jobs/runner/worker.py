@@ -27,7 +27,8 @@ import traceback
 from pathlib import Path
 
 from jobs.training.allocator import preload_env, running_on
-from adapters.core.errors import StudioError
+from adapters.core.errors import StudioError, describe
+from adapters.core.spawn import spawn_module
 from jobs.home import AUTH_ENV, ENV_VAR
 from jobs import runfolder
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
@@ -114,15 +115,11 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
     with open(run_dir / LOG_FILE, "ab") as log:
         log.write(f"--- job {job.id} attempt {job.attempt} started {time.ctime()} ---\n".encode())
         log.flush()
-        # The job's process imports this same source tree, whatever folder it runs in.
-        code_root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
-        return subprocess.Popen([sys.executable, "-m", "jobs.runner.worker", str(home), str(job.id)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
-                                env={**job_environment(), **preload, **env, ENV_VAR: str(home),
-                                     "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True, cwd=run_dir)
+        # Unbuffered (spawn_module), so `studio jobs logs --follow` shows lines as they happen.
+        return spawn_module("jobs.runner.worker", home, job.id,
+                            env={**job_environment(), **preload, **env, ENV_VAR: str(home)},
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=run_dir)
 
 
 def job_environment() -> dict[str, str]:
@@ -157,7 +154,7 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
         status, error = Status.INTERRUPTED, "interrupted from the keyboard; resume to continue"
     except BaseException as e:  # the job's own failure, never the scheduler's
         traceback.print_exc()
-        status, error = Status.FAILED, f"{type(e).__name__}: {e}"
+        status, error = Status.FAILED, describe(e)
     finally:
         beat.done.set()
         beat.join()
