@@ -157,13 +157,6 @@ def generate(targets: list[list[str]], prompt: str, max_new_tokens: int = 64, te
     return out
 
 
-def free_models() -> None:
-    """Drop every loaded model and tokenizer (the engine calls this when idle)."""
-    _models.clear()
-    _tokenizers.clear()
-    gc.collect()
-
-
 # -- export --------------------------------------------------------------------------------
 
 def export(run_dir: str, kind: str, out: str, progress: Progress = _quiet, gguf_type: str = "f16") -> dict:

@@ -30,7 +30,6 @@ from jobs.training.allocator import preload_env, running_on
 from adapters.core.errors import StudioError, describe
 from adapters.core.spawn import spawn_module
 from jobs.home import AUTH_ENV, ENV_VAR
-from jobs import runfolder
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
 from jobs.runner.store import Job, JobStore, Status
 
@@ -201,14 +200,14 @@ def outcome(job: Job, store: JobStore, stop: StopRequest) -> tuple[Status, str |
     """The job's final status, from the training loop's own record in run.json."""
     run = read_run(job.run_dir) or {}
     state = run.get("status")
-    if state == runfolder.COMPLETED:
+    if state == Status.COMPLETED:
         return Status.COMPLETED, None
-    if state == runfolder.CANCELLED or (stop() and state in (None, runfolder.RUNNING)):
+    if state == Status.CANCELLED or (stop() and state in (None, Status.RUNNING)):
         if store.get(job.id).cancel_requested:
             return Status.CANCELLED, f"cancelled at step {run.get('step', 0)}; resume to continue"
         return Status.INTERRUPTED, f"stopped by {stop.reason or 'a signal'} at step {run.get('step', 0)}; resume to continue"
-    if state in (runfolder.FAILED, runfolder.INTERRUPTED):
-        return Status(state), run.get("error") or f"training {state}"  # the same words in both
+    if state in (Status.FAILED, Status.INTERRUPTED):
+        return Status(state), run.get("error") or f"training {state}"
     return Status.FAILED, "training ended without recording a final status in run.json"
 
 
