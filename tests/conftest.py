@@ -120,7 +120,7 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
 @contextmanager
 def serving_scheduler(home: Path, **options):
     """A scheduler serving ``home`` from a thread; job processes it leaves running are killed."""
-    from jobs.runner.scheduler import Scheduler, _kill_tree
+    from jobs.runner.scheduler import Scheduler, kill_tree
     from jobs.runner.store import JobStore, Status
 
     stop = threading.Event()
@@ -133,7 +133,7 @@ def serving_scheduler(home: Path, **options):
         stop.set()
         thread.join(10)
         for job in JobStore(home).list((Status.RUNNING,)):
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
 
 
 @pytest.fixture(scope="session")

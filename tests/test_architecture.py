@@ -190,6 +190,51 @@ def test_what_the_web_process_imports_from_jobs_loads_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
+# Other libraries' private names the studio uses; only adapters.core.compat may touch them.
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+PRIVATE_ATTRIBUTES = {"_version", "_forward_hooks", "_forward_pre_hooks", "_attn_implementation",
+                      "_attn_implementation_internal", "_tied_weights_keys", "_can_set_attn_implementation"}
+
+
+def private_touches(path: Path) -> list[str]:
+    """Imports of a library's private module, attribute chains from a library into a private name,
+    and the known private attributes, anywhere in ``path``."""
+    def private(part: str) -> bool:
+        return part.startswith("_") and not part.startswith("__")
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name):
+                names = [".".join([inner.id, *reversed(chain)])]
+            if node.attr in PRIVATE_ATTRIBUTES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+        for name in names:
+            parts = name.split(".")
+            if parts[0] in LIBRARIES and any(private(p) for p in parts[1:]):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    return found
+
+
+def test_only_compat_touches_other_libraries_private_internals():
+    """Each private touch has one function in adapters.core.compat and a test in test_compat.py
+    pinning it; a second place would be unpinned."""
+    compat = ROOT / "adapters" / "core" / "compat.py"
+    bad = [hit for package in ("adapters", "jobs", "studio") for path, _ in sources(package)
+           if path != compat for hit in private_touches(path)]
+    assert bad == []
+    assert private_touches(compat)  # the checker sees what compat does
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     """The check itself must catch an import inside a function and a relative one."""
     src = tmp_path / "m.py"

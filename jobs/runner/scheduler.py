@@ -237,7 +237,7 @@ class Scheduler:
         since_start = time.time() - (job.started_at or time.time())
         silent = since_start if age is None else min(age, since_start)
         if silent > self.heartbeat_timeout:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             self._settle(job, f"no heartbeat for {silent:.0f} s (hung or frozen); the process was killed")
 
     def _stop_gracefully(self, job: Job) -> None:
@@ -247,7 +247,7 @@ class Scheduler:
                 _signal(job.pid, signal.SIGTERM)
             self.term_sent[job.id] = time.monotonic()
         elif time.monotonic() - sent > self.cancel_timeout:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             self.children.pop(job.id, None)
             self.term_sent.pop(job.id, None)
             self.store.finish(job.id, Status.CANCELLED, f"did not stop within {self.cancel_timeout:.0f} s of the "
@@ -330,7 +330,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _kill_tree(pid: int | None) -> None:
+def kill_tree(pid: int | None) -> None:
     """SIGKILL the job process and everything it started (torchrun ranks live in
     sessions of their own, so a process-group kill would miss them)."""
     if pid is None:
