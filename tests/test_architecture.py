@@ -251,3 +251,14 @@ def test_the_web_side_imports_the_bottom_without_torch():
     code = ("import sys, adapters, adapters.core.errors, adapters.core.memory\n"
             "assert 'torch' not in sys.modules, 'importing adapters.core imported torch'\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_test_files_share_through_helpers_not_through_each_other():
+    """Plain helpers come from tests/helpers.py and fixtures through pytest; a test file imported by
+    another runs its module-level code (and marks) twice and ties the two together."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for line, name in imported(path, path.stem):
+            if name.split(".")[0] == "conftest" or name.split(".")[0].startswith("test_"):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert bad == []

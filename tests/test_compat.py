@@ -6,6 +6,7 @@ layer that stops being bitsandbytes-aware merges into the wrong weights) or the 
 """
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 
@@ -14,13 +15,8 @@ from jobs.training import models
 
 
 def tiny_llama(tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                         attn_implementation="sdpa")
-    return LlamaForCausalLM(config)
+    return helpers.tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1, tie_word_embeddings=tie,
+                              attn_implementation="sdpa")
 
 
 def test_a_registered_attention_is_switched_to_through_the_public_api():

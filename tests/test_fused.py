@@ -8,7 +8,7 @@ from adapters.core import compat
 from jobs.training import fused, models
 from jobs.data.examples import collate, encode
 from jobs.training.loss import token_loss_sum
-from conftest import toy_rows
+from helpers import toy_rows
 
 
 def _batch(src):

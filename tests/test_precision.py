@@ -16,7 +16,7 @@ from adapters import METHODS
 from jobs.training.loss import attention_kernels
 from jobs.spec import parse_spec
 from jobs.training.recipe import pick_precision, train
-from conftest import make_spec
+from helpers import make_spec
 
 RULES = ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"]
 

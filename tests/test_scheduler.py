@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_spec, serving_scheduler, wait_until
+from helpers import make_spec, serving_scheduler, wait_until
 
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
