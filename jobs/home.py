@@ -7,6 +7,7 @@ or back it up as a unit.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 ENV_VAR = "STUDIO_HOME"
@@ -53,3 +54,18 @@ def store_path(home: Path) -> Path:
 
 def lock_path(home: Path) -> Path:
     return home / LOCK_FILE
+
+
+@contextmanager
+def home_env(home: str | os.PathLike):
+    """Point ``$STUDIO_HOME`` at ``home`` while the block runs (the model cache and whatever reads
+    the variable follow it), then put back what was there, or nothing."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(home)
+    try:
+        yield Path(home)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous

@@ -11,13 +11,27 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-# The run's own status in run.json, written by the training loop. A job's status in the store
-# (jobs.runner.store.Status) uses the same words for the same states; jobs.runner.worker.outcome translates.
-RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = "running", "completed", "failed", "cancelled", "interrupted"
-STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
+
+class Status(StrEnum):
+    """The one status vocabulary: a job's in the store (jobs.runner.store) and a run's own in
+    run.json, written by the training loop. A run folder never says ``queued`` (it is made
+    when the job starts); the words are plain strings on disk and in the API."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+# The names the training loop writes run.json with.
+RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED = (Status.RUNNING, Status.COMPLETED, Status.FAILED,
+                                                      Status.CANCELLED, Status.INTERRUPTED)
 RUN_FILE, METRICS_FILE, ADAPTER_DIR, CHECKPOINTS_DIR = "run.json", "metrics.jsonl", "adapter", "checkpoints"
 # Written by the job runner before training starts; they do not make a folder "another run".
 LOG_FILE, HEARTBEAT_FILE = "log.txt", "heartbeat"

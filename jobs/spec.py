@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from adapters.core.errors import StudioError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text")
 # Upper bounds: far above any run this studio is for, low enough that a typo or a hostile
 # caller cannot ask for a run that never ends or an allocation that takes the machine down.
 MAX_STEPS = 1_000_000

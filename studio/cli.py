@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from jobs.runfolder import Status
 from studio.bakeoff_cli import add_bakeoff_command
 from studio.estimate_cli import add_estimate_command
 from studio.jobs_cli import add_jobs_commands
@@ -81,7 +82,7 @@ def _summary(run_dir: str, run: dict) -> int:
             print(f"  {k:18} {v:.4f}" if isinstance(v, float) else f"  {k:18} {v}")
     for s in run.get("samples", [])[:3]:
         print(f"  sample: target={s['target']!r} output={s['output']!r}")
-    return 0 if run.get("status") == "completed" else 1
+    return 0 if run.get("status") == Status.COMPLETED else 1
 
 
 def cmd_export(args) -> int:

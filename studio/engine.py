@@ -21,15 +21,15 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from adapters.core.errors import StudioError
+from adapters.core.spawn import CODE_ROOT, spawn_module
+from jobs.home import ENV_VAR
 
 log = logging.getLogger("studio.engine")
-CODE_ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("forms", "playground")
 LOG_NAME = "engine.log"
 LOG_LIMIT = 5 << 20
@@ -61,14 +61,10 @@ def _log_file(home: Path):
 
 
 def _start(home: Path, args: list[str]) -> subprocess.Popen:
-    # The engine imports this same source tree, whatever the caller's folder and PYTHONPATH.
-    path = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p)
     with _log_file(home) as stderr:
-        return subprocess.Popen([sys.executable, "-m", "jobs.engine.server", *args], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=stderr, cwd=str(CODE_ROOT), text=True,
-                                encoding="utf-8", bufsize=1,
-                                env={**os.environ, "STUDIO_HOME": str(home), "PYTHONPATH": path,
-                                     "PYTHONUNBUFFERED": "1"})
+        return spawn_module("jobs.engine.server", *args, env={**os.environ, ENV_VAR: str(home)},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=str(CODE_ROOT),
+                            text=True, encoding="utf-8", bufsize=1)
 
 
 def _exchange(proc: subprocess.Popen, rid: int, task: str, args: dict, progress: Progress | None,

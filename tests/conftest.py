@@ -1,74 +1,22 @@
-"""Shared fixtures: tiny random models saved to temp folders, so the real loading code runs."""
+"""Shared fixtures: tiny random models saved to temp folders, so the real loading code runs.
+
+Plain helpers (models, rows, specs, waiting) are in helpers.py, which test files import."""
 from __future__ import annotations
 
-import json
 import os
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, build_tiny_llama, toy_rows, write_jsonl
 
 # Tests never touch the network or the user's home.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny_tokenizer(folder: Path):
-    """A small word-level tokenizer with a chat template, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
-    words += [str(i) for i in range(100)]
-    words += ("the a an is of to and in what capital color sky blue green red add plus minus times "
-              "answer question date month year day january february march april may june july august "
-              "september october november december reverse word list first last name city country "
-              "paris france rome italy berlin germany hello world yes no please say repeat").split()
-    words += list("abcdefghijklmnopqrstuvwxyz.,:;!?-/'\"()")
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = _tiny_tokenizer(folder)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    return folder
-
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def toy_rows(n: int = 48) -> list[dict]:
-    """A learnable instruction task in the tiny tokenizer's vocabulary: say the next number."""
-    return [{"instruction": f"what is {i} plus 1 ?", "output": f"the answer is {i + 1}"} for i in range(n)]
 
 
 @pytest.fixture()
@@ -92,48 +40,6 @@ def studio_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("STUDIO_HOME", str(home))
     return home
-
-
-def make_spec(model: Path, dataset: Path, out: Path, method: dict | None = None, optimizer: dict | None = None,
-              **training) -> dict:
-    # fp32 so that results do not depend on whether this CPU has AMX (where auto means bf16);
-    # test_precision.py trains every method in bf16.
-    t = {"max_steps": 8, "batch_size": 8, "max_seq_len": 64, "eval_samples": 1, "exact_match_rows": 4,
-         "max_new_tokens": 8, "lr_schedule": "constant", "precision": "fp32"}
-    t.update(training)
-    return {"model": str(model), "dataset": {"path": str(dataset), "eval_fraction": 0.2},
-            "method": method or {"name": "lora", "r": 4}, "optimizer": optimizer or {"name": "adamw", "lr": 1e-2},
-            "training": t, "output_dir": str(out)}
-
-
-def wait_until(condition, timeout: float = 60.0, every: float = 0.05):
-    """Poll ``condition`` until it returns something truthy (returned), or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
-
-
-@contextmanager
-def serving_scheduler(home: Path, **options):
-    """A scheduler serving ``home`` from a thread; job processes it leaves running are killed."""
-    from jobs.runner.scheduler import Scheduler, _kill_tree
-    from jobs.runner.store import JobStore, Status
-
-    stop = threading.Event()
-    sched = Scheduler(home, gpus=[], poll_interval=0.1, **options)
-    thread = threading.Thread(target=sched.serve, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield sched
-    finally:
-        stop.set()
-        thread.join(10)
-        for job in JobStore(home).list((Status.RUNNING,)):
-            _kill_tree(job.pid)
 
 
 @pytest.fixture(scope="session")
@@ -162,16 +68,24 @@ def smollm_lora_run(tmp_path_factory) -> dict:
     return {"root": root, "home": root / "home", "run_dir": root / "run", "run": run}
 
 
-def hide_package(monkeypatch, package: str) -> None:
-    """Make ``import package`` (and its submodules) fail, as where an optional extra is not installed."""
-    import builtins
-    import importlib
 
-    real_import, real_import_module = builtins.__import__, importlib.import_module
 
-    def check(name: str) -> None:
-        if name == package or name.startswith(package + "."):
-            raise ImportError(f"No module named {package!r}")
+# Files whose tests do no model arithmetic that the CPU's kernels could change: processes, the
+# store, the scheduler, the CLI, the web API and page, confinement, data reading. CI runs them in
+# its first leg only (.ci/run); its second leg, on the generic AVX2 kernels, leaves them out.
+PLUMBING = {
+    "test_allocator.py", "test_architecture.py", "test_browser.py", "test_corpus.py", "test_data.py",
+    "test_engine.py", "test_jobs_cli.py", "test_scheduler.py", "test_security.py", "test_spawn_home_errors.py",
+    "test_store.py", "test_ui_api.py", "test_ui_datasets.py", "test_ui_forms.py", "test_ui_parts.py",
+    "test_web_process.py",
+}
 
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: check(name) or real_import(name, *a, **k))
-    monkeypatch.setattr(importlib, "import_module", lambda name, *a: check(name) or real_import_module(name, *a))
+
+def pytest_collection_modifyitems(config, items):
+    missing = sorted(name for name in PLUMBING if not (Path(__file__).parent / name).is_file())
+    if missing:  # a renamed file would silently start running twice in CI
+        raise pytest.UsageError(f"tests/conftest.py PLUMBING names files that do not exist: {missing}; "
+                                f"rename them there too")
+    for item in items:
+        if item.path.name in PLUMBING:
+            item.add_marker(pytest.mark.plumbing)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_spec
+from helpers import make_spec
 
 from jobs.bakeoff import plan as bakeoff
 from jobs.bakeoff.report import different, pareto_front, quality_metric, recommend, summarize
@@ -164,7 +164,7 @@ def finished(tmp_path_factory, tiny_model):
     """`studio bakeoff` on 3 methods x 2 seeds, its jobs run inline; (home, stdout, report)."""
     import subprocess
 
-    from conftest import toy_rows, write_jsonl
+    from helpers import toy_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("bakeoff")
     data = write_jsonl(root / "toy.jsonl", toy_rows())
@@ -273,9 +273,9 @@ def test_the_page_launches_a_bakeoff_whose_driver_and_jobs_run_elsewhere(tmp_pat
     import time
     import zipfile
 
-    from conftest import toy_rows, write_jsonl
+    from helpers import toy_rows, write_jsonl
     from gradio_client import Client, handle_file
-    from test_ui_api import running_studio
+    from helpers import running_studio
 
     with running_studio(tmp_path) as s:
         client = Client(s["url"], verbose=False)
@@ -332,9 +332,9 @@ def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
     """In Chromium: choose a finished bake-off, see its recommendation and table, download the zip."""
     import zipfile
 
-    from conftest import toy_rows, write_jsonl
-    from test_browser import CHROMIUM, el
-    from test_ui_api import running_studio
+    from helpers import toy_rows, write_jsonl
+    from helpers import CHROMIUM, el
+    from helpers import running_studio
 
     from jobs.bakeoff.driver import drive
 

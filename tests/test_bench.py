@@ -14,7 +14,7 @@ import bench.common
 from bench import ab, efficiency, quality, speed
 from bench.__main__ import main
 from bench.report import write_report
-from conftest import ROOT, toy_rows, write_jsonl
+from helpers import ROOT, toy_rows, write_jsonl
 
 # The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
 pytestmark = pytest.mark.bench

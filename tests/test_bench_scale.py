@@ -11,7 +11,7 @@ import pytest
 from bench import scale
 from bench import report
 from bench.report import write_report
-from conftest import toy_rows, write_jsonl
+from helpers import toy_rows, write_jsonl
 
 # The benchmarks' own machinery (run once per CI run, not per kernel path: .ci/run).
 pytestmark = pytest.mark.bench

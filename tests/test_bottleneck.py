@@ -13,7 +13,7 @@ from adapters.core.errors import CannotMerge, StudioError
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
 from jobs.training.recipe import train
-from conftest import make_spec
+from helpers import make_spec
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)
 METHOD_NAMES = ["series_adapter", "parallel_adapter"]

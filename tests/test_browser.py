@@ -13,10 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import toy_rows, write_jsonl
-from test_ui_api import running_studio
+from helpers import CHROMIUM, el, running_studio, toy_rows, write_jsonl
 
-CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = os.environ.get("STUDIO_SCREENSHOTS")  # a folder to keep screenshots of each step in
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
@@ -44,10 +42,6 @@ def page(tmp_path_factory):
 def studio(tmp_path_factory):
     with running_studio(tmp_path_factory.mktemp("browser")) as s:
         yield s
-
-
-def el(page, elem_id: str, inner: str = ""):
-    return page.locator(f"[id='{elem_id}'] {inner}".strip())
 
 
 def shot(page, name: str) -> None:

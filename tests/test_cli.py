@@ -8,7 +8,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from studio.cli import main
-from conftest import make_spec
+from helpers import make_spec
 
 
 def write_spec(tmp_path, spec: dict):

@@ -6,6 +6,7 @@ layer that stops being bitsandbytes-aware merges into the wrong weights) or the 
 """
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 
@@ -14,13 +15,8 @@ from jobs.training import models
 
 
 def tiny_llama(tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                         attn_implementation="sdpa")
-    return LlamaForCausalLM(config)
+    return helpers.tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=1, tie_word_embeddings=tie,
+                              attn_implementation="sdpa")
 
 
 def test_a_registered_attention_is_switched_to_through_the_public_api():
@@ -145,3 +141,63 @@ def test_the_gguf_quantizer_can_be_removed():
     model = tiny_llama()
     compat.drop_gguf_quantizer(model)  # an ordinary model: nothing to drop
     assert getattr(model, "hf_quantizer", None) is None
+
+
+# --- torch's private internals ---------------------------------------------------------------------
+
+
+def test_a_dispatch_mode_sees_each_aten_op_and_its_outputs_as_leaves():
+    seen = []
+
+    class Seeing(compat.dispatch_mode()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.append((str(func), [tuple(t.shape) for t in compat.tree_leaves(out) if isinstance(t, torch.Tensor)]))
+            return out
+
+    a = torch.ones(2, 3)
+    with Seeing():
+        torch.mm(a, a.t())
+    assert ("aten.mm.default", [(2, 2)]) in seen
+    assert compat.tree_leaves({"x": (1, [2, 3]), "y": 4}) == [1, 2, 3, 4]
+
+
+def test_a_tensor_version_counts_in_place_writes():
+    t = torch.zeros(3)
+    before = compat.tensor_version(t)
+    t.add_(1)
+    assert compat.tensor_version(t) == before + 1
+    assert compat.tensor_version(t + 1) == 0  # a new tensor starts again
+
+
+def test_forward_hooks_of_either_kind_are_seen():
+    for register in ("register_forward_hook", "register_forward_pre_hook"):
+        layer = torch.nn.Linear(2, 2)
+        assert not compat.has_forward_hooks(layer)
+        handle = getattr(layer, register)(lambda *a: None)
+        assert compat.has_forward_hooks(layer), register
+        handle.remove()
+        assert not compat.has_forward_hooks(layer)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cpu_flash_attention_is_sdpa_with_its_log_sum_exp(causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    bias = None if causal else torch.zeros(1, 1, 5, 5).masked_fill_(torch.rand(5, 5) < 0.3, float("-inf"))
+    if bias is not None:
+        bias[..., 0] = 0  # every row keeps one key
+    out, lse = compat.cpu_flash_attention(q, k, v, causal, bias, scale=0.5)
+    scores = q @ k.transpose(-1, -2) * 0.5
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")) if causal else scores + bias
+    torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=1e-4, atol=1e-4)
+
+
+def test_the_amx_probe_agrees_with_the_cpu_flags():
+    import pathlib
+
+    info = pathlib.Path("/proc/cpuinfo")
+    if not info.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert compat.cpu_has_amx() == (" amx_tile" in info.read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import make_spec, serving_scheduler, wait_until
+from helpers import make_spec, serving_scheduler, wait_until
 from safetensors.torch import load_file
 
 from jobs.runfolder import read_metrics, read_run

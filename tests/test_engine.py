@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import toy_rows, write_jsonl
+from helpers import toy_rows, write_jsonl
 
 from adapters import METHODS, UPDATE_RULES
 from jobs.engine.server import serve

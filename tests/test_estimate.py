@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, _tiny_tokenizer, make_spec
+from helpers import ROOT, make_spec, tiny_tokenizer
 
 from adapters import METHODS
 from jobs.estimate.estimator import estimate, estimate_inference
@@ -30,7 +30,7 @@ def wide_model(tmp_path_factory) -> Path:
     from transformers import LlamaConfig
 
     folder = tmp_path_factory.mktemp("wide-config")
-    tok = _tiny_tokenizer(folder)
+    tok = tiny_tokenizer(folder)
     LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -226,7 +226,7 @@ def test_quantizing_copies_the_kept_base_beside_the_mapped_file(toy_dataset, tmp
     from transformers import LlamaConfig
 
     folder = tmp_path / "big-vocab"
-    tok = _tiny_tokenizer(folder)
+    tok = tiny_tokenizer(folder)
     LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

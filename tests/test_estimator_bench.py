@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import toy_rows, write_jsonl
+from helpers import toy_rows, write_jsonl
 
 from bench import estimator
 from jobs.estimate.estimator import allocator_slack

@@ -12,7 +12,7 @@ from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from jobs.training.recipe import train
 from studio.cli import main
-from conftest import make_spec
+from helpers import make_spec
 
 
 @pytest.fixture()

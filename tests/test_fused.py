@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters.core import compat
 from jobs.training import fused, models
 from jobs.data.examples import collate, encode
 from jobs.training.loss import token_loss_sum
-from conftest import toy_rows
+from helpers import toy_rows
 
 
 def _batch(src):
@@ -82,7 +83,7 @@ def test_short_attention_is_used_only_where_it_pays(tiny_model):
     src = models.resolve(str(tiny_model))
     model = models.load_model(src)
     fused.install(model)
-    assert model.config._attn_implementation == fused.ATTENTION
+    assert compat.attention_of(model) == fused.ATTENTION
     calls = []
     original = fused._ShortAttention.apply
     fused._ShortAttention.apply = lambda *a: calls.append(a[0].shape[2]) or original(*a)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_spec, toy_rows, write_jsonl
+from helpers import make_spec, toy_rows, write_jsonl
 from adapters.core.errors import StudioError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_spec
+from helpers import make_spec
 
 from jobs.runfolder import make_marked_folder
 from jobs.runner.scheduler import Scheduler

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import hide_package, make_spec
+from helpers import hide_package, make_spec
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_run
 
@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval", reason="the [eval] extra is not installed: pip in
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model):
-    from conftest import toy_rows, write_jsonl
+    from helpers import toy_rows, write_jsonl
     from jobs.spec import parse_spec
     from jobs.training.recipe import train
 

@@ -20,7 +20,7 @@ from jobs.data.examples import collate, encode
 from adapters.core.errors import CannotMerge
 from jobs.training.loss import token_loss_sum
 from jobs.spec import parse_spec
-from conftest import make_spec, toy_rows
+from helpers import make_spec, toy_rows
 
 
 

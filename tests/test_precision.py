@@ -21,7 +21,7 @@ from jobs.spec import parse_spec
 from adapters.core.errors import StudioError
 from jobs.training.precision import CACHE_FILE, choose_precision
 from jobs.training.recipe import train
-from conftest import make_spec
+from helpers import make_spec
 
 RULES = ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit", "lomo", "adalomo", "mezo"]
 

@@ -18,7 +18,7 @@ from adapters.quant.targets import held_bytes
 from jobs.training import models
 from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
-from conftest import make_spec, toy_rows
+from helpers import make_spec, toy_rows
 
 # Merges here differ only by fp32 rounding; on tiny models (logits below 1) that stays far under this.
 EXACT = 1e-5
@@ -391,7 +391,7 @@ def test_quantizing_methods_copy_the_rest_of_the_base_off_its_file(tiny_model, t
     from jobs.training.memory import release_replaced_base
     from jobs.spec import parse_spec
     from jobs.training.recipe import train
-    from conftest import make_spec
+    from helpers import make_spec
 
     src = models.resolve(str(tiny_model))
     model = models.load_model(src)

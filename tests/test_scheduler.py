@@ -12,11 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_spec, serving_scheduler, wait_until
+from helpers import make_spec, serving_scheduler, wait_until
 
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
-from jobs.runner.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, _kill_tree
+from jobs.runner.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, kill_tree
 from jobs.runner.store import Job, JobStore, Status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_a_frozen_job_is_caught_by_its_heartbeat(home, scheduler, tiny_model, to
     try:
         done = wait_until(lambda: job(home, jid).finished and job(home, jid), timeout=30, every=0.2)
     finally:
-        _kill_tree(pid)
+        kill_tree(pid)
     assert done.status == Status.INTERRUPTED and "no heartbeat" in done.error
 
 
@@ -223,7 +223,7 @@ def test_killed_scheduler_is_reconciled_on_restart(home, tiny_model, toy_dataset
     finally:
         service.kill()
         for j in JobStore(home).list((Status.RUNNING,)):
-            _kill_tree(j.pid)
+            kill_tree(j.pid)
 
 
 def _exists(pid: int) -> bool:

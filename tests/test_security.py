@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_tiny_llama, toy_rows, write_jsonl
+from helpers import build_tiny_llama, toy_rows, write_jsonl
 
 from jobs.runfolder import MARKER, make_marked_folder, write_json_atomic
 from jobs.runner.store import JobStore, Status
@@ -265,7 +265,7 @@ def snapshot(p: Paths) -> dict:
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    from test_ui_api import free_port
+    from helpers import free_port
 
     p = Paths(tmp_path_factory.mktemp("security"))
     with pytest.MonkeyPatch.context() as mp:

@@ -13,7 +13,7 @@ from adapters.selective import CONFIG_FILE, WEIGHTS_FILE, SelectiveParams, block
 from adapters.core.errors import StudioError
 from jobs.spec import parse_spec
 from jobs.training.recipe import train
-from conftest import make_spec
+from helpers import make_spec, tiny_llama
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)
 SELECTIVE = METHODS.get("selective")
@@ -28,11 +28,7 @@ def gpt2(layers: int = 3):
 
 
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    return tiny_llama(vocab_size=96, num_hidden_layers=4).eval()
 
 
 def picked(model, **cfg) -> list[str]:

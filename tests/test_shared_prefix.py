@@ -10,7 +10,7 @@ import torch
 import jobs.training.loss as loss_module
 from adapters import METHODS
 from adapters.base import Context
-from conftest import make_spec
+from helpers import make_spec
 from jobs.training import fused, models
 from jobs.data.examples import collate, encode
 from jobs.spec import parse_spec
@@ -115,7 +115,7 @@ def test_the_spec_switch_turns_sharing_off(setting):
 
 
 def test_the_estimate_probes_with_the_prefix_every_batch_shares(setting, tmp_path):
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from jobs.estimate.footprint import first_batch
 
     src, tok, batch, factory = setting

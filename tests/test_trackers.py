@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import hide_package, make_spec
+from helpers import hide_package, make_spec
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
 from jobs.spec import parse_spec

@@ -15,7 +15,7 @@ from jobs.training.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
 from jobs.training.recipe import lr_at, train
-from conftest import make_spec, toy_rows
+from helpers import make_spec, toy_rows
 
 
 def stop_after(n_steps: int):

@@ -2,51 +2,16 @@
 model trains in job processes started by the app's own scheduler."""
 from __future__ import annotations
 
-import contextlib
-import socket
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_llama, toy_rows, write_jsonl
+from helpers import free_port, running_studio, toy_rows, write_jsonl
 
 pytestmark = pytest.mark.timeout(420)
 
 FINISHED = {"completed", "failed", "cancelled", "interrupted"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_studio(root: Path):
-    """The real app on a free localhost port, its home and a tiny model under ``root``."""
-    from jobs.runner.store import JobStore, Status
-
-    home, model = root / "home", build_tiny_llama(root / "tiny-llama")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STUDIO_HOME", str(home))
-        mp.setenv("GRADIO_TEMP_DIR", str(home / "uploads"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        from studio.ui.app import launch
-
-        port = free_port()
-        demo, service = launch(home, port=port, default_model=str(model), block=False, poll_interval=0.3)
-        try:
-            yield {"url": f"http://127.0.0.1:{port}/", "home": home, "model": model, "demo": demo}
-        finally:
-            store = JobStore(home)
-            for job in store.list((Status.QUEUED, Status.RUNNING)):
-                store.cancel(job.id)
-            deadline = time.monotonic() + 60
-            while store.list((Status.RUNNING,)) and time.monotonic() < deadline:
-                time.sleep(0.3)
-            demo.close()
-            service.stop()
 
 
 def tiny_spec(model: Path, dataset: str, **training) -> dict:

@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from conftest import toy_rows, write_jsonl
+from helpers import toy_rows, write_jsonl
 
 from adapters.core.errors import StudioError
 from jobs.runner.store import JobStore

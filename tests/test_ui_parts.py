@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import toy_rows, write_jsonl
+from helpers import toy_rows, write_jsonl
 
 import app as launcher
 from adapters.core.errors import StudioError
@@ -36,7 +36,7 @@ def test_binding_beyond_localhost_needs_a_password(capsys, monkeypatch):
 
 def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch, tiny_model):
     from gradio_client import Client
-    from test_ui_api import free_port
+    from helpers import free_port
 
     from studio.ui.app import launch
 

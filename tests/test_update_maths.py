@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters.mezo import seeded_noise
-from test_update_rules import mean_loss, stepper_for, tiny_llama
+from helpers import mean_loss, stepper_for, tiny_llama
 
 
 @pytest.fixture(scope="module")

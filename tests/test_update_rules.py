@@ -13,21 +13,12 @@ from adapters import METHODS, UPDATE_RULES
 from adapters.base import Context, RuleMemory, UpdateRule
 from adapters.mezo import seeded_noise
 from adapters.core.errors import StudioError
-from jobs.training.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import check_combination, parse_spec
 from jobs.training.recipe import train
-from conftest import make_spec
+from helpers import make_spec, mean_loss, stepper_for, tiny_llama
 
 CPU = Context(spec=None, device=torch.device("cpu"), dtype=torch.float32)
-
-
-def tiny_llama(seed: int = 0, dropout: float = 0.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout))
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +26,6 @@ def batch():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 120, (4, 12), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def mean_loss(model):
-    def loss_fn(b):
-        total, n = token_loss_sum(model, b, 16)
-        return total / n
-    return loss_fn
-
-
-def stepper_for(rule: str, model, ctx: Context = CPU, **cfg):
-    r = UPDATE_RULES.get(rule)
-    c = r.Config(**cfg)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return r.build(params, c, ctx), c
 
 
 def max_diff(a, b) -> float:
@@ -112,7 +89,7 @@ def test_lomo_equals_sgd_without_clipping(batch):
 
 
 def test_lomo_two_pass_clipping_equals_clipped_sgd_with_the_same_dropout(batch):
-    base = tiny_llama(dropout=0.3)
+    base = tiny_llama(attention_dropout=0.3)
     base.train()
     lomo_model, sgd_model = copy.deepcopy(base), copy.deepcopy(base)
     lomo, _ = stepper_for("lomo", lomo_model, lr=0.1, max_grad_norm=0.05)

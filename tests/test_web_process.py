@@ -7,7 +7,7 @@ with gradio_client exactly as bench/web_memory.py drives it on SmolLM2.
 from __future__ import annotations
 
 import pytest
-from conftest import build_tiny_llama, toy_rows, write_jsonl
+from helpers import build_tiny_llama, toy_rows, write_jsonl
 
 from bench.web_memory import HEAVY, Served, drive
 

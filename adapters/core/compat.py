@@ -24,6 +24,12 @@ Relied on (checked with transformers 5.x, peft 0.18-0.21, bitsandbytes 0.4x-0.50
   shared prefix), by the keyword ``cache`` or, before that, ``past_key_values``.
 - torch: a module's ``forward`` may be replaced on one instance (``nn.Module.__call__`` looks it
   up on the instance), leaving the class and saved models untouched.
+- torch (private, checked with torch 2.13): ``TorchDispatchMode`` and ``tree_leaves`` under
+  ``torch.utils._python_dispatch`` / ``_pytree`` (the memory estimator counts every tensor an op
+  makes); a tensor's ``_version`` counter (the fused layers' saved-output rebuild); a module's
+  ``_forward_hooks``/``_forward_pre_hooks`` dicts (the loss's plain-head shortcut); the op
+  ``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp the public
+  SDPA drops (the short-row attention); ``torch.cpu._is_amx_tile_supported`` (precision choice).
 """
 from __future__ import annotations
 
@@ -88,6 +94,55 @@ def tied_weight_keys(model: Any) -> set[str]:
     ``_tied_weights_keys``, a list in 4.x and a dict in 5.x."""
     keys = getattr(model, "_tied_weights_keys", None) or []
     return set(keys if isinstance(keys, (list, tuple, set)) else keys.keys())
+
+
+# --- torch: private internals ------------------------------------------------------------------
+
+
+def dispatch_mode() -> type:
+    """torch's base class for a mode that sees every aten op (``__torch_dispatch__``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def tree_leaves(tree: Any) -> list:
+    """The leaves of nested tuples, lists and dicts (an op's arguments or outputs), as torch walks them."""
+    from torch.utils._pytree import tree_leaves as leaves
+
+    return leaves(tree)
+
+
+def tensor_version(t: Any) -> int:
+    """How many in-place writes ``t``'s storage has had; autograd checks the same counter."""
+    return t._version
+
+
+def has_forward_hooks(module: Any) -> bool:
+    """Whether anything hooks ``module``'s forward (before or after), which calling its weight
+    directly would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def cpu_flash_attention(q: Any, k: Any, v: Any, causal: bool, bias: Any = None, scale: float | None = None):
+    """torch's CPU flash attention: ``(out, logsumexp)``, the row statistics the public
+    ``scaled_dot_product_attention`` computes but does not return."""
+    import torch
+
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                            scale=scale)
+    return out, lse
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX tiles (native bf16 matmul); False where torch cannot tell."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
 
 
 # --- transformers: GGUF -------------------------------------------------------------------------

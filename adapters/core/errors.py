@@ -22,3 +22,11 @@ class StudioError(Exception):
 
 class CannotMerge(StudioError):
     """Raised by a method whose result cannot be folded into the base weights."""
+
+
+def describe(error: BaseException) -> str:
+    """The one-line text a user is shown for ``error``: a StudioError's own message (what, where,
+    how to fix), anything else as ``Type: message`` so the cause is named without a traceback."""
+    if isinstance(error, StudioError):
+        return error.message
+    return f"{type(error).__name__}: {error}"

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from jobs.bakeoff.plan import candidate_spec, choose_rates, folder, load, plan, save
-from adapters.core.errors import StudioError
-from jobs.home import ENV_VAR, studio_home
+from adapters.core.errors import StudioError, describe
+from adapters.core.spawn import spawn_module
+from jobs.home import home_env, studio_home
 from jobs.runner.store import FINISHED, RESUMABLE, JobStore, Status
 
 CANCEL_FILE = "cancel"  # a marker, not a manifest field: the driver rewrites the manifest
@@ -153,44 +154,39 @@ def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda te
                           f"bake-off {bid}", "wait for it, or cancel the bake-off first.")
     manifest.update(driver_pid=os.getpid(), error=None, inline=inline)
     save(home, manifest)
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(home)  # the estimator's model cache is the home's
-    marker = folder(home, bid) / CANCEL_FILE
-    watch = {"inline": inline, "say": say, "cancelled": marker.exists}
-    try:
-        if not manifest["candidates"]:
-            say("planning: validating candidates and estimating their memory")
-            plan(home, manifest)
-        if any(c["skipped"] is None and c["lr"] is None for c in manifest["candidates"]):
-            submit_search(home, manifest)
-            _phase(home, manifest, "searching")
-            say(f"learning-rate search: {len(manifest['search'])} short runs")
-            wait(home, [s["job_id"] for s in manifest["search"]], **watch)
-            choose_rates(home, manifest)
-        submit_final(home, manifest)
-        _phase(home, manifest, "training")
-        say(f"training: {len(manifest['final'])} runs")
-        wait(home, [f["job_id"] for f in manifest["final"]], **watch)
-        _phase(home, manifest, "reporting")
-        out = write_report(home, manifest)
-        manifest.update(status="done", finished_at=time.time(), report_dir=str(out))
-        return out
-    except Cancelled:
-        _stop_jobs(home, manifest)  # also those queued after the request
-        manifest.update(status="cancelled", error=f"cancelled; `studio bakeoff --resume {bid}` continues it")
-        raise StudioError(f"bake-off {bid} was cancelled.", f"bake-off {bid}",
-                          f"`studio bakeoff --resume {bid}` continues it.") from None
-    except BaseException as e:
-        manifest.update(status="failed" if not isinstance(e, KeyboardInterrupt) else manifest["status"],
-                        error=e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
-        manifest["driver_pid"] = None
-        save(home, manifest)
+    with home_env(home):  # the estimator's model cache is the home's
+        marker = folder(home, bid) / CANCEL_FILE
+        watch = {"inline": inline, "say": say, "cancelled": marker.exists}
+        try:
+            if not manifest["candidates"]:
+                say("planning: validating candidates and estimating their memory")
+                plan(home, manifest)
+            if any(c["skipped"] is None and c["lr"] is None for c in manifest["candidates"]):
+                submit_search(home, manifest)
+                _phase(home, manifest, "searching")
+                say(f"learning-rate search: {len(manifest['search'])} short runs")
+                wait(home, [s["job_id"] for s in manifest["search"]], **watch)
+                choose_rates(home, manifest)
+            submit_final(home, manifest)
+            _phase(home, manifest, "training")
+            say(f"training: {len(manifest['final'])} runs")
+            wait(home, [f["job_id"] for f in manifest["final"]], **watch)
+            _phase(home, manifest, "reporting")
+            out = write_report(home, manifest)
+            manifest.update(status="done", finished_at=time.time(), report_dir=str(out))
+            return out
+        except Cancelled:
+            _stop_jobs(home, manifest)  # also those queued after the request
+            manifest.update(status="cancelled", error=f"cancelled; `studio bakeoff --resume {bid}` continues it")
+            raise StudioError(f"bake-off {bid} was cancelled.", f"bake-off {bid}",
+                              f"`studio bakeoff --resume {bid}` continues it.") from None
+        except BaseException as e:
+            manifest.update(status="failed" if not isinstance(e, KeyboardInterrupt) else manifest["status"],
+                            error=describe(e))
+            raise
+        finally:
+            manifest["driver_pid"] = None
+            save(home, manifest)
 
 
 def driver_alive(manifest: dict) -> bool:
@@ -215,13 +211,9 @@ def spawn_driver(home: Path, bid: str) -> int:
     """Start ``drive`` in a process of its own (the UI's launch); its output goes to driver.log."""
     import subprocess
 
-    code_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p),
-           "PYTHONUNBUFFERED": "1"}
     with open(folder(home, bid) / "driver.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "jobs.bakeoff.driver", "drive", str(home), bid],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+        proc = spawn_module("jobs.bakeoff.driver", "drive", home, bid, stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     return proc.pid
 
 

@@ -80,9 +80,9 @@ def check(data: dict, device: str = "cpu", where: str = "spec", progress: Progre
         kwargs = {"device": device} if "device" in inspect.signature(estimate).parameters else {}
         result = estimate(spec, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the user with its type and message
-        from adapters.core.errors import StudioError
+        from adapters.core.errors import describe
 
-        reason = e.message if isinstance(e, StudioError) else f"{type(e).__name__}: {e}"
+        reason = describe(e)
         return {"resolved": resolved, "available": False, "reason": reason}
     return {"resolved": resolved, "available": True, "total_bytes": int(result["total_bytes"]),
             "breakdown": result.get("breakdown", {}), "peak_phase": result.get("peak_phase"),
@@ -155,13 +155,6 @@ def generate(targets: list[list[str]], prompt: str, max_new_tokens: int = 64, te
         text = generate_text(_loaded(ref, progress), prompt, int(max_new_tokens), float(temperature))
         out.append({"label": label, "ref": ref, "output": text, "seconds": time.perf_counter() - started})
     return out
-
-
-def free_models() -> None:
-    """Drop every loaded model and tokenizer (the engine calls this when idle)."""
-    _models.clear()
-    _tokenizers.clear()
-    gc.collect()
 
 
 # -- export --------------------------------------------------------------------------------

@@ -14,8 +14,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from adapters.core import compat
 from adapters.core.errors import StudioError
@@ -381,7 +379,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
                  fixed_checkpointed_per_block=fixed_checkpointed)
 
 
-class _Made(TorchDispatchMode):
+class _Made(compat.dispatch_mode()):
     """Notes every tensor an operation returns (a weak reference, its storage and bytes) with the
     place (block index or "outside") the forward is in."""
 
@@ -391,14 +389,14 @@ class _Made(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
+        for t in compat.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 self.made.append((weakref.ref(t), self.where[0], storage.data_ptr(), storage.nbytes()))
         return out
 
 
-class _Shapes(TorchDispatchMode):
+class _Shapes(compat.dispatch_mode()):
     """Notes the shape of every new two-dimensional floating-point tensor an operation returns
     (not views of its inputs, such as a weight's transpose)."""
 
@@ -408,8 +406,9 @@ class _Shapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
+        inputs = {t.untyped_storage().data_ptr() for t in compat.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in compat.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2 \
                     and t.untyped_storage().data_ptr() not in inputs:
                 self.shapes.add(tuple(t.shape))

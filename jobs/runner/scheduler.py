@@ -30,7 +30,7 @@ import psutil
 
 from jobs.confine import Policy, check_devices
 from adapters.core.errors import StudioError
-from jobs.home import ENV_VAR, lock_path, studio_home
+from jobs.home import home_env, lock_path, studio_home
 from jobs.runner.store import Job, JobStore, Status
 from jobs.runner.worker import execute, heartbeat_age, spawn
 
@@ -237,7 +237,7 @@ class Scheduler:
         since_start = time.time() - (job.started_at or time.time())
         silent = since_start if age is None else min(age, since_start)
         if silent > self.heartbeat_timeout:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             self._settle(job, f"no heartbeat for {silent:.0f} s (hung or frozen); the process was killed")
 
     def _stop_gracefully(self, job: Job) -> None:
@@ -247,7 +247,7 @@ class Scheduler:
                 _signal(job.pid, signal.SIGTERM)
             self.term_sent[job.id] = time.monotonic()
         elif time.monotonic() - sent > self.cancel_timeout:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             self.children.pop(job.id, None)
             self.term_sent.pop(job.id, None)
             self.store.finish(job.id, Status.CANCELLED, f"did not stop within {self.cancel_timeout:.0f} s of the "
@@ -290,15 +290,8 @@ def run_inline(home: str | Path | None, job_id: int | str) -> Job:
     if not store.claim(job.id, "inline"):
         raise StudioError(f"job {job.id} is {job.status}, not queued.", f"job {job.id}",
                           "resume or retry it first.")
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = str(home)  # the model cache follows the job's home
-    try:
+    with home_env(home):  # the model cache follows the job's home
         execute(home, job.id, install_signals=False)
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
     return store.get(job.id)
 
 
@@ -337,7 +330,7 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _kill_tree(pid: int | None) -> None:
+def kill_tree(pid: int | None) -> None:
     """SIGKILL the job process and everything it started (torchrun ranks live in
     sessions of their own, so a process-group kill would miss them)."""
     if pid is None:

@@ -12,21 +12,12 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from adapters.core.errors import StudioError
 from jobs.home import runs_dir, store_path, studio_home
-
-
-class Status(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    INTERRUPTED = "interrupted"
+from jobs.runfolder import Status  # the run folder's words, shared; imported from here by the runner and UI
 
 
 FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.INTERRUPTED)

@@ -27,9 +27,9 @@ import traceback
 from pathlib import Path
 
 from jobs.training.allocator import preload_env, running_on
-from adapters.core.errors import StudioError
+from adapters.core.errors import StudioError, describe
+from adapters.core.spawn import spawn_module
 from jobs.home import AUTH_ENV, ENV_VAR
-from jobs import runfolder
 from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
 from jobs.runner.store import Job, JobStore, Status
 
@@ -114,15 +114,11 @@ def spawn(home: Path, job: Job, env: dict[str, str]) -> subprocess.Popen:
     with open(run_dir / LOG_FILE, "ab") as log:
         log.write(f"--- job {job.id} attempt {job.attempt} started {time.ctime()} ---\n".encode())
         log.flush()
-        # The job's process imports this same source tree, whatever folder it runs in.
-        code_root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
-        return subprocess.Popen([sys.executable, "-m", "jobs.runner.worker", str(home), str(job.id)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                # Unbuffered, so `studio jobs logs --follow` shows lines as they happen.
-                                env={**job_environment(), **preload, **env, ENV_VAR: str(home),
-                                     "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"},
-                                start_new_session=True, cwd=run_dir)
+        # Unbuffered (spawn_module), so `studio jobs logs --follow` shows lines as they happen.
+        return spawn_module("jobs.runner.worker", home, job.id,
+                            env={**job_environment(), **preload, **env, ENV_VAR: str(home)},
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=run_dir)
 
 
 def job_environment() -> dict[str, str]:
@@ -157,7 +153,7 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
         status, error = Status.INTERRUPTED, "interrupted from the keyboard; resume to continue"
     except BaseException as e:  # the job's own failure, never the scheduler's
         traceback.print_exc()
-        status, error = Status.FAILED, f"{type(e).__name__}: {e}"
+        status, error = Status.FAILED, describe(e)
     finally:
         beat.done.set()
         beat.join()
@@ -204,14 +200,14 @@ def outcome(job: Job, store: JobStore, stop: StopRequest) -> tuple[Status, str |
     """The job's final status, from the training loop's own record in run.json."""
     run = read_run(job.run_dir) or {}
     state = run.get("status")
-    if state == runfolder.COMPLETED:
+    if state == Status.COMPLETED:
         return Status.COMPLETED, None
-    if state == runfolder.CANCELLED or (stop() and state in (None, runfolder.RUNNING)):
+    if state == Status.CANCELLED or (stop() and state in (None, Status.RUNNING)):
         if store.get(job.id).cancel_requested:
             return Status.CANCELLED, f"cancelled at step {run.get('step', 0)}; resume to continue"
         return Status.INTERRUPTED, f"stopped by {stop.reason or 'a signal'} at step {run.get('step', 0)}; resume to continue"
-    if state in (runfolder.FAILED, runfolder.INTERRUPTED):
-        return Status(state), run.get("error") or f"training {state}"  # the same words in both
+    if state in (Status.FAILED, Status.INTERRUPTED):
+        return Status(state), run.get("error") or f"training {state}"
     return Status.FAILED, "training ended without recording a final status in run.json"
 
 

@@ -153,7 +153,7 @@ class SavedOutputs:
                 if table.get(ptr, (None,))[0] is _ref:
                     del table[ptr]
 
-            table[ptr] = (weakref.ref(out, forget), out._version, _Rebuilt(fn, args))
+            table[ptr] = (weakref.ref(out, forget), compat.tensor_version(out), _Rebuilt(fn, args))
         return out
 
     def pack(self, t: torch.Tensor):
@@ -161,7 +161,7 @@ class SavedOutputs:
         if entry is not None:
             ref, version, rebuilt = entry
             out = ref()
-            if out is not None and out._version == version and t.untyped_storage().data_ptr() == out.data_ptr() \
+            if out is not None and compat.tensor_version(out) == version and t.untyped_storage().data_ptr() == out.data_ptr() \
                     and t.dtype == out.dtype and t.untyped_storage().nbytes() == out.untyped_storage().nbytes():
                 return _View(rebuilt, t)
         if self.observer is not None:
@@ -222,8 +222,7 @@ class _ShortAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, keep, scale):
         bias = None if keep is None else torch.zeros(keep.shape, dtype=q.dtype, device=q.device) \
             .masked_fill_(~keep, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, keep is None, attn_mask=bias, scale=scale)
+        out, lse = compat.cpu_flash_attention(q, k, v, keep is None, bias, scale)
         ctx.save_for_backward(q, k, v, keep, lse)
         ctx.scale = scale
         return out

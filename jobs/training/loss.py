@@ -284,7 +284,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int,
     head = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
     use_ckpt = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
-    plain = type(head) is torch.nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    plain = type(head) is torch.nn.Linear and not compat.has_forward_hooks(head)
     for i in range(0, h.shape[0], chunk):
         hc, yc = h[i:i + chunk], y[i:i + chunk]
         if use_ckpt and plain:
