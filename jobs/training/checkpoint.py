@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,3 +101,16 @@ def prune(run_dir: Path, keep: int) -> None:
     root = RunFolder(run_dir).checkpoints_dir
     for stale in root.glob(".step-*"):  # temporary folders left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    """The Python and torch generators' state, for a resumed run to draw what an unbroken one would."""
+    return {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state().tolist()}
+
+
+def restore_rng(state: dict | None) -> None:
+    if not state:
+        return
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

@@ -51,6 +51,33 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         offset += n
 
 
+def sum_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the parameters' gradients over workers in place (a no-op alone)."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:  # a rank with no rows this step still joins the collective
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum([p.grad for p in params])
+
+
+def sum_scalar(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    all_reduce_sum([tensor])
+    return float(tensor)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so every rank stops at the same step)."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    all_reduce_sum([tensor])
+    return float(tensor) > 0
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return value
