@@ -11,7 +11,8 @@
 
 Under torchrun each process takes every world-size-th row of each global micro-batch; the
 loss is normalised by the trained-token count of the whole global step and gradients are
-summed, so N processes compute the same update as one process with the same global batch.
+summed by the engine (jobs/training/engines.py: DDP, or FSDP2 for ``sharding: fsdp``), so N
+processes compute the same update as one process with the same global batch.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from adapters.core.errors import StudioError
 from jobs.data.examples import collate, prepare
@@ -35,7 +35,8 @@ from jobs.training.memory import peak_memory
 from jobs.training.precision import pick_device, pick_precision
 from jobs.training.schedule import StepPlan, lr_at, now
 from jobs.training.trackers import NO_TRACKERS, Trackers
-from jobs.training.trainee import Trainee, build_trainee  # noqa: F401  (build_trainee: the benchmarks' entry)
+from jobs.training.engines import make_engine
+from jobs.training.trainee import FILLER, Trainee, build_trainee, whole_model
 
 StopFn = Callable[[], bool]
 ProgressFn = Callable[[dict], None]
@@ -70,6 +71,7 @@ class Recipe:
         check_combination(spec)
         self.device = pick_device(self.world)
         self.dtype = pick_precision(self.t.precision, self.device)
+        self.engine = make_engine(self.t.sharding, self.world, self.device, self.dtype)
         self.trackers = NO_TRACKERS
         self.started = False  # run.json says running: a failure from here on is recorded there
         self.step = self.tokens_seen = self.trained_seen = 0
@@ -84,6 +86,7 @@ class Recipe:
         self.tokenizer = models.load_tokenizer(self.src, spec.trust_remote_code)
         self.data = prepare(spec.dataset, self.tokenizer, self.t.max_seq_len, self.t.seed)
         continuing = check_run_folder(self.run_dir, spec, resume)
+        distributed.barrier()  # every rank has looked at the folder before rank 0 writes into it
         if world.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             src, data = self.src, self.data
@@ -96,7 +99,7 @@ class Recipe:
         if world.main:  # a tracker that cannot start fails the job here, before the model loads
             self.trackers = Trackers.start(spec, self.run_dir)
         self.trainee = build_trainee(spec, self.method, self.mcfg, self.rule, self.rcfg, self.device, self.dtype,
-                                     self.src, self.tokenizer)
+                                     self.src, self.tokenizer, self.engine)
         self.model, self.stepper = self.trainee.model, self.trainee.stepper
         self.plan = StepPlan(self.data.train, self.t, world.size)
         if continuing:
@@ -117,17 +120,7 @@ class Recipe:
         ckpt = checkpoint.latest_valid(self.run_dir)
         if ckpt is None:
             return
-        saved, opt_state, state = checkpoint.load(ckpt)
-        params = dict(self.trainee.trainable)
-        missing = set(params) - set(saved)
-        if missing:
-            raise StudioError(f"checkpoint {ckpt.name} lacks trained tensors ({sorted(missing)[:3]}...).", str(ckpt),
-                              "retry the job from scratch.")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name].to(p.dtype))
-        self.stepper.load_state_dict(opt_state)
-        self.restore_counters(state)
+        self.restore_counters(self.engine.load_checkpoint(ckpt, self.trainee.trainable, self.stepper))
         if self.world.main:
             truncate_metrics(self.run_dir, self.step)
             append_metrics(self.run_dir, {"event": "resumed", "step": self.step, "checkpoint": ckpt.name,
@@ -162,8 +155,10 @@ class Recipe:
         global_rows = plan.step_rows(self.step)
         step_trained = plan.trained(global_rows)
         step_tokens = plan.tokens(global_rows)
-        local = [rows[world.rank::world.size] for rows in global_rows]
-        micro = [self.to_batch(rows) for rows in local if rows]
+        # Every process runs as many micro-batches as the others (the engines' collectives pair
+        # up): one whose share of a micro-batch is empty runs a row of it with zero weight.
+        micro = [self.to_batch(rows[world.rank::world.size]) if rows[world.rank::world.size]
+                 else {**self.to_batch(rows[:1]), FILLER: True} for rows in global_rows]
         lr = lr_at(self.step, self.rcfg.lr, plan.max_steps, self.t.warmup_steps, self.t.lr_schedule)
         local_loss = self.stepper.step(micro, self.trainee.loss_fn(step_trained), lr)
         loss = float(distributed.sum_scalar(local_loss))
@@ -197,20 +192,20 @@ class Recipe:
 
     def evaluate(self) -> dict:
         metrics = {}
-        if self.world.main:
+        if self.world.main or self.engine.evaluates_everywhere:  # a sharded model computes on every rank
+            self.engine.before_forward()
             metrics = evaluate(self.model, self.tokenizer, self.data.eval,
                                lambda ex: collate(ex, self.tokenizer.pad_token_id), self.spec, self.device,
                                self.trainee.autocast)
+        if self.world.main:
             append_metrics(self.run_dir, {"step": self.step, **metrics, "time": now()})
             self.trackers.log({"step": self.step, **metrics})
         distributed.barrier()
         return metrics
 
     def save_checkpoint(self) -> None:
-        if self.world.main:
-            checkpoint.save(self.run_dir, self.step, dict(self.trainee.trainable), self.stepper.state_dict(),
-                            self.counters(), keep=self.t.keep_checkpoints)
-        distributed.barrier()
+        self.engine.save_checkpoint(self.run_dir, self.step, self.trainee.trainable, self.stepper, self.counters(),
+                                    self.t.keep_checkpoints)
 
     # 3. Results ----------------------------------------------------------------------------
     def finish(self, stopped: bool) -> dict:
@@ -221,14 +216,18 @@ class Recipe:
             self.trackers.close("cancelled")
             return read_run(self.run_dir) or {}
         final = self.evaluate()
+        peak = peak_memory(self.device)  # training's peak: the fingerprint below upcasts the frozen base
+        gathered = self.engine.gathered_state()
         if not self.world.main:
             return {}
-        peak = peak_memory(self.device)  # training's peak: the fingerprint below upcasts the frozen base
+        model = self.model
+        if gathered is not None:  # sharded: the whole trained model, on rank 0's CPU
+            model = whole_model(self.spec, self.method, self.mcfg, self.src, self.dtype, self.tokenizer, gathered)
         # The model as it stands in memory, before anything is saved and loaded back.
-        probe = fingerprint.record(self.model, self.data.eval or self.data.train, self.run_dir,
+        probe = fingerprint.record(model, self.data.eval or self.data.train, self.run_dir,
                                    {"method": self.method.name,
                                     "trained_dtype": str(self.dtype).removeprefix("torch.")})
-        _save_adapter(self.method, self.model, self.tokenizer, self.run_dir)
+        _save_adapter(self.method, model, self.tokenizer, self.run_dir)
         metrics = {"train_loss": self.last_loss, "steps": self.step, "train_seconds": self.train_seconds,
                    "tokens_seen": self.tokens_seen, "trained_tokens": self.trained_seen,
                    "tokens_per_second": self.tokens_seen / max(self.train_seconds, 1e-9),
