@@ -52,28 +52,6 @@ def scheduler(tmp_path):
         yield sched
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scheduler, tiny_model, toy_dataset):
-    home = scheduler.home
-    # 2 processes x 4 rows = 1 process x 8 rows per step; accumulation covers the split too.
-    common = dict(max_steps=6, grad_accum=2, seed=3)
-    two = submit_job(home, job_spec(tiny_model, toy_dataset, batch_size=4, **common), devices=2, name="two").id
-    one = submit_job(home, job_spec(tiny_model, toy_dataset, batch_size=8, **common), name="one").id
-    store = JobStore(home)
-    wait_until(lambda: all(store.get(i).finished for i in (one, two)), timeout=150)
-    a, b = store.get(one), store.get(two)
-    assert a.status == b.status == Status.COMPLETED, (a.error, b.error)
-    assert read_run(b.run_dir)["world_size"] == 2
-
-    losses_a = [r["loss"] for r in read_metrics(a.run_dir) if "loss" in r]
-    losses_b = [r["loss"] for r in read_metrics(b.run_dir) if "loss" in r]
-    assert losses_a == pytest.approx(losses_b, rel=1e-4)
-    wa, wb = adapter(a.run_dir), adapter(b.run_dir)
-    assert wa.keys() == wb.keys() and wa
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert "torch.distributed.run" in (Path(b.run_dir) / "log.txt").read_text()
-
-
 def test_cancel_stops_every_rank_and_a_killed_job_leaves_no_rank_behind(scheduler, tiny_model, toy_dataset):
     home = scheduler.home
     store = JobStore(home)
@@ -201,7 +179,7 @@ def test_a_two_rank_fsdp_run_exports_a_merged_model_that_matches_its_fingerprint
 
 @pytest.mark.parametrize("part, name", [("method", "qlora"), ("method", "loftq"), ("method", "qalora"),
                                         ("method", "peqa"), ("optimizer", "lomo"), ("optimizer", "adalomo"),
-                                        ("optimizer", "mezo"), ("optimizer", "adamw_8bit"),
+                                        ("optimizer", "mezo"), ("optimizer", "adamw_8bit"), ("method", "prefix"), ("method", "prompt"),
                                         ("optimizer", "paged_adamw_8bit")])
 def test_fsdp_refuses_what_it_cannot_train_exactly_before_launch(part, name):
     base = {"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "training": {"sharding": "fsdp", "devices": 2}}
@@ -212,8 +190,44 @@ def test_fsdp_refuses_what_it_cannot_train_exactly_before_launch(part, name):
     check_combination(parse_spec({**base, "training": {"sharding": "none", "devices": 1}, part: name}))
 
 
-@pytest.mark.parametrize("method", ["full", "selective", "lora", "dora", "ia3", "prefix", "prompt",
+@pytest.mark.parametrize("method", ["full", "selective", "lora", "dora", "ia3",
                                     "series_adapter", "parallel_adapter"])
 def test_fsdp_accepts_the_methods_it_trains(method):
     check_combination(parse_spec({"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "method": method,
                                   "training": {"sharding": "fsdp", "devices": 2}}))
+
+
+def rank_number(proc: psutil.Process) -> int | None:
+    try:
+        return int(proc.environ().get("RANK", "-1"))
+    except (psutil.Error, ValueError):
+        return None
+
+
+def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_does(scheduler, tiny_model,
+                                                                                     toy_dataset):
+    home = scheduler.home
+    store = JobStore(home)
+    settings = dict(batch_size=2, max_steps=16, save_every=2, keep_checkpoints=2, sharding="fsdp",
+                    exact_match_rows=0, eval_samples=0)
+    broken = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="broken").id
+    run_dir = store.get(broken).run_dir
+    wait_until(lambda: any("loss" in r and r["step"] >= 3 for r in read_metrics(run_dir)), timeout=120)
+    victim = next(p for p in ranks_of(store.get(broken).pid) if rank_number(p) == 1)
+    victim.kill()  # SIGKILL, mid-run
+    lost = wait_until(lambda: store.get(broken).finished and store.get(broken), timeout=60)
+    assert lost.status == Status.INTERRUPTED, lost.error
+    assert "rank 1" in lost.error and "SIGKILL" in lost.error
+    assert read_run(run_dir)["status"] == "interrupted"
+    sealed = [c for c in (Path(run_dir) / "checkpoints").iterdir() if c.name.startswith("step-")]
+    assert sealed and all((c / "MANIFEST.json").is_file() for c in sealed)
+
+    store.resume(broken)
+    whole = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="whole").id
+    wait_until(lambda: all(store.get(i).finished for i in (broken, whole)), timeout=240)
+    a, b = store.get(broken), store.get(whole)
+    assert a.status == b.status == Status.COMPLETED, (a.error, b.error)
+    assert any(r.get("event") == "resumed" for r in read_metrics(a.run_dir))
+    wa, wb = adapter(a.run_dir), adapter(b.run_dir)
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
