@@ -208,9 +208,10 @@ def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_
                                                                                      toy_dataset):
     home = scheduler.home
     store = JobStore(home)
-    settings = dict(batch_size=2, max_steps=16, save_every=2, keep_checkpoints=2, sharding="fsdp",
+    settings = dict(batch_size=2, max_steps=10, save_every=2, keep_checkpoints=2, sharding="fsdp",
                     exact_match_rows=0, eval_samples=0)
     broken = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="broken").id
+    whole = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="whole").id
     run_dir = store.get(broken).run_dir
     wait_until(lambda: any("loss" in r and r["step"] >= 3 for r in read_metrics(run_dir)), timeout=120)
     victim = next(p for p in ranks_of(store.get(broken).pid) if rank_number(p) == 1)
@@ -223,7 +224,6 @@ def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_
     assert sealed and all((c / "MANIFEST.json").is_file() for c in sealed)
 
     store.resume(broken)
-    whole = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="whole").id
     wait_until(lambda: all(store.get(i).finished for i in (broken, whole)), timeout=240)
     a, b = store.get(broken), store.get(whole)
     assert a.status == b.status == Status.COMPLETED, (a.error, b.error)
