@@ -12,8 +12,16 @@ from typing import Any, Callable
 import torch
 
 from adapters.core import compat
-from adapters.base import Context, Method, Params
+from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.core.errors import CannotMerge, StudioError
+
+
+# peft's prompt-learning models (prefix, prompt tuning) keep the input embedding a second time,
+# as their ``word_embeddings``, outside the decoder: FSDP2 shards one reference and not the other,
+# and loading the sharded model fails (tried on 2 gloo processes with torch 2.13 and peft).
+PROMPT_LEARNING_UNDER_FSDP = ShardingBlocker(
+    "peft's prompt-learning model holds the input embedding a second time (its word_embeddings), which FSDP2 "
+    "shards in one place and not the other", "use lora with sharding: fsdp, or this method with sharding: none")
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class PeftMethod(Method):
     merged_away: tuple[str, ...] = ()
     # Initialisation peft cannot do on its own (e.g. from our tokenizer), run after wrapping.
     after_apply: Callable[[torch.nn.Module, Params, Context], None] | None = None
+    fsdp_blocker: ShardingBlocker | None = None
 
     def check(self, cfg: Params, spec: Any) -> None:
         for c in self.checks:

@@ -5,11 +5,18 @@ import os
 import signal
 from pathlib import Path
 
+import json
+import subprocess
+import sys
+
 import psutil
 import pytest
 import torch
-from helpers import make_spec, serving_scheduler, wait_until
+from helpers import ROOT, make_spec, serving_scheduler, toy_rows, wait_until, write_jsonl
 from safetensors.torch import load_file
+
+from adapters.core.errors import StudioError
+from jobs.spec import check_combination, parse_spec
 
 from jobs.runfolder import read_metrics, read_run
 from jobs.runner.scheduler import run_inline, submit_job
@@ -45,28 +52,6 @@ def scheduler(tmp_path):
         yield sched
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(scheduler, tiny_model, toy_dataset):
-    home = scheduler.home
-    # 2 processes x 4 rows = 1 process x 8 rows per step; accumulation covers the split too.
-    common = dict(max_steps=6, grad_accum=2, seed=3)
-    two = submit_job(home, job_spec(tiny_model, toy_dataset, batch_size=4, **common), devices=2, name="two").id
-    one = submit_job(home, job_spec(tiny_model, toy_dataset, batch_size=8, **common), name="one").id
-    store = JobStore(home)
-    wait_until(lambda: all(store.get(i).finished for i in (one, two)), timeout=150)
-    a, b = store.get(one), store.get(two)
-    assert a.status == b.status == Status.COMPLETED, (a.error, b.error)
-    assert read_run(b.run_dir)["world_size"] == 2
-
-    losses_a = [r["loss"] for r in read_metrics(a.run_dir) if "loss" in r]
-    losses_b = [r["loss"] for r in read_metrics(b.run_dir) if "loss" in r]
-    assert losses_a == pytest.approx(losses_b, rel=1e-4)
-    wa, wb = adapter(a.run_dir), adapter(b.run_dir)
-    assert wa.keys() == wb.keys() and wa
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert "torch.distributed.run" in (Path(b.run_dir) / "log.txt").read_text()
-
-
 def test_cancel_stops_every_rank_and_a_killed_job_leaves_no_rank_behind(scheduler, tiny_model, toy_dataset):
     home = scheduler.home
     store = JobStore(home)
@@ -100,3 +85,149 @@ def test_a_distributed_job_runs_inline_too(tmp_path, tiny_model, toy_dataset, mo
     done = run_inline(home, jid)
     assert done.status == Status.COMPLETED, done.error
     assert read_run(done.run_dir)["world_size"] == 2
+
+
+# Several specs trained one after another by the same two processes (one launch: each costs the
+# imports of torch and transformers twice over). gloo on the CPU; nccl where two GPUs exist.
+TWO_RANKS = """
+import json, sys
+import torch, torch.distributed as dist
+from jobs.spec import parse_spec
+from jobs.training.recipe import train
+dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+for spec in json.load(open(sys.argv[1])):
+    train(parse_spec(spec))
+dist.destroy_process_group()
+"""
+ENGINES = ("none", "fsdp")
+METHODS = ("lora", "full")
+
+
+def step_spec(model: Path, data: Path, out: Path, method: str, **training) -> dict:
+    # SGD, not AdamW: its first update is lr x gradient, so a gradient off by any factor shows
+    # (AdamW's first step is about lr x sign(gradient) whatever the scale).
+    return make_spec(model, data, out, method={"name": method}, optimizer={"name": "sgd", "lr": 0.5},
+                     max_steps=1, grad_accum=2, exact_match_rows=2, eval_samples=0, **training)
+
+
+def run_two_ranks(root: Path, specs: list[dict]) -> None:
+    (root / "specs.json").write_text(json.dumps(specs))
+    (root / "two_ranks.py").write_text(TWO_RANKS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDIO_HOME": str(root / "home")}
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # two processes on the CPU
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(root / "two_ranks.py"), str(root / "specs.json")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory, tiny_model) -> Path:
+    """One step of each engine x method on 2 ranks x 2 rows x 2 micro-batches, and one process
+    with 4 rows x 2 micro-batches: the same global batch."""
+    root = tmp_path_factory.mktemp("engines")
+    data = write_jsonl(root / "toy.jsonl", toy_rows())
+    run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, batch_size=2, sharding=e, devices=2)
+                         for e in ENGINES for m in METHODS])
+    from jobs.training.recipe import train
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STUDIO_HOME", str(root / "home"))
+    try:
+        for m in METHODS:
+            train(parse_spec(step_spec(tiny_model, data, root / f"one-{m}", m, batch_size=4)))
+    finally:
+        mp.undo()
+    return root
+
+
+def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run_dir / "adapter").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(engine_runs, engine, method):
+    one, two = engine_runs / f"one-{method}", engine_runs / f"{engine}-{method}"
+    assert read_run(two)["world_size"] == 2 and read_run(two)["status"] == "completed"
+    assert read_run(two)["spec"]["training"]["sharding"] == engine
+    a, b = trained_tensors(one), trained_tensors(two)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_two_rank_fsdp_run_exports_a_merged_model_that_matches_its_fingerprint(engine_runs, tmp_path):
+    from jobs.results.export import export_merged
+
+    run = engine_runs / "fsdp-lora"
+    assert read_run(run)["fingerprint"]["rows"] > 0
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STUDIO_HOME", str(engine_runs / "home"))
+    try:
+        report = export_merged(run, tmp_path / "merged")  # refuses a model that is not the trained one
+    finally:
+        mp.undo()
+    assert (tmp_path / "merged" / "config.json").is_file() and report
+
+
+@pytest.mark.parametrize("part, name", [("method", "qlora"), ("method", "loftq"), ("method", "qalora"),
+                                        ("method", "peqa"), ("optimizer", "lomo"), ("optimizer", "adalomo"),
+                                        ("optimizer", "mezo"), ("optimizer", "adamw_8bit"), ("method", "prefix"), ("method", "prompt"),
+                                        ("optimizer", "paged_adamw_8bit")])
+def test_fsdp_refuses_what_it_cannot_train_exactly_before_launch(part, name):
+    base = {"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "training": {"sharding": "fsdp", "devices": 2}}
+    spec = parse_spec({**base, part: name})
+    with pytest.raises(StudioError, match=f"'{name}' cannot train with training.sharding: fsdp") as refused:
+        check_combination(spec)
+    assert "sharding" in refused.value.where and "use " in refused.value.fix
+    check_combination(parse_spec({**base, "training": {"sharding": "none", "devices": 1}, part: name}))
+
+
+@pytest.mark.parametrize("method", ["full", "selective", "lora", "dora", "ia3",
+                                    "series_adapter", "parallel_adapter"])
+def test_fsdp_accepts_the_methods_it_trains(method):
+    check_combination(parse_spec({"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "method": method,
+                                  "training": {"sharding": "fsdp", "devices": 2}}))
+
+
+def rank_number(proc: psutil.Process) -> int | None:
+    try:
+        return int(proc.environ().get("RANK", "-1"))
+    except (psutil.Error, ValueError):
+        return None
+
+
+def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_does(scheduler, tiny_model,
+                                                                                     toy_dataset):
+    home = scheduler.home
+    store = JobStore(home)
+    settings = dict(batch_size=2, max_steps=10, save_every=2, keep_checkpoints=2, sharding="fsdp",
+                    exact_match_rows=0, eval_samples=0)
+    broken = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="broken").id
+    whole = submit_job(home, job_spec(tiny_model, toy_dataset, **settings), devices=2, name="whole").id
+    run_dir = store.get(broken).run_dir
+    wait_until(lambda: any("loss" in r and r["step"] >= 3 for r in read_metrics(run_dir)), timeout=120)
+    victim = next(p for p in ranks_of(store.get(broken).pid) if rank_number(p) == 1)
+    victim.kill()  # SIGKILL, mid-run
+    lost = wait_until(lambda: store.get(broken).finished and store.get(broken), timeout=60)
+    assert lost.status == Status.INTERRUPTED, lost.error
+    assert "rank 1" in lost.error and "SIGKILL" in lost.error
+    assert read_run(run_dir)["status"] == "interrupted"
+    sealed = [c for c in (Path(run_dir) / "checkpoints").iterdir() if c.name.startswith("step-")]
+    assert sealed and all((c / "MANIFEST.json").is_file() for c in sealed)
+
+    store.resume(broken)
+    wait_until(lambda: all(store.get(i).finished for i in (broken, whole)), timeout=240)
+    a, b = store.get(broken), store.get(whole)
+    assert a.status == b.status == Status.COMPLETED, (a.error, b.error)
+    assert any(r.get("event") == "resumed" for r in read_metrics(a.run_dir))
+    wa, wb = adapter(a.run_dir), adapter(b.run_dir)
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)

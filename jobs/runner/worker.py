@@ -149,6 +149,9 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
         status, error = outcome(job, store, stop)
     except StudioError as e:
         status, error = Status.FAILED, e.message
+    except RankLost as e:
+        status, error = Status.INTERRUPTED, str(e)
+        runfolder.update_run(job.run_dir, status=runfolder.INTERRUPTED, error=error)
     except KeyboardInterrupt:
         status, error = Status.INTERRUPTED, "interrupted from the keyboard; resume to continue"
     except BaseException as e:  # the job's own failure, never the scheduler's
@@ -171,16 +174,44 @@ def _run_here(job: Job, stop: StopRequest) -> None:
     train(parse_spec(job.spec, where=f"job {job.id}"), resume=True, stop=stop)
 
 
+class RankLost(Exception):
+    """A rank of a distributed job was killed by a signal (out of memory, a lost machine, kill -9):
+    the job is interrupted, not failed, and resumes from its last sealed checkpoint."""
+
+
 def _run_distributed(home: Path, job: Job, stop: StopRequest) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={job.nprocs}",
            *node_args(job.spec, job.id), "-m", "jobs.runner.worker", "--rank", str(home), str(job.id)]
     print("launching:", " ".join(cmd), flush=True)
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    # torchrun's stderr (and the ranks') passes through here to the log, so that its closing
+    # report of which rank failed first, and how, can be read back.
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     stop.children.append(child)
     stop.forward()  # a stop that arrived while launching
+    tail: list[str] = []
+    for raw in child.stderr:
+        line = raw.decode(errors="replace")
+        sys.stderr.write(line)
+        tail = (tail + [line])[-400:]
+    sys.stderr.flush()
     code = child.wait()
     if code != 0 and not stop():
+        lost = lost_rank("".join(tail))
+        if lost:
+            raise RankLost(f"rank {lost[0]} was killed by {lost[1]}; resume to continue from the last checkpoint")
         raise RuntimeError(f"torchrun exited with code {code}; the ranks' errors are above in this log")
+
+
+def lost_rank(report: str) -> tuple[int, str] | None:
+    """(rank, signal name) of the first failure torchrun reports, when a signal killed it."""
+    import re
+
+    cause = report.rpartition("Root Cause")[2]
+    rank = re.search(r"rank\s*:\s*(\d+)", cause)
+    signal_name = re.search(r"exitcode\s*:\s*-\d+.*?\((SIG[A-Z]+)\)", cause)
+    if not (rank and signal_name):
+        return None
+    return int(rank.group(1)), signal_name.group(1)
 
 
 def node_args(spec: dict, job_id: int) -> list[str]:
