@@ -175,3 +175,19 @@ def hide_package(monkeypatch, package: str) -> None:
 
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: check(name) or real_import(name, *a, **k))
     monkeypatch.setattr(importlib, "import_module", lambda name, *a: check(name) or real_import_module(name, *a))
+
+
+# The `cuda` marker (tests/cuda_marks.py): skipped without a CUDA device, never skipped with one.
+@pytest.fixture(autouse=True)
+def _cuda_marker(request):
+    import cuda_marks
+
+    cuda_marks.skip_without_cuda(request.node)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    import cuda_marks
+
+    cuda_marks.forbid_skip(item, outcome.get_result())
