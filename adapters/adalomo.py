@@ -20,8 +20,9 @@ from typing import Any, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, DecayFn, Params, RuleMemory, UpdateRule, decays_by_default, numel
-from adapters.lomo import FusedStepper, decay, reject_accumulation_and_devices
+from adapters.base import (Context, DecayFn, Params, RuleMemory, ShardingBlocker, UpdateRule, decays_by_default,
+                           numel)
+from adapters.lomo import FUSED_UNDER_FSDP, FusedStepper, decay, reject_accumulation_and_devices
 from adapters.registry import UPDATE_RULES
 
 
@@ -128,6 +129,7 @@ class AdaLomoRule(UpdateRule):
     # One gradient at a time. It is squared too, then the update is built in the gradient's own
     # storage (the square is freed first): one temporary, as LOMO.
     memory: RuleMemory = RuleMemory("one", lambda shapes, cfg: _factored_bytes(shapes), lambda largest: largest)
+    fsdp_blocker: ShardingBlocker | None = FUSED_UNDER_FSDP
 
     def check(self, cfg: Params, spec: Any) -> None:
         reject_accumulation_and_devices(self.name, spec)

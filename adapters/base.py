@@ -8,10 +8,11 @@ update rule likewise subclasses ``UpdateRule`` (its memory traits). The contract
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +38,13 @@ def decay_rule(method: Any) -> DecayFn:
     return method.decays
 
 
+@dataclass(frozen=True)
+class ShardingBlocker:
+    """Why a method or update rule cannot train sharded (FSDP2), and what to use instead."""
+    why: str
+    instead: str
+
+
 @dataclass
 class Context:
     """What a method or update rule may need to know about the run."""
@@ -45,10 +53,12 @@ class Context:
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any = None
-    # Sums the .grad of the given parameters over data-parallel workers (a no-op alone).
-    all_reduce_grads: Callable[[list[torch.nn.Parameter]], None] = lambda params: None
-    # Averages a scalar over data-parallel workers (a no-op alone).
-    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # gradient_sync(last): the context one micro-batch's backward runs in. The engine
+    # (jobs/training/engines.py) reduces gradients over data-parallel processes in the backward
+    # of the last micro-batch of a step only; alone it does nothing.
+    gradient_sync: Callable[[bool], ContextManager] = lambda last: contextlib.nullcontext()
+    # Sums a tensor over data-parallel processes (a copy; the tensor itself alone).
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     # Which trained tensors weight decay may shrink: the method's declaration (decay_rule).
     decays: DecayFn = decays_by_default
     extras: dict = field(default_factory=dict)
@@ -86,6 +96,9 @@ class Method(Protocol):
     # ``to_quantized(model) -> model`` whose quantized layers are integer grids (adapters/quant),
     # exported by ``studio export --quantized``; None: the method has no quantized form.
     to_quantized: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    # Why this method cannot train with ``training.sharding: fsdp`` and what to use instead
+    # (``ShardingBlocker``), or None when FSDP2 trains it as one process would.
+    fsdp_blocker: "ShardingBlocker | None" = None
 
     def decays(self, name: str, param: torch.Tensor) -> bool:
         """Which trained tensors weight decay applies to: matrices only, never biases or norms. A
@@ -149,6 +162,8 @@ class UpdateRule(Protocol):
     # Gradients held, optimizer state and temporaries, for the estimator; None: counted like
     # AdamW, and the estimate says so.
     memory: RuleMemory | None = None
+    # Why this rule cannot train with ``training.sharding: fsdp``, or None when it can.
+    fsdp_blocker: "ShardingBlocker | None" = None
 
     def check(self, cfg: Params, spec: Any) -> None:
         """Raise StudioError for combinations that make no sense (e.g. MeZO + accumulation)."""

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from adapters.core import compat
-from adapters.base import Context, Method, Params
+from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.lora import lora_peft_config
 from adapters.peft_common import PeftMethod
 from adapters.qlora import Nf4Params, compute_dtype, merge_dequantized
@@ -97,6 +97,9 @@ def lora_scaling(cfg: LoftqParams) -> float:
 @dataclass(frozen=True)
 class LoftqMethod(Method):
     name: str = "loftq"
+    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
+        "its initialisation needs the real weights (an SVD of each quantization error), which the processes that build the model on the meta device do not have, and its base is quantized like QLoRA's",
+        "use lora with sharding: fsdp, or loftq with sharding: none")
     summary: str = "QLoRA with a base and adapter initialised together to match the full-precision weights."
     Config: type[Params] = LoftqParams
     merge_tolerance: float = 1e-4  # as QLoRA: the same dequantized weights on both sides

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import Context, DecayFn, LossFn, Params, RuleMemory, UpdateRule, decays_by_default
+from adapters.base import (Context, DecayFn, LossFn, Params, RuleMemory, ShardingBlocker, UpdateRule,
+                           decays_by_default)
 from adapters.registry import UPDATE_RULES
 from adapters.core.errors import StudioError
 from adapters.core.memory import HeapReturner
@@ -160,6 +161,15 @@ class FusedStepper:
         self.skipped = int(state.get("skipped", 0))
 
 
+# LOMO and AdaLomo under FSDP2: the post-accumulate-grad hook fires on the gathered copy of a
+# layer before FSDP2 reduce-scatters, so the update would see one process's gradient only, and
+# FSDP2 drops that copy at the reshard that follows.
+FUSED_UNDER_FSDP = ShardingBlocker(
+    "it updates each weight inside backward, on the layer's gathered copy, before FSDP2 sums the other "
+    "processes' gradients into the shards: the update would use one process's gradient and be lost with that copy",
+    "use adamw or sgd with sharding: fsdp, or this rule with sharding: none on one device")
+
+
 def reject_accumulation_and_devices(rule: str, spec: Any) -> None:
     """The two combinations a fused update cannot honour, shared by LOMO and AdaLomo."""
     t = spec.training
@@ -191,6 +201,7 @@ class LomoRule(UpdateRule):
     Config: type[Params] = LomoParams
     # One gradient at a time, no state; squaring it for the clipping norm makes one temporary.
     memory: RuleMemory = RuleMemory("one", lambda shapes, cfg: 0, lambda largest: largest)
+    fsdp_blocker: ShardingBlocker | None = FUSED_UNDER_FSDP
 
     def check(self, cfg: Params, spec: Any) -> None:
         reject_accumulation_and_devices(self.name, spec)

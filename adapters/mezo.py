@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params, RuleMemory, UpdateRule
+from adapters.base import Context, LossFn, Params, RuleMemory, ShardingBlocker, UpdateRule
 from adapters.lomo import RngReplay
 from adapters.registry import UPDATE_RULES
 from adapters.core.errors import StudioError
@@ -63,11 +63,6 @@ def seeded_noise(params: list[torch.nn.Parameter], seed: int,
             yield part, torch.randn(part.shape, generator=gen, device=part.device, dtype=part.dtype)
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class MezoStepper:
     def __init__(self, params: list[tuple[str, torch.nn.Parameter]], cfg: MezoParams, ctx: Context, seed: int):
         self.names = [n for n, _ in params]
@@ -101,10 +96,10 @@ class MezoStepper:
         minus = self._losses(micro_batches, loss_fn)
         self._perturb(seed, eps)
         # Each rank's losses are its share of the global per-token mean: the global loss
-        # difference is their sum, i.e. the mean times the number of ranks. Every rank joins
-        # the collective, also one that had no rows this step.
+        # difference is their sum (a scalar all-reduce; every rank joins, also one whose
+        # micro-batch this step was only a zero-weighted filler).
         local = ((plus - minus) / (2 * eps)).to(device=device, dtype=torch.float32).reshape(1)
-        g = float(self.ctx.all_reduce_mean(local)) * _world_size()
+        g = float(self.ctx.all_reduce_sum(local))
         if not math.isfinite(g):
             raise StudioError(f"MeZO's loss difference became {g} at step {self.steps + 1}.", "optimizer.eps",
                               "lower optimizer.lr, or raise optimizer.eps if the losses are in fp16/bf16.")
@@ -132,6 +127,12 @@ class MezoRule(UpdateRule):
     Config: type[Params] = MezoParams
     # No gradients and no state: only one slice of regenerated fp32 noise at a time.
     memory: RuleMemory = RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, 4 * NOISE_SLICE))
+    # Its noise is drawn per tensor as the process holds it: on a shard, every process would draw
+    # the same numbers for its own rows, a direction one process would never take.
+    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
+        "its noise is drawn per tensor as each process holds it, so sharded tensors would get the same noise "
+        "in every shard instead of one draw over the whole tensor",
+        "use mezo with sharding: none (it holds no gradients or state, so replicas cost only the weights)")
 
     def check(self, cfg: Params, spec: Any) -> None:
         t = spec.training

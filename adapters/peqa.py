@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Context, Method, Params
+from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
 from adapters.quant.targets import check_groups, find_linears, set_module
@@ -36,6 +36,9 @@ class PeqaParams(Params):
 @dataclass(frozen=True)
 class PeqaMethod(Method):
     name: str = "peqa"
+    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
+        "its trained tensors are the scales of integer grids, which FSDP2 is not verified to shard and gather exactly",
+        "use lora with sharding: fsdp, or peqa with sharding: none")
     summary: str = "Low-bit integer base whose per-channel scales alone train; the result stays quantized."
     Config: type[Params] = PeqaParams
     # Per unit of the largest logit: the merged model holds exactly the weights the grid dequantizes to.

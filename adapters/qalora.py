@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from adapters.base import Context, Method, Params
+from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.lora import LoraParams
 from adapters.quant.intgrid import GridBits, GridLinear, dequantize_grids
 from adapters.quant.saved import restore_grid_layers, save_grid_layers
@@ -79,6 +79,9 @@ def merge_into_grids(model: nn.Module) -> nn.Module:
 @dataclass(frozen=True)
 class QaloraMethod(Method):
     name: str = "qalora"
+    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
+        "its base is an integer grid with group scales, which FSDP2 is not verified to shard and gather exactly",
+        "use lora with sharding: fsdp, or qalora with sharding: none")
     summary: str = "LoRA on group-pooled inputs over an integer-grid base; merges into the quantized model."
     Config: type[Params] = QaloraParams
     # Per unit of the largest logit. Merging shifts float zero points, so merged and unmerged differ

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from adapters.base import Context, Method, Params
+from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.core import compat
 from adapters.lora import LoraParams, lora_peft_config
 from adapters.peft_common import PeftMethod
@@ -74,6 +74,9 @@ def merge_dequantized(model: torch.nn.Module) -> torch.nn.Module:
 @dataclass(frozen=True)
 class QloraMethod(Method):
     name: str = "qlora"
+    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
+        "its 4-bit base (bitsandbytes Params4bit) is not a tensor FSDP2 shards as it is, and the quant_storage route has silently trained wrong elsewhere (accelerate #3983, axolotl #2992); not verified exact here",
+        "use lora with sharding: fsdp (the frozen base is sharded in the compute dtype), or qlora with sharding: none")
     summary: str = "LoRA on a frozen 4-bit NF4 (or 8-bit) base; merges into the dequantized base."
     Config: type[Params] = QloraParams
     # Per unit of the largest logit. Merged and unmerged multiply by the same dequantized weights;

@@ -1,7 +1,7 @@
 """Gradient-based update rules: backward over the micro-batches, then one optimizer step.
 
 AdamW, SGD and bitsandbytes' 8-bit AdamW differ only in the optimizer they build; the
-step itself (accumulation, data-parallel gradient sum, clipping) is shared.
+step itself (accumulation, the gradient sync on the last micro-batch, clipping) is shared.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable
 import torch
 from pydantic import Field
 
-from adapters.base import (Context, DecayFn, LossFn, Params, RuleMemory, UpdateRule, decays_by_default,
-                           moments_bytes, numel)
+from adapters.base import (Context, DecayFn, LossFn, Params, RuleMemory, ShardingBlocker, UpdateRule,
+                           decays_by_default, moments_bytes, numel)
 from adapters.registry import UPDATE_RULES
 
 
@@ -51,11 +51,11 @@ class GradientStepper:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for mb in micro_batches:
-            loss = loss_fn(mb)
-            loss.backward()
+        for i, mb in enumerate(micro_batches):
+            with self.ctx.gradient_sync(i == len(micro_batches) - 1):
+                loss = loss_fn(mb)
+                loss.backward()
             total += float(loss.detach())
-        self.ctx.all_reduce_grads(self.params)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
@@ -76,6 +76,7 @@ class TorchOptimizerRule(UpdateRule):
     Config: type[Params]
     make: Callable[[list[dict], Any], torch.optim.Optimizer]
     memory: RuleMemory | None = None
+    fsdp_blocker: ShardingBlocker | None = None
 
     def check(self, cfg: Params, spec: Any) -> None:
         pass
@@ -116,13 +117,17 @@ _SGD_MEMORY = RuleMemory("all", lambda shapes, cfg: moments_bytes(4)(shapes, cfg
                          lambda largest: 0)
 _EIGHT_BIT_MEMORY = RuleMemory("all", _eight_bit, lambda largest: 2 * largest)
 
+# bitsandbytes' kernels take plain tensors; FSDP2's shards are DTensors.
+_BNB_UNDER_FSDP = ShardingBlocker("bitsandbytes' 8-bit kernels work on plain tensors, not on FSDP2's sharded "
+                                  "DTensors", "use adamw with sharding: fsdp (its state is sharded too)")
+
 UPDATE_RULES.register(TorchOptimizerRule(
     "adamw", "AdamW (torch): two fp32 moments per trained weight.", AdamWParams, _adamw, _ADAMW_MEMORY))
 UPDATE_RULES.register(TorchOptimizerRule(
     "sgd", "Plain SGD (with optional momentum): no state without momentum.", SgdParams, _sgd, _SGD_MEMORY))
 UPDATE_RULES.register(TorchOptimizerRule(
     "adamw_8bit", "AdamW with block-wise 8-bit moments (bitsandbytes): a quarter of AdamW's state.",
-    AdamWParams, _bnb("adamw_8bit"), _EIGHT_BIT_MEMORY))
+    AdamWParams, _bnb("adamw_8bit"), _EIGHT_BIT_MEMORY, _BNB_UNDER_FSDP))
 UPDATE_RULES.register(TorchOptimizerRule(
     "paged_adamw_8bit", "8-bit AdamW whose state pages out to CPU memory under GPU pressure (bitsandbytes).",
-    AdamWParams, _bnb("paged_adamw_8bit"), _EIGHT_BIT_MEMORY))
+    AdamWParams, _bnb("paged_adamw_8bit"), _EIGHT_BIT_MEMORY, _BNB_UNDER_FSDP))

@@ -84,6 +84,7 @@ def base_weight_bytes(model) -> int:
 def train_once(params: dict) -> dict:
     phases = Phases(params.get("phases", False))
     import jobs.training.recipe as train_mod
+    import jobs.training.trainee as trainee_mod
     from jobs.training import checkpoint, models
     from jobs.spec import parse_spec
 
@@ -91,7 +92,7 @@ def train_once(params: dict) -> dict:
     device, _ = compute_device()
     held = {}
     _around(models, "load_model", before=lambda a: phases.mark("setup"), after=lambda a: phases.mark("load"))
-    _around(train_mod, "token_loss_sum", once=True,
+    _around(trainee_mod, "token_loss_sum", once=True,
             before=lambda a: (phases.mark("apply"), held.setdefault("base", base_weight_bytes(a[0]))))
     _around(checkpoint, "save", after=lambda a: phases.mark("checkpoint"))
     _around(train_mod, "evaluate", after=lambda a: phases.mark("eval"))

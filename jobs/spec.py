@@ -297,10 +297,21 @@ def check_combination(spec: JobSpec, where: str = "spec") -> None:
     method, mcfg = spec.method_config()
     rule, rcfg = spec.optimizer_config()
     if spec.training.sharding == "fsdp":
-        raise StudioError("training.sharding: fsdp is not available in this build.", f"{where}: training.sharding",
-                          "use sharding: none.")
+        check_sharding(spec, where)
     for part in (method.check, rule.check):
         try:
             part(mcfg if part is method.check else rcfg, spec)
         except StudioError as e:
             raise StudioError(e.what, where if not e.where else f"{where}: {e.where}", e.fix) from None
+
+
+def check_sharding(spec: JobSpec, where: str = "spec") -> None:
+    """``sharding: fsdp`` only with the methods and update rules that declare no ``fsdp_blocker``
+    (adapters/base.py): each says why it cannot train sharded and what to use instead."""
+    method, _ = spec.method_config()
+    rule, _ = spec.optimizer_config()
+    for kind, part in (("method", method), ("update rule", rule)):
+        blocker = part.fsdp_blocker
+        if blocker is not None:
+            raise StudioError(f"the {kind} {part.name!r} cannot train with training.sharding: fsdp: {blocker.why}.",
+                              f"{where}: training.sharding", f"{blocker.instead}.")

@@ -1,7 +1,9 @@
-"""Data parallelism as torchrun sets it up: one process per device, gradients summed.
+"""The processes of a run as torchrun sets them up: one per device, and the few collectives the
+recipe itself needs (a loss to report, a stop flag). Gradients are not summed here: the engines
+(jobs/training/engines.py) hand them to torch's DistributedDataParallel or FSDP2.
 
-The training loop calls ``setup()`` once; when torchrun's variables are absent it is a
-single process and every collective below is a no-op.
+The recipe calls ``setup()`` once; when torchrun's variables are absent it is a single process
+and every collective below is a no-op.
 """
 from __future__ import annotations
 
@@ -30,43 +32,44 @@ def setup() -> World:
     if not dist.is_initialized():
         # gloo on the CPU (tests here), nccl between GPUs.
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        _owned.append(True)
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+_owned: list[bool] = []  # whether setup() made the process group (a caller's own group is left alone)
+
+
 def teardown() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and _owned:
+        _owned.clear()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tensors over workers in place, as one flat buffer (one collective, not one per tensor)."""
-    if not dist.is_initialized() or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every process (a copy; ``value`` alone in a single process)."""
     if not dist.is_initialized():
         return value
     value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def sum_scalar(value: float) -> float:
+    return float(all_reduce_sum(torch.tensor([float(value)], dtype=torch.float64, device=_device())))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so every rank stops at the same step)."""
+    return sum_scalar(1.0 if flag else 0.0) > 0
 
 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _device() -> torch.device:
+    # nccl reduces only tensors on the process's GPU; gloo only CPU tensors.
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -27,7 +27,7 @@ from jobs.training.fused import SHORT_ROWS, SavedOutputs, _wide, cpu_autocast_be
 
 
 def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None = None,
-                 share_prefix: bool = True) -> torch.Tensor:
+                 share_prefix: bool = True, call: torch.nn.Module | None = None) -> torch.Tensor:
     """The last hidden states; with ``saved`` (the state ``jobs.training.fused.install`` was given), its lean
     functions' outputs that later layers save are rebuilt in backward instead of kept.
 
@@ -39,8 +39,8 @@ def final_hidden(model: torch.nn.Module, batch: dict, saved: SavedOutputs | None
     shared = shared_prefix(model, batch) if share_prefix else 0
     with attention_kernels(ids.device, ids.shape[1]), rebuilding:
         if shared:
-            return _shared_prefix_hidden(model, batch, shared, none)
-        out = model(input_ids=ids, attention_mask=batch["attention_mask"],
+            return _shared_prefix_hidden(model, batch, shared, none, call or model)
+        out = (call or model)(input_ids=ids, attention_mask=batch["attention_mask"],
                     output_hidden_states=True, logits_to_keep=none, use_cache=False)
     hidden = out.hidden_states[-1]
     # Prompt tuning prepends virtual tokens: the text's positions are the last ones.
@@ -115,7 +115,8 @@ def _can_share(model: torch.nn.Module) -> bool:
     return True
 
 
-def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: torch.Tensor) -> torch.Tensor:
+def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: torch.Tensor,
+                          call: torch.nn.Module) -> torch.Tensor:
     """``final_hidden`` with the first ``n`` positions computed once for every row.
 
     One model call over the batch's distinct tokens: the first row whole, then every other row
@@ -137,7 +138,7 @@ def _shared_prefix_hidden(model: torch.nn.Module, batch: dict, n: int, none: tor
     layout = PackedPrefix(rows, width, n, _inner_attention(base))
     compat.register_attention(PREFIX_ATTENTION, _prefix_attention, mask_like="sdpa")
     with _attention_switched(base, PREFIX_ATTENTION):
-        out = model(input_ids=packed, position_ids=positions[None], output_hidden_states=True,
+        out = call(input_ids=packed, position_ids=positions[None], output_hidden_states=True,
                     logits_to_keep=none, use_cache=False, packed_prefix=layout)
     hidden = out.hidden_states[-1][0]
     # Where each row's positions sit in the packed sequence: its prefix is the first row's.
@@ -274,10 +275,11 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int,
-                   saved: SavedOutputs | None = None, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over trained positions, and how many there were."""
-    hidden = final_hidden(model, batch, saved, share_prefix)
+def token_loss_sum(model: torch.nn.Module, batch: dict, chunk: int, saved: SavedOutputs | None = None,
+                   share_prefix: bool = True, call: torch.nn.Module | None = None) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained positions, and how many there were
+    (``call``: see ``final_hidden``)."""
+    hidden = final_hidden(model, batch, saved, share_prefix, call)
     mask = trained_positions(batch["labels"])
     h = hidden[mask]
     y = batch["labels"][:, 1:][mask[:, :-1]]

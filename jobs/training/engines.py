@@ -1,0 +1,207 @@
+"""How the processes of a run share a model (``training.sharding``), on torch's own engines.
+
+- ``Single``: one process, nothing to share.
+- ``Replicated`` (``sharding: none`` with more than one process): every process holds the whole
+  model inside torch's DistributedDataParallel, which reduces the trained tensors' gradients in
+  buckets while backward still runs, once per step (no sync on all but the last micro-batch).
+- ``Sharded`` (``sharding: fsdp``): FSDP2's ``fully_shard`` on each decoder layer, then on the
+  root, so parameters, gradients and optimizer state are split across processes (ZeRO-3).
+
+Scaling: the recipe divides each process's loss by the trained-token count of the whole global
+step, so the update needs the SUM of the processes' gradients. DDP and FSDP2 average by default
+(and gloo has no AVG: FSDP2 emulates it, pytorch #162338), so both engines are told to sum:
+DDP through a comm hook, FSDP2 through a divide factor of 1 with sum-only collectives. The
+equality with one process is tested (tests/test_distributed.py), not assumed.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+import torch.distributed as dist
+
+from adapters._blocks import find_blocks
+from adapters.core.errors import StudioError
+from jobs.training import checkpoint, distributed
+from jobs.training.distributed import World
+
+
+class Single:
+    """One process: the model is called as it is, and gradients stay where backward left them."""
+    name = "single"
+    # Whether every process must take part in a forward (evaluation, fingerprint): a sharded
+    # model computes nothing on one process alone.
+    evaluates_everywhere = False
+    # Whether ``training.lean_activations`` applies (same maths, less memory): FSDP2's processes
+    # build on the meta device, where the lean functions cannot check a module (jobs/training/fused.py).
+    lean_functions = True
+
+    def __init__(self, world: World, device: torch.device, dtype: torch.dtype):
+        self.world, self.device, self.dtype = world, device, dtype
+
+    def build_device(self) -> torch.device:
+        """Where this process builds the base model before the method is applied."""
+        return self.device
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Prepare the model (method applied) for training; returns what the loss calls."""
+        return model
+
+    def gradient_sync(self, last: bool) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def before_forward(self) -> None:
+        pass
+
+    def save_checkpoint(self, run_dir, step: int, trainable: list, stepper, counters: dict, keep: int) -> None:
+        """Every process calls this; rank 0 writes the trained tensors, which every replica holds."""
+        if self.world.main:
+            checkpoint.save(run_dir, step, dict(trainable), stepper.state_dict(), counters, keep=keep)
+        distributed.barrier()
+
+    def load_checkpoint(self, ckpt, trainable: list, stepper) -> dict:
+        """Put the checkpoint's trained tensors and update-rule state in place; its counters."""
+        saved, opt_state, state = checkpoint.load(ckpt)
+        params = dict(trainable)
+        missing = set(params) - set(saved)
+        if missing:
+            raise StudioError(f"checkpoint {ckpt.name} lacks trained tensors ({sorted(missing)[:3]}...).", str(ckpt),
+                              "retry the job from scratch.")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name].to(p.dtype))
+        stepper.load_state_dict(opt_state)
+        return state
+
+    def gathered_state(self) -> dict | None:
+        """The whole model's state on rank 0 when the model is sharded; None: ``model`` is whole."""
+        return None
+
+
+def _torch_optimizer(stepper) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside an update rule's stepper, when it has one (AdamW, SGD)."""
+    opt = getattr(stepper, "optimizer", None)
+    return opt if isinstance(opt, torch.optim.Optimizer) else None
+
+
+def _sum_hook(state, bucket):
+    """DDP comm hook: the bucket's gradients summed over processes (DDP's own hook averages)."""
+    fut = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class Replicated(Single):
+    name = "none"
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Only tensors that require grad get buckets; the frozen base is never communicated
+        # after the initial broadcast from rank 0 (which makes every replica start equal).
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                           broadcast_buffers=False)
+        self.ddp.register_comm_hook(None, _sum_hook)
+        return self.ddp
+
+    def gradient_sync(self, last: bool) -> ContextManager:
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+
+class Sharded(Single):
+    """FSDP2. No process holds the whole model on its device: rank 0 loads the base and applies
+    the method on the CPU, every other rank builds the same modules on the meta device; after
+    sharding, each rank's part is sent from rank 0's CPU copy (``set_model_state_dict`` with
+    ``broadcast_from_rank0``), and that copy is dropped."""
+    name = "fsdp"
+    evaluates_everywhere = True
+    lean_functions = False
+
+    def build_device(self) -> torch.device:
+        return torch.device("cpu") if self.world.main else torch.device("meta")
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        blocks = find_blocks(model)
+        if blocks is None:
+            raise StudioError("sharding: fsdp shards a model by its decoder layers, and this model has no list of "
+                              "layers the studio recognises.", "training.sharding", "use sharding: none.")
+        full = model.state_dict() if self.world.main else {}
+        buffers = {n: b.cpu() for n, b in model.named_buffers()} if self.world.main else None
+        # Compute in the precision the run picked; gradients reduced (summed) in fp32.
+        policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        for block in blocks.modules:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        for module in [*blocks.modules, model]:  # each call sets one module's own group only
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+        model.to_empty(device=self.device) if not self.world.main else model.to(self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        box = [buffers]
+        dist.broadcast_object_list(box, src=0)  # buffers are not sharded: rotary tables and the like
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(box[0][name])
+        self.model = model
+        return model
+
+    def gradient_sync(self, last: bool) -> ContextManager:
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def before_forward(self) -> None:
+        # FSDP2 keeps the root's parameters gathered after a forward for the backward that
+        # follows; a forward without backward (MeZO, evaluation) would leave them gathered, and
+        # the next forward would not see an update made to the shards since.
+        if not torch.is_grad_enabled():
+            self.model.reshard()
+
+
+    def save_checkpoint(self, run_dir, step: int, trainable: list, stepper, counters: dict, keep: int) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        opt = _torch_optimizer(stepper)
+        tensors = {"trainable": {n: p.detach() for n, p in trainable}}
+        if opt is not None:
+            tensors["optimizer"] = get_optimizer_state_dict(self.model, opt)
+        else:  # a stepper without tensors (MeZO: its seed and step count), the same on every rank
+            counters = {**counters, "stepper": stepper.state_dict()}
+        checkpoint.save_sharded(run_dir, step, tensors, counters, keep, self.world.main)
+
+    def load_checkpoint(self, ckpt, trainable: list, stepper) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        if not checkpoint.is_sharded(ckpt):
+            raise StudioError(f"checkpoint {ckpt.name} was not written by a sharded run.", str(ckpt),
+                              "resume with the spec that wrote it, or retry the job from scratch.")
+        opt = _torch_optimizer(stepper)
+        tensors = {"trainable": {n: p.detach() for n, p in trainable}}
+        if opt is not None:
+            tensors["optimizer"] = get_optimizer_state_dict(self.model, opt)  # the layout to read into
+        state = checkpoint.load_sharded(ckpt, tensors)
+        if opt is not None:
+            set_optimizer_state_dict(self.model, opt, tensors["optimizer"])
+        else:
+            stepper.load_state_dict(state["stepper"])
+        return state
+
+    def gathered_state(self) -> dict | None:
+        """Every process calls this; rank 0 receives the whole state on the CPU, the others nothing."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
+        return {"state": full, "buffers": buffers} if self.world.main else None
+
+
+def make_engine(sharding: str, world: World, device: torch.device, dtype: torch.dtype) -> Single:
+    if sharding == "fsdp" and world.size > 1:
+        return Sharded(world, device, dtype)
+    if world.size > 1:
+        return Replicated(world, device, dtype)
+    return Single(world, device, dtype)
