@@ -146,9 +146,12 @@ def check_cuda_tests() -> Check:
 
 # -- 2. and 3. one LoRA and one QLoRA job, the estimate, the merged export ---------------------------
 
-def job_spec(method: str, steps: int = STEPS) -> dict:
+def job_spec(method: str, steps: int = STEPS, model: str | None = None) -> dict:
+    """The demo task (on the bundled SmolLM2 unless ``model`` names another) in bf16."""
     spec = merge(demo_spec(), quiet_eval())
     spec["method"] = {"name": method}
+    if model:
+        spec["model"] = model
     return merge(spec, {"training": {"max_steps": steps, "batch_size": 8, "max_seq_len": 128, "precision": "bf16",
                                      "warmup_steps": 0, "gradient_checkpointing": False}})
 
@@ -176,18 +179,23 @@ def judge_job(method: str, result: dict, predicted: dict) -> Check:
                  data=data)
 
 
-def train_job(method: str, scratch: Path) -> tuple[dict, dict]:
+def train_job(method: str, scratch: Path, steps: int = STEPS, model: str | None = None) -> tuple[dict, dict]:
     """Train in a process of its own (bench/_run_one.py keeps its run folder under ``scratch``)."""
     from jobs.estimate.estimator import estimate
     from jobs.spec import parse_spec
 
-    spec = job_spec(method)
+    spec = job_spec(method, steps, model)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "in.json").write_text(json.dumps({"spec": spec, "scratch": str(scratch)}))
     out = scratch / "out.json"
-    done = subprocess.run([sys.executable, "-m", "bench._run_one", "--worker", "train", str(scratch / "in.json"),
-                           str(out)], cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    result = json.loads(out.read_text()) if out.is_file() else {"error": (done.stdout + done.stderr)[-1500:]}
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench._run_one", "--worker", "train", str(scratch / "in.json"),
+                               str(out)], cwd=ROOT, env=worker_env(), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired:
+        output = f"timed out after {TIMEOUT_S} s"
+    result = json.loads(out.read_text()) if out.is_file() else {"error": output[-1500:]}
     try:
         predicted = estimate(parse_spec({**spec, "output_dir": str(scratch / "run")}), "cuda")
     except Exception as e:  # noqa: BLE001 - reported as the check's failure
@@ -208,11 +216,11 @@ def check_export(run_dir: Path, out: Path) -> Check:
                                         f"(allowed {report.get('allowed_diff_vs_trained')})", data=report)
 
 
-def check_jobs(scratch: Path) -> list[Check]:
+def check_jobs(scratch: Path, steps: int = STEPS, model: str | None = None) -> list[Check]:
     checks = []
     for method in ("lora", "qlora"):
         started = time.perf_counter()
-        result, predicted = train_job(method, scratch / method)
+        result, predicted = train_job(method, scratch / method, steps, model)
         check = judge_job(method, result, predicted)
         check.seconds = round(time.perf_counter() - started, 1)
         checks.append(check)

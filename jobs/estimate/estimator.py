@@ -112,6 +112,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     optimizer = memory.state_bytes(counts.trainable, rcfg) + memory.temporaries(largest)
 
     cpu = device == "cpu"
+    all_gradients = gradients  # before a reusing malloc's overlap with activations is taken off
     # On the CPU a safetensors base in the dtype it trains in is memory-mapped: every page the run
     # reads stays resident for as long as one of its tensors is in use.
     in_file = cpu and src.kind in ("local", "bundled-cache", "hub")  # a safetensors base
@@ -155,7 +156,7 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     }
     phases = engines.per_rank(phases, counts.units, world=world, sharding=t.sharding,
                               trainable_bytes=counts.trainable_bytes, compute_bytes=act_bytes, backward=backward,
-                              all_gradients=memory.gradients == "all")
+                              all_gradients=memory.gradients == "all", gradient_bytes=all_gradients, cpu=cpu)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
     total = sum(breakdown.values())

@@ -4,8 +4,11 @@ World size is ``training.devices x training.nnodes``. Every rank trains on its o
 global batch, so activations and logits are each rank's whole; what the engine changes is who
 holds the model, its gradients and the update rule's state:
 
-  none (DDP)  every rank holds all of it, and DDP's gradient buckets: about one more copy of the
-              trainable gradients, which backward fills and the all-reduce reads.
+  none (DDP)  every rank holds all of it. DDP's gradient buckets are allocated when the model is
+              wrapped and the gradients are views of them (jobs.training.engines:
+              ``gradient_as_bucket_view``): no second copy, but neither can the gradients take
+              over the memory backward frees from activations, as they do in one process on a
+              reusing malloc (jobs.estimate.estimator).
   fsdp        FSDP2 (``fully_shard`` on each decoder block, then the root): every rank holds
               1/world of the weights, gradients and state; what it gathers for compute comes on
               top: the root's parameters (embeddings, output head, final norm), which FSDP2 keeps
@@ -14,14 +17,19 @@ holds the model, its gradients and the update rule's state:
               largest block gathered twice (the one computing and the next one, prefetched), with
               its unsharded gradient and the fp32 copy the reduce-scatter reads.
 
-The base is built on the meta device and each rank loads only its part (the engine's contract),
-so the load and apply phases are shards too. A one-rank world is the one-process estimate.
+How FSDP2's ranks start (jobs.training.engines.Sharded): rank 0 loads the whole base on the CPU
+and applies the method, the others build it on the meta device; after sharding, rank 0 still holds
+the whole state it sends from while it holds its own shard. Rank 0 is the rank whose peak counts
+(the verdict is per device), so its load phase is the one-process load, and its apply phase is the
+one-process apply plus its shard. At the end, rank 0 gathers the whole trained model on the CPU to
+save and fingerprint it (``cpu_offload``): on the CPU that is a phase of its own, ``save``.
+A one-rank world is the one-process estimate.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DDP_BUCKET_COPIES = 1   # DDP's buckets: one more copy of the trainable gradients
+DDP_BUCKET_COPIES = 0   # DDP's buckets beside the gradients: none, the gradients are views of them
 PREFETCHED_BLOCKS = 2   # FSDP2 gathers the next block while the current one computes
 REDUCE_BYTES = 4        # gradients are reduced in fp32 (the mixed-precision policy)
 
@@ -62,11 +70,15 @@ SHARDED_PARTS = ("weights", "trainable", "gradients", "optimizer_state")
 
 
 def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sharding: str, trainable_bytes: int,
-             compute_bytes: int, backward: bool, all_gradients: bool) -> dict[str, dict[str, int]]:
-    """The phases (load, apply, train: each a dict of parts in bytes) as one rank holds them.
+             compute_bytes: int, backward: bool, all_gradients: bool, gradient_bytes: int | None = None,
+             cpu: bool = False) -> dict[str, dict[str, int]]:
+    """The phases (load, apply, train: each a dict of parts in bytes) as the rank that holds the
+    most (rank 0) holds them.
 
-    ``phases`` is the one-process estimate; ``trainable_bytes`` the trained tensors as held (the
-    gradients DDP's buckets copy, when the rule keeps ``all_gradients``)."""
+    ``phases`` is the one-process estimate; ``trainable_bytes`` the trained tensors as held;
+    ``gradient_bytes`` every gradient the rule keeps, before the reusing malloc's overlap with
+    activations was taken off (default: the train phase's gradients); ``cpu``: the run is on the
+    CPU, where FSDP2's final gather lands in the same memory."""
     if sharding not in ("none", "fsdp"):
         raise ValueError(f"unknown sharding {sharding!r}; expected none or fsdp")
     if world < 1:
@@ -74,15 +86,22 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
     out = {name: {**parts, "gathered": parts.get("gathered", 0)} for name, parts in phases.items()}
     if world == 1:
         return out
+    gradients = phases["train"]["gradients"] if gradient_bytes is None else gradient_bytes
     if sharding == "none":
-        if all_gradients and backward:
-            out["train"]["gradients"] += DDP_BUCKET_COPIES * trainable_bytes
+        if all_gradients and backward:  # held from the wrap on, in buckets
+            out["train"]["gradients"] = gradients + DDP_BUCKET_COPIES * trainable_bytes
         return out
-    for parts in out.values():
-        for key in SHARDED_PARTS:
-            if key in parts:
-                parts[key] = shard(parts[key], world)
-    out["train"]["gathered"] = gathered_bytes(units, compute_bytes, backward)
+    train = out["train"]
+    train["gradients"] = gradients  # sharded below; not counted as reusing freed activations (not measured so)
+    for key in SHARDED_PARTS:
+        train[key] = shard(train[key], world)
+    train["gathered"] = gathered_bytes(units, compute_bytes, backward)
+    apply = out["apply"]
+    apply["gathered"] = shard(apply.get("weights", 0) + apply.get("trainable", 0), world)  # rank 0's own shard
+    if cpu:
+        whole = phases["train"].get("weights", 0) + phases["train"].get("trainable", 0)
+        out["save"] = {**{k: train[k] for k in ("weights", "trainable", "optimizer_state", "framework_overhead")},
+                       "gradients": 0, "activations": 0, "logits": 0, "gathered": whole}
     return out
 
 
@@ -90,11 +109,11 @@ def describe(world: int, devices: int, sharding: str, per_rank_bytes: int) -> li
     """The notes the estimate adds about ranks (empty for one process)."""
     if world == 1:
         return []
-    engine = ("DDP: every rank holds the whole model, its gradients and state, and gradient buckets "
-              "(one more copy of the trainable gradients)" if sharding == "none" else
+    engine = ("DDP: every rank holds the whole model, its gradients (in DDP's buckets, allocated up front) "
+              "and state" if sharding == "none" else
               "FSDP2: every rank holds 1/{w} of the weights, gradients and state, plus the gathered root "
-              "(embeddings, head) and the largest block gathered twice (prefetch); the base is built on the "
-              "meta device and each rank loads its part".format(w=world))
+              "(embeddings, head) and the largest block gathered twice (prefetch); rank 0 loads the whole "
+              "base on the CPU and sends the other ranks their shards".format(w=world))
     notes = [f"per rank, {world} ranks ({devices} per machine): {engine}.",
              "the verdict is per device: each GPU must hold one rank's peak."]
     if devices > 1:
