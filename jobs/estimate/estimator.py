@@ -232,6 +232,8 @@ def describe(spec: JobSpec, device: str, dtype: torch.dtype, src, batch: Batch, 
         notes.append("gradient checkpointing: each block keeps its input; one block is recomputed at a time.")
     if dtype != torch.float32:
         notes.append(f"activations in {str(dtype).removeprefix('torch.')}: the fp32 probe's bytes scaled down.")
-    if peak != "train":
+    if peak in ("load", "apply"):
         notes.append(f"the peak falls in the {peak} phase, before the first step.")
+    elif peak == "save":
+        notes.append("the peak falls after training, when rank 0 gathers the whole model to save it.")
     return notes

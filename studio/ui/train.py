@@ -28,7 +28,8 @@ MAIN_TRAINING = ("max_steps", "epochs", "batch_size", "grad_accum", "max_seq_len
                  "eval_every", "devices", "sharding")
 FITS, TIGHT = 0.8, 1.0  # share of the device's memory: below FITS fits, up to TIGHT is tight
 PLACEHOLDER_DIR = "<home>/runs/<id>"
-PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training"}
+PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training",
+          "save": "gathering the sharded model to save it"}
 NAME_LIMIT, PRIORITY_LIMIT = 80, 1000
 
 
