@@ -100,6 +100,8 @@ class PeakSampler:
         self.peak: dict[int, int] = {}
         self.train_peak: dict[int, int] = {}
         self.trained: set[int] = set()
+        self.series: dict[int, list] = {}  # per process: (seconds, resident bytes, steps recorded)
+        self.started = time.monotonic()
 
     def sample(self) -> None:
         done = self.steps_done()
@@ -112,6 +114,10 @@ class PeakSampler:
             if value is None:
                 continue
             self.peak[pid] = max(self.peak.get(pid, 0), value)
+            rss = status_bytes(pid, "VmRSS")
+            points = self.series.setdefault(pid, [])
+            if rss and (not points or abs(rss - points[-1][1]) > 16 << 20):  # where it moved by 16 MiB
+                points.append((round(time.monotonic() - self.started, 2), rss, done))
             if training:
                 self.train_peak[pid] = max(self.train_peak.get(pid, 0), value)
 
@@ -172,6 +178,7 @@ def run_job(spec: dict, label: str, threads: int, timeout: float = TIMEOUT_S) ->
                 "log_tail": log.read_text(errors="replace")[-3000:] if failed and log.is_file() else None,
                 "ranks": len(sampler.peak), "peak_bytes": sorted(sampler.peak.values()),
                 "train_peak_bytes": sorted(sampler.train_peak.values()),
+                "resident_series": [sampler.series.get(p, []) for p in sorted(sampler.peak, key=sampler.peak.get)],
                 "losses": [r["loss"] for r in records], "step_seconds": step_seconds(records),
                 "wall_seconds": round(wall, 1)}
     finally:

@@ -140,6 +140,12 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
         churn = activations - fixed + logits if backward else 0  # what changes size from batch to batch
         reusing = bool(preload_env())
         basis = {"churn": churn, "gradients": gradients, "rebuilt": expanded}
+        if sharded:
+            # FSDP2 gathers every unit's parameters and makes its unsharded gradients once per step,
+            # freed unit by unit: churn for the malloc like a batch's activations; the gradients
+            # that take some of it over are each rank's shard.
+            basis["churn"] += engines.step_churn(counts.units, counts.blocks, act_bytes, backward)
+            basis["gradients"] = engines.shard(gradients, world)
         slack = allocator_slack(basis, CPU_SLACK["preloaded" if reusing else "glibc"])
         if reusing and backward:
             # Backward frees each layer's activations as it makes that layer's gradients, and

@@ -62,6 +62,18 @@ def gathered_bytes(units: Units, compute_bytes: int, backward: bool) -> int:
     return root + block
 
 
+def step_churn(units: Units, blocks: int, compute_bytes: int, backward: bool) -> int:
+    """Bytes an FSDP2 rank allocates and frees again in one step: every block's parameters gathered
+    for forward (and again for backward), every trained unit's unsharded gradient and reduce buffer,
+    and the root's gathering. The CPU's malloc keeps a share of it (jobs.estimate.estimator)."""
+    block = units.block_numel * compute_bytes + units.other_bytes
+    root = units.root_numel * compute_bytes
+    if not backward:
+        return blocks * block + root
+    grad = compute_bytes + REDUCE_BYTES
+    return blocks * (2 * block + units.block_trainable_numel * grad) + root + units.root_trainable_numel * grad
+
+
 def shard(nbytes: int, world: int) -> int:
     return -(-int(nbytes) // world)  # rounded up: the first ranks hold the remainder
 
