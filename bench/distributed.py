@@ -282,8 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     name = f"distributed-{shape}-{args.method}"
     write_result(name, {"shape": shape, "method": args.method, "steps": args.steps, "rows_per_rank": args.rows,
                         "max_seq_len": args.seq, "runs": runs, "summary": summary}, args.out)
-    (args.out / f"{name}.md").write_text(f"# {name}\n\n{text}\n\nmachine: {machine_info()['cpu']}; "
-                                         f"command: {' '.join(['python', '-m', 'bench.distributed', *(argv or sys.argv[1:])])}\n")
+    from jobs.training.allocator import preload_env
+
+    machine = machine_info()
+    command = " ".join(["python", "-m", "bench.distributed", *(argv if argv is not None else sys.argv[1:])])
+    (args.out / f"{name}.md").write_text(
+        f"# {name}\n\n{text}\n\nmachine: {machine['cpu']}, {machine['usable_cores']} usable cores, "
+        f"load average {machine['load_average']}, malloc: {preload_env().get('LD_PRELOAD') or 'glibc'}; "
+        f"torch {machine['versions']['torch']}; commit {machine['commit']}\ncommand: `{command}`\n")
     return 1 if summary["failures"] else 0
 
 

@@ -51,3 +51,18 @@ def test_summary_ratios_errors_and_targets():
     assert s["fsdp_over_ddp"] is None and s["fsdp_target_met"] is None and "fsdp" in s["failures"]
     assert "fsdp" not in s["estimate_error"] and s["estimate_target_met"] is True
     assert "failed: fsdp" in distributed.table("shape", "full", runs, s)
+
+
+def test_the_command_writes_its_table_with_machine_and_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "run_job", lambda spec, label, threads: {
+        **run([1000, 1000] if spec["training"]["sharding"] == "none" else [500, 520], None, 1.0), "label": label,
+        "status": "completed"})
+    monkeypatch.setattr(distributed, "predict", lambda spec: {"total_bytes": 1000 if spec["training"]["sharding"] ==
+                                                              "none" else 540})
+    code = distributed.main(["--model", str(tmp_path / "m"), "--engines", "ddp,fsdp", "--out", str(tmp_path)])
+    assert code == 0
+    md = (tmp_path / "distributed-m-full.md").read_text()
+    assert "0.52x" in md and "command: `python -m bench.distributed --model" in md and "malloc:" in md
+    assert (tmp_path / "distributed-m-full.json").is_file()
+    with pytest.raises(SystemExit):
+        distributed.main(["--engines", "zero3", "--model", "x", "--out", str(tmp_path)])
