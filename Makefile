@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch for machines without an NVIDIA driver; override to pin another.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: run test bench setup clean-venv
+.PHONY: run test bench gpu-check setup clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ bench: $(STAMP)
 	@# On a GPU machine the speed benchmark adds Liger (and Unsloth, where installed) as anchors.
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q -e ".[bench-gpu]"; fi
 	$(PY) -m bench
+
+# Everything that needs a GPU, under 10 minutes (bench/gpu_check.py): the CUDA-marked tests, a LoRA and
+# a QLoRA job against their estimates, a merged export, both engines on NCCL with two GPUs. The summary
+# goes to bench/results/gpu-check-<gpu>.md; without CUDA it checks nothing and exits with code 3.
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpu_check
 
 clean-venv:
 	rm -rf $(VENV)

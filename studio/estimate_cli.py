@@ -14,6 +14,7 @@ PARTS = (("weights", "frozen base weights as held (quantized, memory-mapped)"),
          ("optimizer_state", "update rule state and its temporaries"),
          ("activations", "kept for backward (first, longest batch)"),
          ("logits", "one loss chunk over the vocabulary"),
+         ("gathered", "FSDP2: the root and largest block gathered beyond the shards"),
          ("framework_overhead", "process, libraries, tokenizer, allocator"))
 
 
@@ -50,7 +51,9 @@ def human(nbytes: float) -> str:
 
 def format_estimate(result: dict) -> str:
     total = result["total_bytes"]
-    lines = [f"Predicted peak memory: {human(total)} on {result['device']} ({result['dtype']}), "
+    ranks = result.get("world_size", 1)
+    per = f" per rank ({ranks} ranks, sharding {result.get('sharding', 'none')})" if ranks > 1 else ""
+    lines = [f"Predicted peak memory: {human(total)}{per} on {result['device']} ({result['dtype']}), "
              f"{result['method']} + {result['optimizer']}, {result['trainable_params']:,} trainable values", ""]
     for key, meaning in PARTS:
         value = result["breakdown"].get(key, 0)

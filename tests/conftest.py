@@ -89,3 +89,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in PLUMBING:
             item.add_marker(pytest.mark.plumbing)
+
+
+# The `cuda` marker (tests/cuda_marks.py): skipped without a CUDA device, never skipped with one.
+@pytest.fixture(autouse=True)
+def _cuda_marker(request):
+    import cuda_marks
+
+    cuda_marks.skip_without_cuda(request.node)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    import cuda_marks
+
+    cuda_marks.forbid_skip(item, outcome.get_result())

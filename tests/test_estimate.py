@@ -15,7 +15,8 @@ from adapters import METHODS
 from jobs.estimate.estimator import estimate, estimate_inference
 from jobs.spec import parse_spec
 
-PARTS = {"weights", "trainable", "gradients", "optimizer_state", "activations", "logits", "framework_overhead"}
+PARTS = {"weights", "trainable", "gradients", "optimizer_state", "activations", "logits", "framework_overhead",
+         "gathered"}
 
 
 def spec(model: Path, dataset: Path, out: Path, method: dict | None = None, optimizer: dict | None = None,
@@ -240,3 +241,160 @@ def test_quantizing_copies_the_kept_base_beside_the_mapped_file(toy_dataset, tmp
         return weights("qlora") - weights("lora")
 
     assert extra("cpu") >= embedding > extra("cuda")
+
+
+# --- per rank, under the chosen engine (jobs/estimate/sharding.py) -------------------------------
+
+def _one_process() -> dict:
+    """A one-process estimate's phases, in bytes (made-up sizes with distinct values)."""
+    return {"train": {"weights": 1000, "trainable": 4000, "gradients": 4000, "optimizer_state": 8000,
+                      "activations": 300, "logits": 50, "framework_overhead": 100},
+            "apply": {"weights": 1000, "trainable": 4000, "framework_overhead": 100},
+            "load": {"weights": 5001, "framework_overhead": 100}}
+
+
+UNITS_ARGS = {"block_numel": 100, "block_trainable_numel": 100, "root_numel": 300, "root_trainable_numel": 300}
+
+
+def test_fsdp_shards_scale_as_one_over_the_world():
+    from jobs.estimate.sharding import SHARDED_PARTS, Units, gathered_bytes, per_rank
+
+    one, units = _one_process(), Units(**UNITS_ARGS)
+    for world in (2, 3, 8):
+        ranked = per_rank(one, units, world=world, sharding="fsdp", trainable_bytes=4000, compute_bytes=4,
+                          backward=True, all_gradients=True)
+        for part, value in one["train"].items():
+            expected = -(-value // world) if part in SHARDED_PARTS else value
+            assert ranked["train"][part] == expected, (world, part)
+        # What is gathered does not shrink with the world: a block is a block on every rank.
+        assert ranked["train"]["gathered"] == gathered_bytes(units, 4, True) > 0
+        # Rank 0 loads the whole base and applies the method, then makes its own shard beside it.
+        assert ranked["load"] == {**one["load"], "gathered": 0}
+        assert ranked["apply"] == {**one["apply"], "gathered": -(-(1000 + 4000) // world)}
+        assert "save" not in ranked
+    same = per_rank(one, units, world=1, sharding="fsdp", trainable_bytes=4000, compute_bytes=4, backward=True,
+                    all_gradients=True)
+    assert same["train"] == {**one["train"], "gathered": 0}
+
+
+def test_on_the_cpu_rank_0_gathers_the_whole_model_at_the_end():
+    from jobs.estimate.sharding import Units, per_rank
+
+    one = _one_process()
+    ranked = per_rank(one, Units(**UNITS_ARGS), world=2, sharding="fsdp", trainable_bytes=4000, compute_bytes=4,
+                      backward=True, all_gradients=True, cpu=True)
+    assert ranked["save"]["gathered"] == 1000 + 4000 and ranked["save"]["activations"] == 0
+    assert ranked["save"]["optimizer_state"] == ranked["train"]["optimizer_state"] == 4000
+
+
+def test_gathered_units_count_prefetch_and_unsharded_gradients():
+    from jobs.estimate.sharding import Units, gathered_bytes
+
+    frozen = Units(block_numel=100, root_numel=300)
+    # Forward only: the root, and one block computing while the next is prefetched; bf16 gathers halve it.
+    assert gathered_bytes(frozen, 4, backward=False) == 4 * 300 + 2 * 4 * 100
+    assert gathered_bytes(frozen, 2, backward=False) == 2 * 300 + 2 * 2 * 100
+    # Backward adds each trained unit's unsharded gradient (compute dtype) and its fp32 reduce buffer.
+    trained = Units(**UNITS_ARGS)
+    assert gathered_bytes(trained, 2, backward=True) == gathered_bytes(trained, 2, False) + (300 + 100) * (2 + 4)
+
+
+def test_ddp_ranks_hold_every_gradient_in_buckets_from_the_start():
+    # One process on a reusing malloc lets gradients take over the memory backward frees from
+    # activations (here 4000 of gradients counted as 1000); DDP's buckets exist from the wrap on.
+    from jobs.estimate.sharding import Units, per_rank
+
+    one = {**_one_process(), "train": {**_one_process()["train"], "gradients": 1000}}
+
+    def train(world, **kw):
+        args = {"trainable_bytes": 4000, "compute_bytes": 4, "backward": True, "all_gradients": True,
+                "gradient_bytes": 4000, **kw}
+        return per_rank(one, Units(**UNITS_ARGS), world=world, sharding="none", **args)["train"]
+
+    assert train(2) == {**one["train"], "gradients": 4000, "gathered": 0}
+    assert train(8) == train(2)   # every replica holds the same, however many there are
+    assert train(1)["gradients"] == 1000
+    # A rule that never holds all gradients at once (LOMO, MeZO) fills no buckets.
+    assert train(2, all_gradients=False)["gradients"] == 1000
+    assert train(2, backward=False)["gradients"] == 1000
+    with pytest.raises(ValueError, match="sharding"):
+        per_rank(one, Units(), world=2, sharding="zero3", trainable_bytes=0, compute_bytes=4, backward=True,
+                 all_gradients=True)
+
+
+def test_fsdp_rank_is_below_a_ddp_rank_for_full_finetuning(wide_model, toy_dataset, tmp_path, monkeypatch):
+    # On a reusing malloc (what jobs run on where it is installed): on glibc, a model this small
+    # keeps so much of FSDP2's per-step gathering that sharding saves nothing (see the next test).
+    import jobs.estimate.estimator
+
+    monkeypatch.setattr(jobs.estimate.estimator, "preload_env", lambda: {"LD_PRELOAD": "x"})
+
+    def result(devices, sharding, method="full"):
+        return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": method}, devices=devices,
+                             sharding=sharding), "cpu")
+
+    single, ddp, fsdp = result(1, "none"), result(2, "none"), result(2, "fsdp")
+    assert fsdp["total_bytes"] < single["total_bytes"] <= ddp["total_bytes"]
+    assert fsdp["breakdown"]["optimizer_state"] * 2 == pytest.approx(ddp["breakdown"]["optimizer_state"], abs=2)
+    assert fsdp["breakdown"]["gathered"] > 0 == ddp["breakdown"]["gathered"]
+    assert fsdp["world_size"] == 2 and fsdp["per"] == "rank" and fsdp["node_bytes"] == 2 * fsdp["total_bytes"]
+    assert any("FSDP2" in note for note in fsdp["assumptions"])
+    # nnodes counts too: 2 devices on each of 2 machines shard four ways.
+    four = estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": "full"}, devices=2, sharding="fsdp",
+                         nnodes=2, rdzv_endpoint="node0:29500"), "cpu")
+    assert four["world_size"] == 4 and four["total_bytes"] < fsdp["total_bytes"]
+    assert four["node_bytes"] == 2 * four["total_bytes"]
+
+
+def test_gathered_units_are_the_models_own(wide_model, toy_dataset, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jobs.estimate.footprint import count
+
+    s = spec(wide_model, toy_dataset, tmp_path / "run", {"name": "full"})
+    method, mcfg = s.method_config()
+    config = AutoConfig.from_pretrained(wide_model)
+    units = count(config, s, method, mcfg, torch.float32).units
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(wide_model))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert units.block_numel == units.block_trainable_numel == layer
+    assert units.root_numel == units.root_trainable_numel == sum(p.numel() for p in model.parameters()) - 8 * layer
+    lora = count(config, s, *spec(wide_model, toy_dataset, tmp_path / "run", {"name": "lora"}).method_config(),
+                 torch.float32).units
+    assert lora.root_trainable_numel == 0 and lora.block_trainable_numel == lora.block_numel - layer > 0
+
+
+@pytest.mark.parametrize("device, verdict", [("cpu", "does not fit"), ("cuda:0", "fits")])
+def test_verdict_is_per_device(device, verdict, studio_home, tiny_model, monkeypatch):
+    # One rank's peak is 60 of a device's 100: a GPU holds one rank, a CPU's RAM both of this machine's.
+    from studio.ui import train
+    from studio.ui.common import Studio
+
+    answer = {"available": True, "total_bytes": 60, "node_bytes": 120, "breakdown": {"weights": 60},
+              "peak_phase": "train", "assumptions": []}
+    monkeypatch.setattr(train, "estimate_for", lambda studio, data, device: answer)
+    monkeypatch.setattr(train, "device_capacity", lambda studio, device: ("test device", 100, device))
+    spec_data = {"model": str(tiny_model), "dataset": {"path": "demo"}, "method": {"name": "lora"},
+                 "training": {"devices": 2}}
+    result = train.check(Studio.at(studio_home, str(tiny_model)), spec_data, device)
+    assert result["verdict"] == verdict and result["total_bytes"] == 60
+
+
+def test_fsdp_gathering_is_churn_for_the_cpu_malloc(wide_model, toy_dataset, tmp_path, monkeypatch):
+    # glibc keeps a share of what FSDP2 gathers and frees every step; a reusing malloc keeps none.
+    import jobs.estimate.estimator
+    from jobs.estimate.sharding import Units, step_churn
+
+    units = Units(block_numel=100, block_trainable_numel=100, root_numel=300, root_trainable_numel=300)
+    assert step_churn(units, 8, 4, backward=False) == 8 * 400 + 1200
+    assert step_churn(units, 8, 4, backward=True) == 8 * (800 + 800) + 1200 + 2400
+
+    def slack(preloaded: bool, sharding: str) -> int:
+        monkeypatch.setattr(jobs.estimate.estimator, "preload_env", lambda: {"LD_PRELOAD": "x"} if preloaded else {})
+        return estimate(spec(wide_model, toy_dataset, tmp_path / "run", {"name": "full"}, devices=2,
+                             sharding=sharding), "cpu")["details"]["allocator_slack"]
+
+    assert slack(False, "fsdp") > slack(False, "none")
+    assert slack(True, "fsdp") == slack(True, "none") == 0

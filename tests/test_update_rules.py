@@ -200,7 +200,7 @@ def test_adalomo_resume_continues_exactly(batch):
     assert max_diff(whole_model, resumed_model) == 0.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("rule", ["lomo", "adalomo", "mezo"])
 def test_rules_run_on_cuda(rule, batch):
     model = tiny_llama().cuda()

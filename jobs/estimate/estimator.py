@@ -25,6 +25,7 @@ from jobs.training.allocator import preload_env
 from jobs.estimate.footprint import (Batch, Counts, choice_for, count, dtype_for, first_batch, guess_saved,
                                      inference_activations, load_dtype, probe_saved, read_config,
                                      training_activations)
+from jobs.estimate import sharding as engines
 from jobs.spec import JobSpec, check_combination
 
 # The training process before it touches a weight, measured on the CPU (Linux x86-64, Python
@@ -71,6 +72,8 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     method, mcfg = spec.method_config()
     rule, rcfg = spec.optimizer_config()
     t = spec.training
+    world = engines.world_size(t)
+    sharded = t.sharding == "fsdp" and world > 1
     notes: list[str] = []
     src, config = read_config(spec)
     precision = choice_for(t.precision, device, src)
@@ -97,7 +100,8 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     else:
         activations, fixed = inference_activations(config, counts, batch, act_bytes), 0
         expanded = 0
-    if dtype != torch.float32:
+    if dtype != torch.float32 and not sharded:
+        # (Under FSDP2 the compute-dtype copy is the gathered parameters, counted per unit.)
         # Autocast casts each fp32 trained matrix to the compute dtype once per forward and keeps
         # the copy until the step ends (backward multiplies by it): full fine-tuning in bf16 holds
         # a bf16 copy of the model beside its fp32 masters (SmolLM2: 257 MiB).
@@ -110,15 +114,18 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
     optimizer = memory.state_bytes(counts.trainable, rcfg) + memory.temporaries(largest)
 
     cpu = device == "cpu"
+    all_gradients = gradients  # before a reusing malloc's overlap with activations is taken off
     # On the CPU a safetensors base in the dtype it trains in is memory-mapped: every page the run
     # reads stays resident for as long as one of its tensors is in use.
     in_file = cpu and src.kind in ("local", "bundled-cache", "hub")  # a safetensors base
-    mapped = in_file and stored in (None, load_dtype(method, dtype))
+    # FSDP2's ranks copy their shard out of the file, which is then closed.
+    as_stored = stored in (None, load_dtype(method, dtype))
+    mapped = in_file and as_stored and not sharded
     # Stored in another dtype, it is read through a mapping while it is converted: the whole file
     # is resident beside the converted weights until loading ends (SmolLM2's fp32 cache loaded
     # in bf16: 1.17 GB at the end of loading, 0.66 GB once the file is closed).
     converted = counts.base_bytes * torch.finfo(stored).bits // torch.finfo(load_dtype(method, dtype)).bits \
-        if in_file and not mapped else 0
+        if in_file and not as_stored else 0
     # A method that replaced base tensors (quantized layers) gets the rest copied off the file
     # after applying (jobs.training.memory.release_replaced_base), so only the apply phase holds the file.
     released = counts.replaced_bytes > 0
@@ -135,6 +142,12 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
         churn = activations - fixed + logits if backward else 0  # what changes size from batch to batch
         reusing = bool(preload_env())
         basis = {"churn": churn, "gradients": gradients, "rebuilt": expanded}
+        if sharded:
+            # FSDP2 gathers every unit's parameters and makes its unsharded gradients once per step,
+            # freed unit by unit: churn for the malloc like a batch's activations; the gradients
+            # that take some of it over are each rank's shard.
+            basis["churn"] += engines.step_churn(counts.units, counts.blocks, act_bytes, backward)
+            basis["gradients"] = engines.shard(gradients, world)
         slack = allocator_slack(basis, CPU_SLACK["preloaded" if reusing else "glibc"])
         if reusing and backward:
             # Backward frees each layer's activations as it makes that layer's gradients, and
@@ -149,11 +162,18 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                   "trainable": counts.trainable_bytes, "framework_overhead": process},
         "load": {"weights": counts.base_bytes + _gguf_bytes(src) + converted, "framework_overhead": process},
     }
+    phases = engines.per_rank(phases, counts.units, world=world, sharding=t.sharding,
+                              trainable_bytes=counts.trainable_bytes, compute_bytes=act_bytes, backward=backward,
+                              all_gradients=memory.gradients == "all", gradient_bytes=all_gradients, cpu=cpu)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
+    total = sum(breakdown.values())
     notes += describe(spec, device, dtype, src, batch, counts, mapped, peak, method.name, rule.name)
     notes.append(f"computes in {str(dtype).removeprefix('torch.')}: {precision.reason}.")
-    return {"total_bytes": sum(breakdown.values()), "breakdown": breakdown, "device": device,
+    notes += engines.describe(world, t.devices, t.sharding, total)
+    return {"total_bytes": total, "breakdown": breakdown, "device": device,
+            "per": "rank", "world_size": world, "sharding": t.sharding,
+            "node_bytes": total * t.devices,  # the ranks of one machine together (what a CPU's RAM holds)
             "dtype": str(dtype).removeprefix("torch."), "precision": precision.record(), "peak_phase": peak,
             "phases": {k: int(sum(v.values())) for k, v in phases.items()},
             "phase_breakdowns": {k: {part: int(v.get(part, 0)) for part in phases["train"]}
@@ -221,8 +241,8 @@ def describe(spec: JobSpec, device: str, dtype: torch.dtype, src, batch: Batch, 
         notes.append("gradient checkpointing: each block keeps its input; one block is recomputed at a time.")
     if dtype != torch.float32:
         notes.append(f"activations in {str(dtype).removeprefix('torch.')}: the fp32 probe's bytes scaled down.")
-    if t.devices > 1:
-        notes.append(f"per process: each of the {t.devices} processes holds all of this.")
-    if peak != "train":
+    if peak in ("load", "apply"):
         notes.append(f"the peak falls in the {peak} phase, before the first step.")
+    elif peak == "save":
+        notes.append("the peak falls after training, when rank 0 gathers the whole model to save it.")
     return notes

@@ -17,6 +17,7 @@ import torch
 
 from adapters.core import compat
 from adapters.core.errors import StudioError
+from jobs.estimate.sharding import Units
 from jobs.training.models import frozen_base_dtype
 from jobs.spec import JobSpec
 
@@ -61,6 +62,7 @@ class Counts:
     uses_peft: bool = False
     hidden: int = 0
     vocab: int = 0
+    units: Units = field(default_factory=Units)  # what FSDP2 would gather (jobs.estimate.sharding)
 
 
 def dtype_for(precision: str, device: str, src=None) -> torch.dtype:
@@ -208,7 +210,31 @@ def count(config, spec: JobSpec, method, mcfg, dtype: torch.dtype) -> Counts:
                   head_bytes=head.weight.numel() * head.weight.element_size() if tied_and_trained else 0,
                   trained_blocks=trained_blocks, blocks=len(blocks) if blocks is not None else 0,
                   uses_peft=any(type(m).__module__.startswith("peft") for m in model.modules()),
-                  hidden=int(text.hidden_size), vocab=int(text.vocab_size))
+                  hidden=int(text.hidden_size), vocab=int(text.vocab_size),
+                  units=_units(list(model.parameters()), blocks.modules if blocks is not None else []))
+
+
+def _units(params: list, blocks) -> Units:
+    """The largest block and the root (all that is outside the blocks), as FSDP2 would gather them."""
+    from adapters.quant.targets import held_bytes
+
+    def floats(tensors) -> list:
+        return [p for p in {id(p): p for p in tensors}.values() if p.is_floating_point()]
+
+    sizes = []
+    for block in blocks:
+        own = floats(block.parameters())
+        numel = sum(p.numel() for p in own)
+        other = held_bytes(block) - sum(p.numel() * p.element_size() for p in own)
+        sizes.append((numel, other, sum(p.numel() for p in own if p.requires_grad)))
+    everything = floats(params)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = [p for p in everything if id(p) not in in_blocks]
+    largest = max(sizes, default=(0, 0, 0))
+    return Units(block_numel=largest[0], other_bytes=largest[1],
+                 block_trainable_numel=max((s[2] for s in sizes), default=0),
+                 root_numel=sum(p.numel() for p in root),
+                 root_trainable_numel=sum(p.numel() for p in root if p.requires_grad))
 
 
 @dataclass
@@ -264,7 +290,9 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
-    saved = fused.SavedOutputs() if spec.training.lean_activations else None  # as the training loop does
+    # As the training loop does: FSDP2's ranks build on the meta device, where the lean functions cannot run.
+    sharded = spec.training.sharding == "fsdp" and spec.training.devices * spec.training.nnodes > 1
+    saved = fused.SavedOutputs() if spec.training.lean_activations and not sharded else None
     if saved is not None:
         fused.install(model, saved)
     model.train()

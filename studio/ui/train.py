@@ -25,10 +25,11 @@ from studio.ui.forms import Form, build_form
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "assets" / "specs" / "demo_lora.yaml"
 # Shown at once; the rest of TrainingSpec sits under "More training settings".
 MAIN_TRAINING = ("max_steps", "epochs", "batch_size", "grad_accum", "max_seq_len", "lr_schedule", "warmup_steps",
-                 "eval_every")
+                 "eval_every", "devices", "sharding")
 FITS, TIGHT = 0.8, 1.0  # share of the device's memory: below FITS fits, up to TIGHT is tight
 PLACEHOLDER_DIR = "<home>/runs/<id>"
-PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training"}
+PHASES = {"load": "loading the model", "apply": "applying the method", "train": "training",
+          "save": "gathering the sharded model to save it"}
 NAME_LIMIT, PRIORITY_LIMIT = 80, 1000
 
 
@@ -110,10 +111,12 @@ def check(studio: Studio, data: dict, device: str = "auto") -> dict:
     out: dict[str, Any] = {"valid": True, "device": where, "device_bytes": capacity}
     if not result.get("available"):
         return {**out, "available": False, "reason": result.get("reason")}
-    total = int(result["total_bytes"])
-    share = total / capacity if capacity else float("inf")
+    total = int(result["total_bytes"])  # one rank's peak
+    # Per device: a GPU holds one rank; a CPU's RAM holds every rank this machine runs.
+    held = int(result.get("node_bytes", total)) if device == "cpu" else total
+    share = held / capacity if capacity else float("inf")
     verdict = "fits" if share < FITS else "tight" if share <= TIGHT else "does not fit"
-    return {**out, "available": True, "total_bytes": total, "breakdown": result.get("breakdown", {}),
+    return {**out, "available": True, "total_bytes": total, "held_bytes": held, "breakdown": result.get("breakdown", {}),
             "peak_phase": result.get("peak_phase"), "assumptions": result.get("assumptions", []),
             "precision": result.get("precision"), "share": share, "verdict": verdict}
 
@@ -155,7 +158,7 @@ def check_html(result: dict) -> str:
     computes = (f'<div class="estimate-parts">computes in {html.escape(str(precision["dtype"]))}: '
                 f'{html.escape(str(precision.get("reason")))}</div>' if precision.get("dtype") else "")
     return (f'<div class="studio-msg studio-msg-{kind}"><b>{html.escape(result["verdict"])}</b>: about '
-            f'{fmt_bytes(result["total_bytes"])} of {fmt_bytes(result["device_bytes"])} '
+            f'{fmt_bytes(result.get("held_bytes", result["total_bytes"]))} of {fmt_bytes(result["device_bytes"])} '
             f'({html.escape(result["device"])}, {result["share"]:.0%}){phase}'
             + (f'<div class="estimate-parts">{html.escape(parts)}</div>' if parts else "") + computes
             + (f'<details class="estimate-parts"><summary>assumptions</summary><ul>{notes}</ul></details>'
