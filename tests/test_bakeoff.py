@@ -395,6 +395,8 @@ def test_the_benchmark_runs_on_a_tiny_budget(tiny_model, toy_dataset, tmp_path):
     assert saved["benchmark"] == "bakeoff" and saved["wall_seconds"] > 0 and "machine" in saved
     assert saved["report"]["candidates"][0]["status"] == "completed" == out["report"]["candidates"][0]["status"]
     assert (tmp_path / "results" / "bakeoff.png").is_file()
+    page = (tmp_path / "results" / "bakeoff.md").read_text()
+    assert out["report"]["recommendation"] in page and "](bakeoff.png)" in page
 
 
 def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, tiny_model, toy_dataset):
