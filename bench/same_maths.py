@@ -22,7 +22,9 @@ from __future__ import annotations
 import zlib
 
 TOLERANCE = 1e-3  # relative; fp32 systems agree to ~1e-6, a loss over other positions differs by far more
-KNOWN_STD = 0.02
+# Large enough that the trained tensors move the loss by well over TOLERANCE (0.02 moved the tiny
+# test model's by 4e-4 only, so an anchor that ignored its adapter would have passed).
+KNOWN_STD = 0.1
 
 
 def known_weights(model) -> int:
@@ -68,13 +70,15 @@ def _ours(spec_data: dict, scratch: str) -> dict:
     rows = reference_rows(data, spec.training.batch_size, spec.training.seed)
     batch = {k: v.to(device) for k, v in collate([data.train[i] for i in rows], tokenizer.pad_token_id).items()}
     trained = int((batch["labels"][:, 1:] != -100).sum())
-    known = known_weights(trainee.model)
     trainee.model.eval()
     with torch.no_grad():
+        fresh = float(trainee.loss_fn(trained)(batch))  # as the method starts (a fresh LoRA: the base's loss)
+        known = known_weights(trainee.model)
         loss = float(trainee.loss_fn(trained)(batch))
     t = spec.training
     lrs = [lr_at(k, rcfg.lr, t.max_steps, t.warmup_steps, t.lr_schedule) for k in range(t.max_steps)]
-    return {"loss": loss, "rows": rows, "trained_tokens": trained, "known_values": known, "lr_by_step": lrs}
+    return {"loss": loss, "rows": rows, "trained_tokens": trained, "known_values": known, "lr_by_step": lrs,
+            "loss_from_fresh_weights": fresh, "known_weights_move_loss": abs(loss - fresh) / max(abs(fresh), 1e-12)}
 
 
 def _anchor(build, params: dict) -> dict:

@@ -60,6 +60,8 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
     # Before any ratio: every leg's loss on our first batch, from the same known weights, is ours.
     maths = out["same_maths"]["systems"]
     assert set(maths) == set(runs)
+    # The known weights matter: an anchor that ignored its adapter would be caught.
+    assert maths["ours"]["known_weights_move_loss"] > 10 * out["same_maths"]["tolerance"]
     for name, c in maths.items():
         assert c["same"] and c["relative_difference"] <= 1e-3 and c["rows"] == maths["ours"]["rows"], (name, c)
         assert c["known_values"] == maths["ours"]["known_values"] > 0
