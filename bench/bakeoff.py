@@ -3,7 +3,8 @@ rules on full fine-tuning, each with its own searched learning rate, two seeds, 
 
 ``python -m bench.bakeoff`` (a short budget) or ``--full`` (the demo spec's own 120 steps).
 Writes ``bench/results/bakeoff.json`` (the bake-off's report.json, the wall time of the whole
-bake-off, the machine) and ``bench/results/bakeoff.png`` (its Pareto plot). The bake-off runs
+bake-off, the machine), ``bench/results/bakeoff.md`` (its report page) and
+``bench/results/bakeoff.png`` (its Pareto plot). The bake-off runs
 in the benchmarks' studio home, ``bench/.home``; every job is its own process, so each
 run's peak memory is its own.
 """
@@ -46,9 +47,12 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     out_dir = results_dir or RESULTS
     name = "bakeoff" if not full else "bakeoff_full"
+    out_dir.mkdir(parents=True, exist_ok=True)
     if (folder / "pareto.png").is_file():
-        out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / "pareto.png", out_dir / f"{name}.png")
+    # The page for people, beside the numbers (its plot link names pareto.png; ours is {name}.png).
+    page = (folder / "report.md").read_text(encoding="utf-8").replace("](pareto.png)", f"]({name}.png)")
+    (out_dir / f"{name}.md").write_text(page, encoding="utf-8")
     payload = {"settings": {"steps": steps, "seeds": seeds, "eval_rows": budget["eval_rows"],
                             "methods": methods, "rules": rules, "full": full},
                "wall_seconds": wall, "report_folder": str(folder), "report": report}

@@ -113,21 +113,23 @@ def run(full: bool = False, *, spec: dict | None = None, steps: int | None = Non
     rounds = [leg for leg in every if (leg.system in systems if systems else full or leg.headline)]
     started = time.perf_counter()
     warm_model_cache(spec["model"])
+    maths = same_maths(rounds, spec, "speed")
     runs = _rounds(rounds, spec, steps, repeats, "speed")
     payload = {"settings": {"steps": steps, "measured_steps": steps - 1, "repeats": repeats,
                             "order": "alternating, ABBA", "spec": spec,
                             "systems": {leg.system: {"about": leg.about, "on_job_allocator": leg.preload}
                                         for leg in rounds},
                             **_arguments(runs)},
-               "runs": runs, **summarise(runs)}
+               "same_maths": maths, "runs": runs, **summarise(runs, maths)}
     if long_rows:
         long = LONG_FULL if full else LONG
         long_spec = speed_spec(long["steps"], long_rows_spec(spec, common.RAW / "long_rows.jsonl"))
         long_legs = rounds
+        long_maths = same_maths(long_legs, long_spec, "speed-long")
         long_runs = _rounds(long_legs, long_spec, long["steps"], long["repeats"], "speed-long")
         payload["long_rows"] = {"settings": {"steps": long["steps"], "measured_steps": long["steps"] - 1,
                                              "repeats": long["repeats"], "spec": long_spec, "rows": LONG_ROWS},
-                                "runs": long_runs, **summarise(long_runs)}
+                                "same_maths": long_maths, "runs": long_runs, **summarise(long_runs, long_maths)}
     payload["suite_seconds"] = time.perf_counter() - started
     write_result(name, payload, results_dir)
     return payload
@@ -141,6 +143,21 @@ def _arguments(runs: list[dict]) -> dict:
             if key in r and f"{r['system']}" not in found:
                 found[r["system"]] = r[key]
     return {"anchor_arguments": found}
+
+
+def same_maths(legs_: list[Leg], spec: dict, label: str) -> dict:
+    """``bench.same_maths``: every leg's loss on our loop's first batch from the same weights,
+    against ours, in one process of its own. Its verdict decides which ratios are reported."""
+    say(f"{label}: same-maths check of {', '.join(leg.system for leg in legs_)}")
+    out = run_isolated("bench.same_maths", "check",
+                       {"spec": spec, "legs": [{"system": leg.system, "worker": leg.worker, "options": leg.options}
+                                               for leg in legs_]}, f"{label}-same-maths")
+    for name, c in (out.get("systems") or {}).items():
+        say(f"  {name}: " + (f"loss {c['loss']:.6f}" if "loss" in c else "") +
+            ("" if c["same"] else f" NOT THE SAME: {c['why']}"))
+    if "error" in out:
+        say(f"  the check failed: {out['error']}; no ratio will be reported")
+    return out
 
 
 def _rounds(rounds: list[Leg], spec: dict, steps: int, repeats: int, label: str) -> list[dict]:
@@ -193,13 +210,32 @@ def compare(ours: list[dict], theirs: list[dict], key: str) -> dict:
             "ours": spread(a), "theirs": spread(b)}
 
 
-def summarise(runs: list[dict]) -> dict:
+def refusal(maths: dict | None, systems: tuple[str, str]) -> str | None:
+    """Why a pair's ratio is not reported: a system whose loss on the same batch from the same
+    weights differs from ours (or was not checked). None: the same maths, or no check asked
+    (``maths`` None: summaries of hand-made runs)."""
+    if maths is None:
+        return None
+    checked, reasons = maths.get("systems") or {}, []
+    for system in systems:
+        c = checked.get(system) or {}
+        if not c.get("same"):
+            reasons.append(f"{system}: {c.get('why') or 'not checked (' + (maths.get('error') or 'no result') + ')'}")
+    return "; ".join(reasons) or None
+
+
+def summarise(runs: list[dict], maths: dict | None = None) -> dict:
+    """Ratios of medians per comparison; with ``maths`` (bench.same_maths's verdict), a pair that
+    does not compute the same loss gets no ratio, only the reason."""
     systems = list(dict.fromkeys(r["system"] for r in runs))
     ok = {s: [r for r in runs if r["system"] == s and "error" not in r] for s in systems}
     failed = [f"{r['system']} #{r['repeat']}: {r['error']}" for r in runs if "error" in r]
     comparisons = {}
     for name, (mine, theirs) in COMPARISONS.items():
-        if ok.get(mine) and ok.get(theirs):
+        why = refusal(maths, (mine, theirs)) if mine in systems and theirs in systems else None
+        if why:
+            comparisons[name] = {"systems": [mine, theirs], "failed": True, "refused": why}
+        elif ok.get(mine) and ok.get(theirs):
             comparisons[name] = {"systems": [mine, theirs],
                                  "speed": compare(ok[mine], ok[theirs], "trained_tokens_per_second"),
                                  "memory": compare(ok[mine], ok[theirs], "peak_memory_bytes"),
@@ -215,6 +251,8 @@ def summarise(runs: list[dict]) -> dict:
     for anchor in ANCHORS:
         c = comparisons.get(anchor) or {}
         speed, memory = c.get("speed"), c.get("memory")
+        if c.get("refused"):
+            out[f"refused_vs_{anchor}"] = c["refused"]
         out[f"speedup_vs_{anchor}"] = speed["ratio"] if speed else None
         out[f"memory_ratio_vs_{anchor}"] = memory["ratio"] if memory else None
         if speed:
@@ -382,7 +420,24 @@ def _trained_positions_loss(model, inputs, num_items_in_batch=None):
     return total / count
 
 
+@dataclass
+class Built:
+    """An anchor ready to train (what its timed run and the same-maths check both start from)."""
+    setup: _Setup
+    trainer: object
+    collator: _CountingCollator
+    clock: object
+    arguments: dict
+    extra: dict = field(default_factory=dict)
+
+
 def _trainer(params: dict) -> dict:
+    b = build_trainer(params)
+    return _finish(b.setup, b.trainer, b.collator, b.clock, b.arguments, "trainer_arguments")
+
+
+def build_trainer(params: dict) -> Built:
+    """The Trainer leg (``options``: trained_loss, liger) as its timed run starts it."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
@@ -408,7 +463,7 @@ def _trainer(params: dict) -> dict:
         cls = TrainedPositionsTrainer
     trainer = cls(model=model, args=TrainingArguments(**arguments), train_dataset=rows, data_collator=collator,
                   callbacks=[clock])
-    return _finish(s, trainer, collator, clock, arguments, "trainer_arguments")
+    return Built(s, trainer, collator, clock, arguments)
 
 
 def trl_padding_free(attn_implementation: str | None) -> bool:
@@ -418,6 +473,12 @@ def trl_padding_free(attn_implementation: str | None) -> bool:
 
 
 def _trl(params: dict) -> dict:
+    b = build_trl(params)
+    return _finish(b.setup, b.trainer, b.collator, b.clock, b.arguments, "trl_arguments", b.extra)
+
+
+def build_trl(params: dict) -> Built:
+    """The TRL leg (``options``: defaults) as its timed run starts it."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -452,9 +513,9 @@ def _trl(params: dict) -> dict:
     config = SFTConfig(**arguments)
     trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=s.tokenizer,
                          data_collator=collator, peft_config=s.method.to_peft_config(s.mcfg), callbacks=[clock])
-    return _finish(s, trainer, collator, clock, arguments, "trl_arguments",
-                   {"attn_implementation": attn, "padding_free": padding_free, "bf16": config.bf16,
-                    "gradient_checkpointing": config.gradient_checkpointing})
+    return Built(s, trainer, collator, clock, arguments,
+                 {"attn_implementation": attn, "padding_free": padding_free, "bf16": config.bf16,
+                  "gradient_checkpointing": config.gradient_checkpointing})
 
 
 def _unsloth(params: dict) -> dict:

@@ -99,33 +99,30 @@ def test_a_request_is_checked_before_anything_is_written(studio_home):
 
 
 def test_plan_skips_invalid_combinations_and_what_does_not_fit(studio_home, tiny_model, toy_dataset, monkeypatch):
-    spec = make_spec(tiny_model, toy_dataset, Path("unused"), grad_accum=2)
-    manifest = bakeoff.create(studio_home, spec, methods=["lora", "ia3"], rules=["adamw", "mezo"], budget_steps=4)
-    predicted = {}
-
-    def capacity(device):  # room for exactly the smallest candidate's predicted peak
-        return min(predicted.values())
+    """The plan's own logic, with stand-in predictions (the end-to-end bake-off below uses the
+    real estimator; its accuracy is tests/test_estimate.py's)."""
     from jobs.estimate import estimator as est
 
-    real = est.estimate
+    spec = make_spec(tiny_model, toy_dataset, Path("unused"), grad_accum=2)
+    predicted = {("lora", "adamw"): 3 * 2**20, ("ia3", "adamw"): 2**20}
+    asked = []
 
-    def recording(spec, device=None, **kw):
-        out = real(spec, device, **kw)
-        predicted[(spec.method_name, spec.optimizer_name)] = out["total_bytes"]
-        return out
-    monkeypatch.setattr(est, "estimate", recording)
-    bakeoff.plan(studio_home, manifest)  # first pass: learn the predictions
+    def estimate(spec, device=None, **kw):
+        asked.append((spec.method_name, spec.optimizer_name))
+        return {"total_bytes": predicted[asked[-1]]}
+    monkeypatch.setattr(est, "estimate", estimate)
+    monkeypatch.setattr(bakeoff, "device_capacity", lambda device: 2 * 2**20)  # room for ia3 only
     manifest = bakeoff.create(studio_home, spec, methods=["lora", "ia3"], rules=["adamw", "mezo"], budget_steps=4)
-    monkeypatch.setattr(bakeoff, "device_capacity", capacity)
     plan = {c["key"]: c for c in bakeoff.plan(studio_home, manifest)["candidates"]}
+    assert sorted(asked) == sorted(predicted)  # an invalid combination is never estimated
     assert "invalid combination" in plan["lora+mezo"]["skipped"] and "grad_accum" in plan["lora+mezo"]["skipped"]
-    smallest = min((k for k in predicted if k[1] == "adamw"), key=predicted.get)
-    bigger = next(k for k in predicted if k[1] == "adamw" and k != smallest)
-    assert plan["+".join(smallest)]["skipped"] is None
-    assert plan["+".join(bigger)]["skipped"].startswith("does not fit: predicted peak")
-    assert plan["+".join(bigger)]["predicted_peak_bytes"] == predicted[bigger]
-    assert plan["+".join(smallest)]["lr_grid"] == [plan["+".join(smallest)]["suggested_lr"] * f
-                                                   for f in bakeoff.LR_FACTORS]
+    assert plan["ia3+adamw"]["skipped"] is None and plan["ia3+adamw"]["predicted_peak_bytes"] == 2**20
+    assert plan["lora+adamw"]["skipped"].startswith("does not fit: predicted peak")
+    assert plan["lora+adamw"]["predicted_peak_bytes"] == 3 * 2**20
+    assert plan["ia3+adamw"]["lr_grid"] == [plan["ia3+adamw"]["suggested_lr"] * f for f in bakeoff.LR_FACTORS]
+    monkeypatch.setattr(bakeoff, "device_capacity", lambda device: 2**19)
+    with pytest.raises(StudioError, match="no candidate can run here"):
+        bakeoff.plan(studio_home, bakeoff.create(studio_home, spec, methods=["lora", "ia3"], budget_steps=4))
 
 
 def test_learning_rates_come_from_held_out_loss_and_minutes_from_step_time(studio_home, tiny_model, toy_dataset):
@@ -155,6 +152,83 @@ def test_learning_rates_come_from_held_out_loss_and_minutes_from_step_time(studi
     assert cands["lora+adamw"]["lr"] == 1e-2
     assert cands["lora+adamw"]["steps"] == 20  # 30 s / (6 s / 4 steps)
     assert "every learning rate" in cands["ia3+adamw"]["skipped"]
+
+
+def test_one_split_for_every_seed_and_the_search_scores_on_rows_of_its_own(tmp_path, tiny_model, toy_dataset):
+    """Plan level, no training: the rows each candidate spec names, for several seeds."""
+    from jobs.bakeoff.split import write_split
+    from jobs.data.rows import read_rows
+    from jobs.spec import DatasetSpec
+
+    base = make_spec(tiny_model, toy_dataset, Path("unused"))
+    _, held_at_seed0, _ = read_rows(DatasetSpec(**base["dataset"]), 0)
+    _, held_at_seed1, _ = read_rows(DatasetSpec(**base["dataset"]), 1)
+    assert held_at_seed0 != held_at_seed1  # the base spec alone moves its held-out rows with the seed
+    data = write_split(tmp_path / "bakeoff", base, 0)
+
+    def rows_of(seed, search):
+        spec = bakeoff.candidate_spec(base, "lora", "adamw", 1e-3, 4, seed, search=search, rows=data)
+        assert spec["training"]["seed"] == seed
+        train, held, _ = read_rows(DatasetSpec(**spec["dataset"]), seed)  # as the run itself reads them
+        return [json.dumps(r, sort_keys=True) for r in train], [json.dumps(r, sort_keys=True) for r in held]
+
+    train0, score0 = rows_of(0, search=False)
+    assert score0 == [json.dumps(r, sort_keys=True) for r in held_at_seed0]  # what the base spec scores on
+    for seed in (1, 7):
+        assert rows_of(seed, search=False) == (train0, score0)  # the same rows whatever the seed
+    strain, picked = rows_of(0, search=True)
+    assert strain == train0 and rows_of(1, search=True) == (train0, picked)
+    assert len(picked) == 7 and not set(picked) & set(score0) and not set(picked) & set(train0)
+    assert len(train0) + len(picked) + len(score0) == 48
+    # One rate and no time budget: nothing searches, so no row is kept from training.
+    whole = write_split(tmp_path / "single", base, 0, searching=False)
+    assert whole["search"] is None and whole["rows"]["train"] == 38
+    with pytest.raises(StudioError, match="no rows apart"):
+        bakeoff.candidate_spec(base, "lora", "adamw", 1e-3, 4, 0, search=True, rows=whole)
+    with pytest.raises(StudioError, match="holds out no rows"):
+        write_split(tmp_path / "none", merge_dataset(base, eval_fraction=0.0), 0)
+
+
+def merge_dataset(spec, **dataset):
+    return {**spec, "dataset": {**spec["dataset"], **dataset}}
+
+
+def test_a_rate_at_the_edge_extends_the_grid_once_and_the_report_says_where_it_landed(studio_home, tiny_model,
+                                                                                      toy_dataset):
+    from jobs.bakeoff.driver import submit_search
+    from jobs.bakeoff.report import recommend
+    from jobs.bakeoff.split import write_split
+    from jobs.runner.store import JobStore
+
+    grid = [1e-3, 3e-3, 9e-3]
+    cands = {k: {"key": k, "method": "lora", "rule": "adamw", "lr_grid": list(g), "lr": lr, "skipped": skip,
+                 "lr_extra": None, "steps": 4}
+             for k, g, lr, skip in (("inside", grid, 3e-3, None), ("top", grid, 9e-3, None),
+                                    ("bottom", grid, 1e-3, None), ("one", [1e-3], 1e-3, None),
+                                    ("skipped", grid, None, "does not fit"))}
+    manifest = {"candidates": list(cands.values())}
+    assert bakeoff.extend_grids(manifest) == ["top", "bottom"]
+    assert cands["top"]["lr_extra"] == pytest.approx(2.7e-2) and cands["bottom"]["lr_extra"] == pytest.approx(1e-3 / 3)
+    assert bakeoff.extend_grids(manifest) == []  # once
+    assert [bakeoff.landing(cands[k]) for k in ("inside", "top", "one", "skipped")] == \
+        ["interior", "extended", "single", None]  # the edge rate beat the extra one
+    cands["bottom"]["lr"] = cands["bottom"]["lr_extra"]  # the extra rate won: still at an edge
+    assert bakeoff.landing(cands["bottom"]) == "edge"
+    assert bakeoff.landing({**cands["top"], "lr_extra": None}) == "edge"  # not (yet) extended
+    # The driver queues only the extension runs, on the search rows.
+    spec = make_spec(tiny_model, toy_dataset, Path("unused"))
+    real = bakeoff.create(studio_home, spec, methods=["lora"], budget_steps=4)
+    real.update(seeds=[0], search_steps=2, data=write_split(bakeoff.folder(studio_home, real["id"]), spec, 0),
+                candidates=[cands["top"]], search=[{"key": "top", "lr": lr, "job_id": -1} for lr in grid])
+    submit_search(studio_home, real)
+    (extra,) = real["search"][3:]
+    job = JobStore(studio_home).get(extra["job_id"])
+    assert extra["lr"] == job.spec["optimizer"]["lr"] == cands["top"]["lr_extra"]
+    assert job.spec["dataset"]["eval_path"] == real["data"]["search"] and "(search)" in job.name
+    # The recommendation warns when the best rate stayed at the edge.
+    summary = summarize(rows_for("lora", [0.5, 0.6], [1e9, 1e9]))
+    assert "stayed at the edge" in recommend(summary, "eval_loss", None, {"lora": "edge"})
+    assert "edge" not in recommend(summary, "eval_loss", None, {"lora": "extended"})
 
 
 # -- end to end ----------------------------------------------------------------------------
@@ -217,17 +291,33 @@ def test_every_candidate_gets_its_searched_rate_and_the_same_data(finished):
     search = report["lr_search"]
     for key, lr in search["chosen"].items():
         tried = [r for r in search["runs"] if r["candidate"] == key]
-        assert len(tried) == 2 and lr == min(tried, key=lambda r: r["eval_loss"])["lr"]
+        # Two factors: every first choice is at an edge, so each grid got one more rate past it.
+        low, high = sorted(r["lr"] for r in tried[:2])
+        assert search["extra"][key] in (pytest.approx(low * low / high), pytest.approx(high * high / low))
+        assert [r["lr"] for r in tried][2] == search["extra"][key]
+        assert len(tried) == 3 and lr == min(tried, key=lambda r: r["eval_loss"])["lr"]
+        assert search["landing"][key] == ("edge" if lr == search["extra"][key] else "extended")
         assert {r["lr"] for r in report["candidates"] if r["candidate"] == key} == {lr}
     assert search["train_seconds"] > 0
-    assert search["at_edge"] == sorted(search["chosen"])  # two factors: every choice is at an edge
+    assert search["at_edge"] == sorted(k for k, v in search["landing"].items() if v == "edge")
     jobs = [j for j in JobStore(home).list() if j.name.startswith(f"bakeoff {report['id']} ")]
-    assert len(jobs) == 12  # 6 search + 6 final, all ordinary jobs
+    assert len(jobs) == 15  # 6 search + 3 extensions + 6 final, all ordinary jobs
     finals = [j.spec for j in jobs if "seed" in j.name]
+    searches = [j.spec for j in jobs if "search" in j.name]
+    # One split for every run: the same training rows; the search scores on rows no final run scores on.
+    assert len({json.dumps(s["dataset"]) for s in finals}) == 1 and len({json.dumps(s["dataset"]) for s in searches}) == 1
+    assert {s["dataset"]["path"] for s in finals + searches} == {str(folder / "data" / "train.jsonl")}
+    rows = report["rows"]
+    assert (rows["train"], rows["search"], rows["score"]) == (31, 7, 10)  # 48 rows: 20% held out, a fifth of the rest
+    score, picked = finals[0]["dataset"]["eval_path"], searches[0]["dataset"]["eval_path"]
+    read = lambda path: {line for line in Path(path).read_text().splitlines() if line}  # noqa: E731
+    assert read(score) and read(picked) and not read(score) & read(picked)
+    assert not read(picked) & read(finals[0]["dataset"]["path"])
     for seed in (0, 1):
         same = [s for s in finals if s["training"]["seed"] == seed]
-        assert len(same) == 3 and len({json.dumps(s["dataset"]) for s in same}) == 1
-        assert {s["training"]["max_steps"] for s in same} == {4}
+        assert len(same) == 3 and {s["training"]["max_steps"] for s in same} == {4}
+    page = (folder / "report.md").read_text()
+    assert "where the rates landed:" in page and "(extension)" in page
 
 
 def test_the_ui_reads_progress_and_serves_the_report(finished):
@@ -305,6 +395,8 @@ def test_the_benchmark_runs_on_a_tiny_budget(tiny_model, toy_dataset, tmp_path):
     assert saved["benchmark"] == "bakeoff" and saved["wall_seconds"] > 0 and "machine" in saved
     assert saved["report"]["candidates"][0]["status"] == "completed" == out["report"]["candidates"][0]["status"]
     assert (tmp_path / "results" / "bakeoff.png").is_file()
+    page = (tmp_path / "results" / "bakeoff.md").read_text()
+    assert out["report"]["recommendation"] in page and "](bakeoff.png)" in page
 
 
 def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, tiny_model, toy_dataset):

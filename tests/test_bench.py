@@ -57,6 +57,17 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
         assert r["mean_train_loss"] > 0
     for anchor in ("trainer", "trl"):
         assert out[f"speedup_vs_{anchor}"] > 0 and out[f"memory_ratio_vs_{anchor}"] > 0
+    # Before any ratio: every leg's loss on our first batch, from the same known weights, is ours.
+    maths = out["same_maths"]["systems"]
+    assert set(maths) == set(runs)
+    # The known weights matter: an anchor that ignored its adapter would be caught.
+    assert maths["ours"]["known_weights_move_loss"] > 5 * out["same_maths"]["tolerance"]  # 0.9% here
+    for name, c in maths.items():
+        assert c["same"] and c["relative_difference"] <= 1e-3 and c["rows"] == maths["ours"]["rows"], (name, c)
+        assert c["known_values"] == maths["ours"]["known_values"] > 0
+    # What else separates their mean losses: Trainer's warmup starts at lr 0, ours at lr/warmup.
+    assert maths["trainer"]["lr_differs_at_steps"] == maths["trl"]["lr_differs_at_steps"] == [1, 2]
+    assert maths["trainer"]["lr_by_step"][0] == 0.0 and maths["ours"]["lr_by_step"][0] == pytest.approx(5e-3)
     args = out["settings"]["anchor_arguments"]
     assert args["trainer"]["per_device_train_batch_size"] == 4 and args["trainer"]["max_steps"] == 8
     assert args["trainer"]["learning_rate"] == args["trl"]["learning_rate"] == 1e-2
@@ -72,8 +83,11 @@ def test_the_default_suite_is_the_headline_and_unknown_systems_are_refused(tiny_
     monkeypatch.setattr(speed, "_rounds", lambda legs, spec, steps, repeats, label: ran.append(
         (label, [leg.system for leg in legs])) or [])
     monkeypatch.setattr(speed, "warm_model_cache", lambda model: {})
+    monkeypatch.setattr(speed, "same_maths", lambda legs, spec, label: ran.append(
+        (label + " check", [leg.system for leg in legs])) or {"systems": {}})
     out = speed.run(spec=tiny_spec, results_dir=results, name="speed-default")
-    assert ran == [("speed", ["ours", "trainer", "trl"]), ("speed-long", ["ours", "trainer", "trl"])]
+    assert ran == [("speed check", ["ours", "trainer", "trl"]), ("speed", ["ours", "trainer", "trl"]),
+                   ("speed-long check", ["ours", "trainer", "trl"]), ("speed-long", ["ours", "trainer", "trl"])]
     assert out["suite_seconds"] >= 0 and (results / "speed-default.json").is_file()
     with pytest.raises(SystemExit, match="unknown system"):
         speed.run(spec=tiny_spec, results_dir=results, systems=["ours", "tranier"])
@@ -175,6 +189,21 @@ def test_speed_summary_is_a_ratio_of_medians_with_its_range_and_survives_failure
     none = speed.summarise([r("ours", 30, 50), {"system": "trainer", "repeat": 1, "error": "out of memory"}])
     assert none["speedup_vs_trainer"] is None and none["failures"] == ["trainer #1: out of memory"]
     assert none["comparisons"]["trainer"] == {"systems": ["ours", "trainer"], "failed": True}
+    # No ratio for a pair that does not compute the same loss on the same batch, or was not checked.
+    from bench.same_maths import verdict
+
+    runs = [r("ours", 30, 50), r("trainer", 20, 100), r("trl", 10, 200)]
+    loss = {"ours": 2.0, "trainer": 2.0 * (1 + 0.9e-3), "trl": 2.0 * (1 + 1.1e-3)}
+    maths = verdict({"systems": {k: {"loss": v, "rows": [0, 1]} for k, v in loss.items()}})
+    assert [maths["systems"][k]["same"] for k in loss] == [True, True, False]
+    checked = speed.summarise(runs, maths)
+    assert checked["speedup_vs_trainer"] == pytest.approx(1.5) and "refused_vs_trainer" not in checked
+    assert checked["speedup_vs_trl"] is None and checked["memory_ratio_vs_trl"] is None
+    assert "first-batch loss" in checked["refused_vs_trl"] == checked["comparisons"]["trl"]["refused"]
+    other_rows = verdict({"systems": {"ours": {"loss": 2.0, "rows": [0, 1]}, "trainer": {"loss": 2.0, "rows": [1, 2]}}})
+    assert not other_rows["systems"]["trainer"]["same"]
+    unchecked = speed.summarise(runs, {"error": "the check crashed"})
+    assert unchecked["speedup_vs_trainer"] is None and "the check crashed" in unchecked["refused_vs_trainer"]
 
 
 def test_quality_ladder_has_the_base_floor_and_each_method(tiny_spec, results):

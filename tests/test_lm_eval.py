@@ -25,13 +25,43 @@ def run_dir(tmp_path_factory, tiny_model):
     return root / "run"
 
 
-def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home):
+def known_answers(monkeypatch, run_dir, padded: int = 2):
+    """The model generates for real; the first ``padded`` answers are then replaced by their row's
+    own target wrapped in spaces. Returns ``expected()``: the exact match the task must report,
+    padded rows (once stripped) plus the real answers that match, over the rows seen. A task that
+    scored other rows, another target, or without the strip filter would report something else."""
+    from lm_eval.models.huggingface import HFLM
+
+    from jobs.results.inference import load_run
+    from jobs.results.lm_eval_task import heldout_rows
+
+    targets = {r["prompt"]: r["target"] for r in heldout_rows(load_run(run_dir))}
+    real, seen = HFLM.generate_until, []
+
+    def generate(self, requests, disable_tqdm=False):
+        out = []
+        for request, answer in zip(requests, real(self, requests, disable_tqdm)):
+            prompt = request.args[0]
+            seen.append((prompt, answer))
+            out.append(f"  {targets[prompt]}\n" if len(seen) <= padded else answer)
+        return out
+    monkeypatch.setattr(HFLM, "generate_until", generate)
+
+    def expected():
+        assert len(seen) > padded and all(p in targets for p, _ in seen)  # the run's own held-out rows
+        return (padded + sum(a.strip() == targets[p] for p, a in seen[padded:])) / len(seen)
+    expected.seen = seen
+    return expected
+
+
+def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home, monkeypatch):
     from jobs.results.lm_eval_task import evaluate_run
 
+    expected = known_answers(monkeypatch, run_dir)
     result = evaluate_run(run_dir, ["heldout"], limit=4)
     scores = result["scores"]["heldout"]
-    assert result["model_form"] == "merged" and scores["sample_len"] == 4
-    assert 0.0 <= scores["exact_match"] <= 1.0
+    assert result["model_form"] == "merged" and scores["sample_len"] == 4 == len(expected.seen)
+    assert scores["exact_match"] == expected()
     report = json.loads((run_dir / "eval" / "lm_eval.json").read_text())
     assert report["scores"] == result["scores"] and "heldout" in report["results"]
     assert report["configs"]["heldout"]["output_type"] == "generate_until"
@@ -89,6 +119,7 @@ def test_bundled_model_heldout_evaluation(smollm_lora_run, monkeypatch):
     from jobs.results.lm_eval_task import evaluate_run
 
     monkeypatch.setenv("STUDIO_HOME", str(smollm_lora_run["home"]))
+    expected = known_answers(monkeypatch, smollm_lora_run["run_dir"], padded=1)
     result = evaluate_run(smollm_lora_run["run_dir"], ["heldout"], limit=2)
     assert result["scores"]["heldout"]["sample_len"] == 2
-    assert 0.0 <= result["scores"]["heldout"]["exact_match"] <= 1.0
+    assert result["scores"]["heldout"]["exact_match"] == expected()

@@ -178,9 +178,23 @@ def test_bad_dataset_leaves_no_run_folder(tiny_model, tmp_path, studio_home):
 
 
 def test_prompt_tuning_trains_through_the_loop(tiny_model, toy_dataset, tmp_path, studio_home):
-    run = train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / "run", method={"name": "prompt"},
+    """Started from known embeddings (the words of init_text), the saved soft prompt must have
+    moved, every virtual token of it, after six logged steps; the base model is not trained."""
+    init_text = "what is the answer"
+    run = train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / "run",
+                                     method={"name": "prompt", "init": "text", "init_text": init_text},
                                      optimizer={"name": "adamw", "lr": 0.3}, max_steps=6)))
     assert run["status"] == "completed" and run["metrics"]["trainable_params"] == 16 * 32
+    steps = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in steps)
+    base = load_file(str(tiny_model / "model.safetensors"))
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_model)(init_text, add_special_tokens=False)["input_ids"]
+    start = base["model.embed_tokens.weight"][torch.tensor((ids * 4)[:16])]
+    (prompt,) = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")).values()
+    assert prompt.shape == start.shape
+    assert bool(((prompt - start).abs().amax(dim=1) > 0).all())  # every virtual token was updated
 
 
 def test_lr_schedules():

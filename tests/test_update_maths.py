@@ -178,6 +178,12 @@ def test_adam_rules_follow_the_float64_reference(rule):
             assert float(diff.max()) < 1e-6
         else:
             assert float(diff.mean()) < 0.05 * 0.01 * t and float(diff.max()) < 0.01 * t
+    if rule != "adamw":  # and the moments are stored in 8 bits: one byte a value, no full-size fp32 copy
+        (state,) = stepper.optimizer.state.values()
+        assert state["state1"].dtype == state["state2"].dtype == torch.uint8
+        assert state["state1"].shape == state["state2"].shape == q.weight.shape
+        assert not [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                    and v.numel() >= q.weight.numel()]
 
 
 def test_adamw_clips_the_global_norm_before_the_moments():

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.bakeoff.plan import candidate_spec, choose_rates, folder, load, plan, save
+from jobs.bakeoff.plan import (candidate_spec, choose_rates, extend_grids, folder, load, plan, save,
+                               searched_rates, settle_landings)
 from adapters.core.errors import StudioError, describe
 from adapters.core.spawn import spawn_module
 from jobs.home import home_env, studio_home
@@ -40,11 +41,11 @@ def submit_search(home: Path, manifest: dict) -> None:
         # One rate needs no search, unless the runs must also measure the step time.
         if cand["skipped"] or len(cand["lr_grid"]) < 2 and not timed:
             continue
-        for lr in cand["lr_grid"]:
+        for lr in searched_rates(cand):
             if (cand["key"], lr) in queued:
                 continue
             data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], lr, manifest["search_steps"],
-                                  seed0, search=True)
+                                  seed0, search=True, rows=manifest.get("data"))
             jid = _submit(home, bid, data, f"{cand['key']} lr={lr:.3g} (search)")
             manifest["search"].append({"key": cand["key"], "lr": lr, "job_id": jid})
             save(home, manifest)
@@ -59,7 +60,7 @@ def submit_final(home: Path, manifest: dict) -> None:
             if (cand["key"], seed) in queued:
                 continue
             data = candidate_spec(manifest["spec"], cand["method"], cand["rule"], cand["lr"], cand["steps"],
-                                  seed, search=False)
+                                  seed, search=False, rows=manifest.get("data"))
             jid = _submit(home, manifest["id"], data, f"{cand['key']} seed {seed}")
             manifest["final"].append({"key": cand["key"], "seed": seed, "lr": cand["lr"], "job_id": jid})
             save(home, manifest)
@@ -161,12 +162,19 @@ def drive(home: str | Path | None, bid: str, inline: bool = False, say=lambda te
             if not manifest["candidates"]:
                 say("planning: validating candidates and estimating their memory")
                 plan(home, manifest)
-            if any(c["skipped"] is None and c["lr"] is None for c in manifest["candidates"]):
+            if any(c["skipped"] is None and c.get("lr_landing") is None for c in manifest["candidates"]):
                 submit_search(home, manifest)
                 _phase(home, manifest, "searching")
                 say(f"learning-rate search: {len(manifest['search'])} short runs")
                 wait(home, [s["job_id"] for s in manifest["search"]], **watch)
                 choose_rates(home, manifest)
+                extended = extend_grids(manifest)
+                if extended:  # a winner at the edge of its grid: one more rate beyond it, once
+                    submit_search(home, manifest)
+                    say(f"learning-rate search: one more rate past the edge for {', '.join(extended)}")
+                    wait(home, [s["job_id"] for s in manifest["search"]], **watch)
+                    choose_rates(home, manifest)
+                settle_landings(home, manifest)
             submit_final(home, manifest)
             _phase(home, manifest, "training")
             say(f"training: {len(manifest['final'])} runs")

@@ -28,6 +28,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+LANDINGS = {"interior": "inside the grid", "extended": "at an edge, then bracketed by one more rate",
+            "edge": "at the edge even after one more rate", "single": "one rate, no search"}
+
+
+def landings(search: dict) -> str:
+    """'2 inside the grid (a, b); 1 at the edge even after one more rate (c)', in that order."""
+    landed = search.get("landing") or {}
+    parts = []
+    for kind, words in LANDINGS.items():
+        names = sorted(k for k, v in landed.items() if v == kind)
+        if names:
+            parts.append(f"{len(names)} {words} ({', '.join(names)})")
+    return "; ".join(parts) or "-"
+
+
 def markdown(report: dict) -> str:
     b, metric = report["budget"], report["quality_metric"]
     budget = f"{b['steps']} optimizer steps" if b["steps"] else \
@@ -36,8 +51,11 @@ def markdown(report: dict) -> str:
     lines = [f"# Bake-off {report['id']}", "",
              f"- device: {report['device']}; budget: {budget}, the same for every candidate",
              f"- seeds: {', '.join(map(str, b['seeds'] or []))}; {b['data_order']}",
+             f"- rows: {(report.get('rows') or {}).get('split', '-')}",
              f"- learning rate: each candidate's own, searched over {', '.join(f'{f:g}' for f in b['lr_factors'])} "
-             f"x its suggested rate on {b['search_steps']} steps, picked by held-out loss",
+             f"x its suggested rate on {b['search_steps']} steps, picked by the loss on the search rows; "
+             "a winner at the edge of the grid got one more rate beyond it",
+             f"- where the rates landed: {landings(report['lr_search'])}",
              f"- quality measure: {metric.replace('_', ' ')}",
              f"- cost: {report['wall_seconds'] / 60:.1f} min in all, of which planning (a memory estimate per "
              f"candidate) {(report.get('plan_seconds') or 0) / 60:.1f} min and the learning-rate search "
@@ -53,9 +71,11 @@ def markdown(report: dict) -> str:
     if report.get("plot"):
         lines += [f"![Pareto fronts]({report['plot']})", ""]
     lines += ["## Candidates (mean over seeds)", ""]
-    lines += _table(["candidate", "lr", "held-out loss", "exact match", "peak memory", "predicted", "train time",
+    landed = report["lr_search"].get("landing", {})
+    lines += _table(["candidate", "lr", "lr landed", "held-out loss", "exact match", "peak memory", "predicted", "train time",
                      "trained tok/s", "trainable params", "adapter on disk", "merges", "runs ok", "vs best"],
-                    [[s["candidate"], _num(s["lr"], "{:.2g}"), _spread(s, "eval_loss"),
+                    [[s["candidate"], _num(s["lr"], "{:.2g}"), landed.get(s["candidate"]) or "-",
+                      _spread(s, "eval_loss"),
                       _spread(s, "exact_match", "{:.0%}") if s.get("exact_match") is not None else "-",
                       _bytes(s.get("peak_memory_bytes")), _bytes(s.get("predicted_peak_bytes")),
                       _spread(s, "train_seconds", "{:.1f}s"), _num(s.get("trained_tokens_per_second"), "{:.0f}"),
@@ -76,12 +96,15 @@ def markdown(report: dict) -> str:
               f"{len(search['runs'])} runs of {search['steps_per_run']} steps: {search['train_seconds']:.0f} s "
               f"of training, {search['wall_seconds']:.0f} s wall time (process start, loading, evaluation).", ""]
     if search["runs"]:
-        lines += _table(["candidate", "lr", "held-out loss", "status", "chosen"],
-                        [[r["candidate"], f"{r['lr']:.2g}", _num(r["eval_loss"]), r["status"],
+        extra = search.get("extra", {})
+        lines += _table(["candidate", "lr", "loss on the search rows", "status", "chosen"],
+                        [[r["candidate"], f"{r['lr']:.2g}" + (" (extension)" if extra.get(r["candidate"]) == r["lr"]
+                                                              else ""),
+                          _num(r["eval_loss"]), r["status"],
                           "yes" if search["chosen"].get(r["candidate"]) == r["lr"] else ""] for r in search["runs"]])
     if search.get("at_edge"):
-        lines += ["", f"Chosen at the edge of the grid: {', '.join(search['at_edge'])}. The best rate may lie "
-                  "beyond it; a wider `--lr-factors` would tell."]
+        lines += ["", f"Still at the edge of the grid after extending it once: {', '.join(search['at_edge'])}. "
+                  "The best rate may lie further out; a wider `--lr-factors` would tell."]
     if report["skipped"]:
         lines += ["", "## Skipped", ""]
         lines += _table(["candidate", "predicted peak", "why"],

@@ -10,8 +10,12 @@ Fairness, as a practitioner would set it up:
   as its own measured step time allows in the same minutes);
 - replicate k of every candidate uses the same ``training.seed``, which fixes the data
   order, so candidates see the same batches in the same order;
+- every run trains on the same rows and the held-out rows are fixed once for all seeds
+  (``jobs.bakeoff.split``): replicates differ only in initialisation and data order;
 - each candidate gets its own learning rate from a short, bounded search: a few multiples
-  of its suggested rate, each trained on a slice of the budget, the lowest held-out loss wins.
+  of its suggested rate, each trained on a slice of the budget, the lowest loss on the
+  search rows wins (rows that never score the candidates). A winner at the edge of the grid
+  gets one more rate beyond that edge, once, and the report says where each rate landed.
 
 This module holds the request, the plan and the choices; ``jobs.bakeoff.driver`` queues the
 jobs and waits for them. Nothing here imports torch at module level: the UI writes requests
@@ -26,7 +30,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from adapters.core.errors import StudioError
+from adapters.core.errors import StudioError, describe
+from jobs.bakeoff.split import dataset_for, write_split
 from jobs.home import studio_home
 from jobs.runfolder import read_run, write_json_atomic
 from jobs.runner.store import JobStore
@@ -131,9 +136,12 @@ def suggested_lr(method, rule) -> float:
     return float(rule.Config.model_fields["lr"].default)
 
 
-def candidate_spec(base: dict, method: str, rule: str, lr: float, steps: int, seed: int, search: bool) -> dict:
-    """The base spec turned into one run of one candidate (the store picks the run folder)."""
+def candidate_spec(base: dict, method: str, rule: str, lr: float, steps: int, seed: int, search: bool,
+                   rows: dict | None = None) -> dict:
+    """The base spec turned into one run of one candidate (the store picks the run folder);
+    ``rows`` is the manifest's split (``jobs.bakeoff.split``), whose files the run reads."""
     data = json.loads(json.dumps({k: v for k, v in base.items() if k != "output_dir"}))
+    data["dataset"] = dataset_for(data["dataset"], rows, search)
     own = data.get("method")
     if not (isinstance(own, dict) and own.get("name") == method or own == method):
         data["method"] = {"name": method}
@@ -179,6 +187,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
     steps = req["budget_steps"] or (base.get("training") or {}).get("max_steps") or 100
     timed = req["budget_minutes"] is not None
     search_steps = req["search_steps"] or (SEARCH_STEPS_TIMED if timed else max(1, math.ceil(steps * SEARCH_SHARE)))
+    rows = write_split(folder(home, manifest["id"]), base, seed0, searching=timed or len(req["lr_factors"]) > 1)
     candidates = []
     for mname, rname in candidate_pairs(req["methods"], req["rules"]):
         method, rule = METHODS.get(mname), UPDATE_RULES.get(rname)
@@ -186,8 +195,8 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
         cand = {"key": f"{mname}+{rname}", "method": mname, "rule": rname, "suggested_lr": centre,
                 "lr_grid": [centre * f for f in req["lr_factors"]], "merges": method.merge_blocker is None,
                 "merge_blocker": method.merge_blocker, "predicted_peak_bytes": None, "skipped": None,
-                "lr": None, "steps": None if timed else steps}
-        data = candidate_spec(base, mname, rname, centre, steps, seed0, search=False)
+                "lr": None, "lr_extra": None, "lr_landing": None, "steps": None if timed else steps}
+        data = candidate_spec(base, mname, rname, centre, steps, seed0, search=False, rows=rows)
         try:
             spec = parse_spec({**data, "output_dir": "<bake-off>"}, cand["key"])
             check_combination(spec, cand["key"])
@@ -198,7 +207,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
         try:
             cand["predicted_peak_bytes"] = int(estimate(spec, device)["total_bytes"])
         except Exception as e:  # noqa: BLE001 - a method the model does not support fails here
-            cand["skipped"] = f"not supported here: {e.message if isinstance(e, StudioError) else f'{type(e).__name__}: {e}'}"
+            cand["skipped"] = f"not supported here: {describe(e)}"
         else:
             if cand["predicted_peak_bytes"] > capacity:
                 cand["skipped"] = (f"does not fit: predicted peak {cand['predicted_peak_bytes'] / 2**30:.2f} GiB, "
@@ -207,7 +216,7 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
     if not any(c["skipped"] is None for c in candidates):
         raise StudioError("no candidate can run here: " + "; ".join(f"{c['key']}: {c['skipped']}" for c in candidates),
                           "bake-off", "choose other methods or rules, or a smaller batch or model.")
-    manifest.update(candidates=candidates, device=device, capacity_bytes=capacity,
+    manifest.update(candidates=candidates, device=device, capacity_bytes=capacity, data=rows,
                     seeds=[seed0 + k for k in range(req["seeds"])], search_steps=search_steps,
                     memory_budget_bytes=req["memory_budget_bytes"] or capacity, plan_seconds=time.time() - started)
     save(home, manifest)
@@ -215,6 +224,50 @@ def plan(home: str | Path | None, manifest: dict) -> dict:
 
 
 # -- the learning-rate choice -------------------------------------------------------
+
+def searched_rates(cand: dict) -> list[float]:
+    """The rates a candidate's search trains: its grid, and the one extension if it got one."""
+    return list(cand["lr_grid"]) + ([cand["lr_extra"]] if cand.get("lr_extra") is not None else [])
+
+
+def extend_grids(manifest: dict) -> list[str]:
+    """A rate chosen at the edge of its grid is only the best of those tried: the optimum may lie
+    beyond. Each such candidate gets one more rate past that edge, one grid step further (the
+    ratio of the two rates at that end), once. Returns the candidates extended."""
+    extended = []
+    for cand in manifest["candidates"]:
+        grid = sorted(cand["lr_grid"])
+        if cand["skipped"] or cand["lr"] is None or cand.get("lr_extra") is not None or len(grid) < 2:
+            continue
+        if cand["lr"] == grid[0]:
+            cand["lr_extra"] = grid[0] * grid[0] / grid[1]
+        elif cand["lr"] == grid[-1]:
+            cand["lr_extra"] = grid[-1] * grid[-1] / grid[-2]
+        else:
+            continue
+        extended.append(cand["key"])
+    return extended
+
+
+def landing(cand: dict) -> str | None:
+    """Where a chosen rate landed: ``interior`` (inside the planned grid), ``extended`` (at its
+    edge, then bracketed by the extra rate, which lost), ``edge`` (the extra rate won, or could
+    not be tried: the best rate may lie further out), ``single`` (one rate, nothing searched)."""
+    if cand["skipped"] or cand["lr"] is None:
+        return None
+    grid = cand["lr_grid"]
+    if len(grid) < 2:
+        return "single"
+    if cand.get("lr_extra") is not None:
+        return "edge" if cand["lr"] == cand["lr_extra"] else "extended"
+    return "interior" if min(grid) < cand["lr"] < max(grid) else "edge"
+
+
+def settle_landings(home: Path, manifest: dict) -> None:
+    for cand in manifest["candidates"]:
+        cand["lr_landing"] = landing(cand)
+    save(home, manifest)
+
 
 def choose_rates(home: Path, manifest: dict) -> None:
     """Each candidate's rate: the lowest held-out loss among its search runs; timed budgets

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from adapters.core.errors import StudioError
+from jobs.bakeoff.plan import landing
 from jobs.runfolder import RunFolder, read_run, write_json_atomic
 from jobs.runner.store import JobStore
 
@@ -135,7 +136,9 @@ def gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
-def recommend(summary: list[dict], metric: str, budget_bytes: int | None) -> str:
+def recommend(summary: list[dict], metric: str, budget_bytes: int | None, landed: dict | None = None) -> str:
+    """The best candidate within the budget, its peers within noise, and a warning when its
+    learning rate stayed at the edge of its grid (``landed``: jobs.bakeoff.plan.landing)."""
     ok = [s for s in summary if s.get(metric) is not None and s.get("peak_memory_bytes") is not None]
     where = f"within {gb(budget_bytes)}" if budget_bytes else "with no memory limit"
     fitting = [s for s in ok if not budget_bytes or s["peak_memory_bytes"] <= budget_bytes]
@@ -155,6 +158,9 @@ def recommend(summary: list[dict], metric: str, budget_bytes: int | None) -> str
             text += f" ({cheaper['candidate']} needs only {gb(cheaper['peak_memory_bytes'])})"
     elif best.get(f"{metric}_spread") is None:
         text += "; one seed only, so no noise floor: rerun with --seeds 2 or more before trusting small gaps"
+    if (landed or {}).get(best["candidate"]) == "edge":
+        text += (f". Its learning rate {best['lr']:.2g} stayed at the edge of its grid after one more rate: "
+                 "a better rate may lie further out")
     return text + "."
 
 
@@ -165,8 +171,9 @@ def build_report(manifest: dict, rows: list[dict], home: Path | None = None) -> 
     budget = manifest.get("memory_budget_bytes")
     front_memory = pareto_front(done, metric, "peak_memory_bytes")
     mark_against_best(done, metric)
-    ladder = [recommend(summary, metric, next(s["peak_memory_bytes"] for s in done if s["candidate"] == k))
-              for k in front_memory]
+    search = search_table(manifest, home)
+    ladder = [recommend(summary, metric, next(s["peak_memory_bytes"] for s in done if s["candidate"] == k),
+                        search["landing"]) for k in front_memory]
     return {
         "id": manifest["id"], "created_at": manifest["created_at"], "written_at": time.time(),
         "device": manifest.get("device"), "memory_budget_bytes": budget,
@@ -174,14 +181,15 @@ def build_report(manifest: dict, rows: list[dict], home: Path | None = None) -> 
                    "search_steps": manifest.get("search_steps"), "lr_factors": manifest["request"]["lr_factors"],
                    "seeds": manifest.get("seeds"),
                    "data_order": "replicate k of every candidate uses training.seed = seeds[k]: same batches, same order"},
+        "rows": rows_note(manifest.get("data")),
         "quality_metric": metric, "candidates": rows, "summary": summary,
         "pareto": front_memory, "pareto_time": pareto_front(done, metric, "train_seconds"),
-        "recommendation": recommend(summary, metric, budget), "recommendations_by_memory": ladder,
+        "recommendation": recommend(summary, metric, budget, search["landing"]), "recommendations_by_memory": ladder,
         "noise_floor": {m: max((s[f"{m}_spread"] for s in done if s.get(f"{m}_spread") is not None), default=None)
                         for m in SUMMARY_METRICS},
         "skipped": [{"candidate": c["key"], "reason": c["skipped"], "predicted_peak_bytes": c["predicted_peak_bytes"]}
                     for c in manifest["candidates"] if c["skipped"]],
-        "lr_search": search_table(manifest, home),
+        "lr_search": search,
         # What the answer cost: planning (one memory estimate per candidate) and the whole bake-off so far.
         "plan_seconds": manifest.get("plan_seconds"), "wall_seconds": time.time() - manifest["created_at"],
         "memory_note": ("runs shared one process (inline): peak memory is not per run"
@@ -207,12 +215,26 @@ def search_table(manifest: dict, home: Path | None) -> dict:
             wall += job.finished_at - job.started_at
         runs.append({"candidate": s["key"], "lr": s["lr"], "job_id": s["job_id"], "eval_loss": m.get("eval_loss"),
                      "status": job.status.value if job else "deleted"})
-    chosen = {c["key"]: c["lr"] for c in manifest["candidates"] if not c["skipped"]}
-    # A rate at the end of the grid is the best of those tried, not necessarily a good one.
-    at_edge = sorted(c["key"] for c in manifest["candidates"] if not c["skipped"] and len(c["lr_grid"]) > 1
-                     and c["lr"] in (min(c["lr_grid"]), max(c["lr_grid"])))
-    return {"runs": runs, "chosen": chosen, "at_edge": at_edge, "train_seconds": seconds, "wall_seconds": wall,
-            "steps_per_run": manifest.get("search_steps")}
+    live = [c for c in manifest["candidates"] if not c["skipped"]]
+    chosen = {c["key"]: c["lr"] for c in live}
+    # Where each rate landed (jobs.bakeoff.plan.landing); "edge" even after one extension: the
+    # best of those tried, not necessarily a good one.
+    landed = {c["key"]: c.get("lr_landing") or landing(c) for c in live}
+    return {"runs": runs, "chosen": chosen, "landing": landed,
+            "extra": {c["key"]: c["lr_extra"] for c in live if c.get("lr_extra") is not None},
+            "at_edge": sorted(k for k, v in landed.items() if v == "edge"),
+            "train_seconds": seconds, "wall_seconds": wall, "steps_per_run": manifest.get("search_steps")}
+
+
+def rows_note(data: dict | None) -> dict:
+    """Which rows did what, from the manifest's split (``jobs.bakeoff.split``)."""
+    if not data:
+        return {"split": "the base spec's own, per seed (a bake-off planned before the fixed split)"}
+    n = data["rows"]
+    return {**n, "split_seed": data["split_seed"],
+            "split": (f"fixed for every run (split once with seed {data['split_seed']}): {n['train']} rows train, "
+                      f"{n['search']} pick the learning rates, {n['score']} score the candidates; the three sets "
+                      "are disjoint, so the seeds' spread is initialisation and data order only")}
 
 
 def write_report(home: Path, manifest: dict) -> Path:
