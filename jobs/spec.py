@@ -307,10 +307,14 @@ def check_combination(spec: JobSpec, where: str = "spec") -> None:
 def check_sharding(spec: JobSpec, where: str = "spec") -> None:
     """``sharding: fsdp`` only with the methods and update rules that declare no ``fsdp_blocker``
     (adapters/base.py): each says why it cannot train sharded and what to use instead."""
+    t = spec.training
+    if t.devices * t.nnodes == 1:  # one process has nothing to shard across; it would run unsharded
+        raise StudioError("sharding: fsdp needs more than one process, and this spec runs one (devices 1, nnodes 1).",
+                          f"{where}: training.sharding", "set training.devices to 2 or more, or use sharding: none.")
     method, _ = spec.method_config()
     rule, _ = spec.optimizer_config()
     for kind, part in (("method", method), ("update rule", rule)):
         blocker = part.fsdp_blocker
         if blocker is not None:
-            raise StudioError(f"the {kind} {part.name!r} cannot train with training.sharding: fsdp: {blocker.why}.",
+            raise StudioError(f"the {kind} {part.name!r} cannot train sharded: {blocker.why}.",
                               f"{where}: training.sharding", f"{blocker.instead}.")

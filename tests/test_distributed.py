@@ -184,10 +184,20 @@ def test_a_two_rank_fsdp_run_exports_a_merged_model_that_matches_its_fingerprint
 def test_fsdp_refuses_what_it_cannot_train_exactly_before_launch(part, name):
     base = {"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "training": {"sharding": "fsdp", "devices": 2}}
     spec = parse_spec({**base, part: name})
-    with pytest.raises(StudioError, match=f"'{name}' cannot train with training.sharding: fsdp") as refused:
+    with pytest.raises(StudioError, match=f"'{name}' cannot train sharded") as refused:
         check_combination(spec)
     assert "sharding" in refused.value.where and "use " in refused.value.fix
     check_combination(parse_spec({**base, "training": {"sharding": "none", "devices": 1}, part: name}))
+
+
+def test_fsdp_refuses_a_single_process():
+    # One process has nothing to shard across: it would quietly run unsharded.
+    spec = parse_spec({"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "training": {"sharding": "fsdp"}})
+    with pytest.raises(StudioError, match="needs more than one process") as refused:
+        check_combination(spec)
+    assert "training.devices" in refused.value.fix
+    check_combination(parse_spec({"dataset": {"path": "rows.jsonl"}, "output_dir": "out",
+                                  "training": {"sharding": "fsdp", "nnodes": 2, "rdzv_endpoint": "host:29500"}}))
 
 
 @pytest.mark.parametrize("method", ["full", "selective", "lora", "dora", "ia3",
