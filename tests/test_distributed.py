@@ -286,3 +286,4 @@ def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_
     wa, wb = adapter(a.run_dir), adapter(b.run_dir)
     for name in wb:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+

@@ -144,13 +144,11 @@ class Sharded(Single):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
         model.to_empty(device=self.device) if not self.world.main else model.to(self.device)
-        loaded = set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                                             broadcast_from_rank0=True, strict=False))
+        # Not strict: the second names are absent on purpose; every other tensor is in ``full``,
+        # which is rank 0's own state dict.
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                   strict=False))
         del full
-        missing = set(loaded.missing_keys) - aliases
-        if missing or loaded.unexpected_keys:
-            raise RuntimeError(f"sharding left tensors unloaded ({sorted(missing)[:3]}) or unplaced "
-                               f"({sorted(loaded.unexpected_keys)[:3]})")
         box = [buffers]
         dist.broadcast_object_list(box, src=0)  # buffers are not sharded: rotary tables and the like
         with torch.no_grad():
