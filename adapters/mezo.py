@@ -174,6 +174,7 @@ class MezoRule(UpdateRule):
     Config: type[Params] = MezoParams
     # No gradients and no state: only one slice of regenerated fp32 noise at a time.
     memory: RuleMemory = RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, 4 * NOISE_SLICE))
+
     def check(self, cfg: Params, spec: Any) -> None:
         t = spec.training
         if t.grad_accum > 1:
