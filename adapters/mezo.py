@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from pydantic import Field
 
-from adapters.base import Context, LossFn, Params, RuleMemory, ShardingBlocker, UpdateRule
+from adapters.base import Context, LossFn, Params, RuleMemory, UpdateRule
 from adapters.lomo import RngReplay
 from adapters.registry import UPDATE_RULES
 from adapters.core.errors import StudioError
@@ -47,12 +47,21 @@ def step_seed(base: int, step: int) -> int:
 def seeded_noise(params: list[torch.nn.Parameter], seed: int,
                  slice_size: int = NOISE_SLICE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(slice of a parameter's storage, its noise), in the same order and with the same values
-    on every call with the same seed."""
+    on every call with the same seed.
+
+    A parameter sharded by FSDP2 (a DTensor) gets exactly the noise one process would draw for
+    the whole tensor, cut to this process's rows: every process draws every slice of the whole
+    tensor (the generator advances as one process's would) and keeps the part that falls in its
+    shard. That costs each process the drawing of the whole noise, never its memory."""
     generators: dict[torch.device, torch.Generator] = {}
     for p in params:
         gen = generators.get(p.device)
         if gen is None:
             gen = generators[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        rows = _shard_rows(p)
+        if rows is not None:
+            yield from _shard_noise(p, rows, gen, slice_size)
+            continue
         data = p.data
         flat = data.view(-1) if data.is_contiguous() else None
         if flat is None:  # rare (a transposed view): draw the noise for the whole tensor
@@ -61,6 +70,44 @@ def seeded_noise(params: list[torch.nn.Parameter], seed: int,
         for start in range(0, flat.numel(), slice_size):
             part = flat[start:start + slice_size]
             yield part, torch.randn(part.shape, generator=gen, device=part.device, dtype=part.dtype)
+
+
+def _shard_rows(p: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(this process's part, its first row in the whole tensor) of a DTensor; None: a plain tensor."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(p, DTensor):
+        return None
+    local = p._local_tensor  # the shard itself (``to_local`` may hand back a copy under autograd)
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim == 1 and placements == (Replicate(),):
+        return local, 0
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise StudioError(f"mezo draws its noise for tensors split by rows over one group of processes; this "
+                          f"one is laid out as {placements} over a {mesh.ndim}-D mesh.", "training.sharding",
+                          "use mezo with sharding: none.")
+    # FSDP2 splits dim 0 as torch.chunk does: ceil(rows / processes) each, the last ones shorter or empty.
+    chunk = -(-p.shape[0] // mesh.size())
+    return local, min(mesh.get_local_rank() * chunk, p.shape[0])
+
+
+def _shard_noise(p: torch.Tensor, rows: tuple[torch.Tensor, int], gen: torch.Generator,
+                 slice_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    local, first_row = rows
+    if not local.is_contiguous():
+        raise StudioError("mezo found a sharded tensor whose rows are not contiguous.", "training.sharding",
+                          "use mezo with sharding: none.")
+    row = math.prod(p.shape[1:])
+    mine = local.view(-1)
+    lo, hi = first_row * row, first_row * row + mine.numel()  # this shard in the whole tensor, flat
+    for start in range(0, p.numel(), slice_size):
+        n = min(slice_size, p.numel() - start)
+        z = torch.randn((n,), generator=gen, device=local.device, dtype=local.dtype)
+        a, b = max(start, lo), min(start + n, hi)
+        if a < b:
+            yield mine[a - lo:b - lo], z[a - start:b - start]
 
 
 class MezoStepper:
@@ -127,12 +174,6 @@ class MezoRule(UpdateRule):
     Config: type[Params] = MezoParams
     # No gradients and no state: only one slice of regenerated fp32 noise at a time.
     memory: RuleMemory = RuleMemory("none", lambda shapes, cfg: 0, lambda largest: min(largest, 4 * NOISE_SLICE))
-    # Its noise is drawn per tensor as the process holds it: on a shard, every process would draw
-    # the same numbers for its own rows, a direction one process would never take.
-    fsdp_blocker: ShardingBlocker | None = ShardingBlocker(
-        "its noise is drawn per tensor as each process holds it, so sharded tensors would get the same noise "
-        "in every shard instead of one draw over the whole tensor",
-        "use mezo with sharding: none (it holds no gradients or state, so replicas cost only the weights)")
 
     def check(self, cfg: Params, spec: Any) -> None:
         t = spec.training

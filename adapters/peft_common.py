@@ -16,14 +16,6 @@ from adapters.base import Context, Method, Params, ShardingBlocker
 from adapters.core.errors import CannotMerge, StudioError
 
 
-# peft's prompt-learning models (prefix, prompt tuning) keep the input embedding a second time,
-# as their ``word_embeddings``, outside the decoder: FSDP2 shards one reference and not the other,
-# and loading the sharded model fails (tried on 2 gloo processes with torch 2.13 and peft).
-PROMPT_LEARNING_UNDER_FSDP = ShardingBlocker(
-    "peft's prompt-learning model holds the input embedding a second time (its word_embeddings), which FSDP2 "
-    "shards in one place and not the other", "use lora with sharding: fsdp, or this method with sharding: none")
-
-
 @dataclass(frozen=True)
 class PeftMethod(Method):
     name: str

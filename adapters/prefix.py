@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from adapters.base import Params
-from adapters.peft_common import PROMPT_LEARNING_UNDER_FSDP, PeftMethod, no_gradient_checkpointing
+from adapters.peft_common import PeftMethod, no_gradient_checkpointing
 from adapters.registry import METHODS
 
 
@@ -22,7 +22,6 @@ def prefix_peft_config(cfg: PrefixParams):
 
 
 METHODS.register(PeftMethod(
-    fsdp_blocker=PROMPT_LEARNING_UNDER_FSDP,
     name="prefix",
     summary="Trained key/value prefix in every layer.",
     Config=PrefixParams,

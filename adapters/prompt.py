@@ -7,7 +7,7 @@ import torch
 from pydantic import Field, model_validator
 
 from adapters.base import Context, Params
-from adapters.peft_common import PROMPT_LEARNING_UNDER_FSDP, PeftMethod
+from adapters.peft_common import PeftMethod
 from adapters.registry import METHODS
 
 
@@ -43,7 +43,6 @@ def init_from_text(model: torch.nn.Module, cfg: PromptParams, ctx: Context) -> N
 
 
 METHODS.register(PeftMethod(
-    fsdp_blocker=PROMPT_LEARNING_UNDER_FSDP,
     name="prompt",
     summary="Trained soft-prompt embeddings before the input.",
     Config=PromptParams,

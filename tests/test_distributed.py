@@ -101,13 +101,28 @@ dist.destroy_process_group()
 """
 ENGINES = ("none", "fsdp")
 METHODS = ("lora", "full")
+# Sharded only (their replicated runs are the ordinary DDP path): MeZO over every weight (its noise
+# must be one process's draw cut to each shard), and peft's prompt-learning methods (their model
+# holds the input embedding twice).
+FSDP_ONLY = ("mezo", "prefix", "prompt")
 
 
-def step_spec(model: Path, data: Path, out: Path, method: str, **training) -> dict:
-    # SGD, not AdamW: its first update is lr x gradient, so a gradient off by any factor shows
-    # (AdamW's first step is about lr x sign(gradient) whatever the scale).
-    return make_spec(model, data, out, method={"name": method}, optimizer={"name": "sgd", "lr": 0.5},
-                     max_steps=1, grad_accum=2, exact_match_rows=2, eval_samples=0, **training)
+def step_spec(model: Path, data: Path, out: Path, case: str, batch_size: int, **training) -> dict:
+    """One step of ``case`` on ``batch_size`` rows per micro-batch (x2 micro-batches, x1 for MeZO).
+    Evaluation is cut to 2 held-out rows, and greedy exact match (a generation per token) runs
+    only in the sharded LoRA run, which the export test also uses: it is most of a run's time."""
+    generate = case == "lora" and training.get("sharding") == "fsdp"
+    common = dict(max_steps=1, exact_match_rows=2 if generate else 0, eval_samples=0, **training)
+    if case == "mezo":  # it accumulates nothing: the same global batch in one micro-batch
+        spec = make_spec(model, data, out, method={"name": "full"}, optimizer={"name": "mezo", "lr": 1e-3},
+                         batch_size=2 * batch_size, **common)
+    else:
+        # SGD, not AdamW: its first update is lr x gradient, so a gradient off by any factor shows
+        # (AdamW's first step is about lr x sign(gradient) whatever the scale).
+        spec = make_spec(model, data, out, method={"name": case}, optimizer={"name": "sgd", "lr": 0.5},
+                         grad_accum=2, batch_size=batch_size, **common)
+    spec["dataset"]["max_eval_rows"] = 2
+    return spec
 
 
 def run_two_ranks(root: Path, specs: list[dict]) -> None:
@@ -128,15 +143,16 @@ def engine_runs(tmp_path_factory, tiny_model) -> Path:
     with 4 rows x 2 micro-batches: the same global batch."""
     root = tmp_path_factory.mktemp("engines")
     data = write_jsonl(root / "toy.jsonl", toy_rows())
-    run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, batch_size=2, sharding=e, devices=2)
-                         for e in ENGINES for m in METHODS])
+    pairs = [(e, m) for e in ENGINES for m in METHODS] + [("fsdp", m) for m in FSDP_ONLY]
+    run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, 2, sharding=e, devices=2)
+                         for e, m in pairs])
     from jobs.training.recipe import train
 
     mp = pytest.MonkeyPatch()
     mp.setenv("STUDIO_HOME", str(root / "home"))
     try:
-        for m in METHODS:
-            train(parse_spec(step_spec(tiny_model, data, root / f"one-{m}", m, batch_size=4)))
+        for m in METHODS + FSDP_ONLY:
+            train(parse_spec(step_spec(tiny_model, data, root / f"one-{m}", m, 4)))
     finally:
         mp.undo()
     return root
@@ -149,8 +165,8 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine, method", [(e, m) for e in ENGINES for m in METHODS] +
+                         [("fsdp", m) for m in ("prefix", "prompt")])
 def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(engine_runs, engine, method):
     one, two = engine_runs / f"one-{method}", engine_runs / f"{engine}-{method}"
     assert read_run(two)["world_size"] == 2 and read_run(two)["status"] == "completed"
@@ -161,6 +177,43 @@ def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(e
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (one, two)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_one_mezo_step_sharded_moves_every_weight_as_one_process_does(engine_runs, tiny_model):
+    """MeZO's step is -lr x g x z: z must be one process's noise over each whole tensor (not the
+    same numbers in every shard), g the loss slope summed over processes. The step, not the
+    weights, is compared, relative to its size: g comes from a difference of two losses."""
+    one, two = engine_runs / "one-mezo", engine_runs / "fsdp-mezo"
+    assert read_run(two)["world_size"] == 2 and read_run(two)["status"] == "completed"
+    base = load_file(str(tiny_model / "model.safetensors"))
+    a, b = trained_tensors(one), trained_tensors(two)
+    assert a.keys() == b.keys() == base.keys()
+    for name in a:
+        step_one, step_two = a[name] - base[name], b[name] - base[name]
+        assert step_one.abs().max() > 0, name
+        torch.testing.assert_close(step_two, step_one, rtol=1e-3, atol=1e-3 * float(step_one.abs().max()), msg=name)
+    losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_mezo_noise_on_a_shard_is_the_whole_tensor_noise_cut_to_its_rows():
+    """The slicing behind a sharded MeZO step, without processes: shards of uneven rows (as
+    FSDP2 cuts them), noise slices that straddle shard boundaries, and an empty last shard."""
+    from adapters.mezo import _shard_noise, seeded_noise
+
+    whole = torch.zeros(7, 5)
+    expected = torch.cat([z for _, z in seeded_noise([whole], seed=11, slice_size=8)]).view(7, 5)
+    for processes in (2, 3, 4, 8):
+        chunk = -(-7 // processes)
+        got = []
+        for rank in range(processes):
+            first = min(rank * chunk, 7)
+            local = torch.zeros(max(0, min(chunk, 7 - first)), 5)
+            gen = torch.Generator().manual_seed(11)
+            for part, z in _shard_noise(whole, (local, first), gen, 8):
+                part.add_(z)
+            got.append(local)
+        torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=0, msg=f"{processes} processes")
 
 
 def test_a_two_rank_fsdp_run_exports_a_merged_model_that_matches_its_fingerprint(engine_runs, tmp_path):
@@ -179,7 +232,7 @@ def test_a_two_rank_fsdp_run_exports_a_merged_model_that_matches_its_fingerprint
 
 @pytest.mark.parametrize("part, name", [("method", "qlora"), ("method", "loftq"), ("method", "qalora"),
                                         ("method", "peqa"), ("optimizer", "lomo"), ("optimizer", "adalomo"),
-                                        ("optimizer", "mezo"), ("optimizer", "adamw_8bit"), ("method", "prefix"), ("method", "prompt"),
+                                        ("optimizer", "adamw_8bit"),
                                         ("optimizer", "paged_adamw_8bit")])
 def test_fsdp_refuses_what_it_cannot_train_exactly_before_launch(part, name):
     base = {"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "training": {"sharding": "fsdp", "devices": 2}}
@@ -200,11 +253,13 @@ def test_fsdp_refuses_a_single_process():
                                   "training": {"sharding": "fsdp", "nnodes": 2, "rdzv_endpoint": "host:29500"}}))
 
 
-@pytest.mark.parametrize("method", ["full", "selective", "lora", "dora", "ia3",
-                                    "series_adapter", "parallel_adapter"])
-def test_fsdp_accepts_the_methods_it_trains(method):
+@pytest.mark.parametrize("method, rule", [("full", "adamw"), ("selective", "adamw"), ("lora", "adamw"),
+                                          ("dora", "adamw"), ("ia3", "adamw"), ("series_adapter", "adamw"),
+                                          ("parallel_adapter", "adamw"), ("prefix", "adamw"),
+                                          ("prompt", "adamw"), ("full", "mezo"), ("lora", "mezo")])
+def test_fsdp_accepts_the_methods_it_trains(method, rule):
     check_combination(parse_spec({"dataset": {"path": "rows.jsonl"}, "output_dir": "out", "method": method,
-                                  "training": {"sharding": "fsdp", "devices": 2}}))
+                                  "optimizer": rule, "training": {"sharding": "fsdp", "devices": 2}}))
 
 
 def rank_number(proc: psutil.Process) -> int | None:
@@ -241,3 +296,4 @@ def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_
     wa, wb = adapter(a.run_dir), adapter(b.run_dir)
     for name in wb:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+

@@ -129,7 +129,11 @@ class Sharded(Single):
         if blocks is None:
             raise StudioError("sharding: fsdp shards a model by its decoder layers, and this model has no list of "
                               "layers the studio recognises.", "training.sharding", "use sharding: none.")
-        full = model.state_dict() if self.world.main else {}
+        # A module reachable under two names (peft's prompt-learning models keep the input
+        # embedding as their ``word_embeddings`` too) is loaded once, under its first name: the
+        # state-dict loader sends each shared tensor once and would leave the second copy whole.
+        aliases = aliased_names(model)
+        full = {k: v for k, v in model.state_dict().items() if k not in aliases} if self.world.main else {}
         buffers = {n: b.cpu() for n, b in model.named_buffers()} if self.world.main else None
         # Compute in the precision the run picked; gradients reduced (summed) in fp32.
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
@@ -140,7 +144,10 @@ class Sharded(Single):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
         model.to_empty(device=self.device) if not self.world.main else model.to(self.device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Not strict: the second names are absent on purpose; every other tensor is in ``full``,
+        # which is rank 0's own state dict.
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                   strict=False))
         del full
         box = [buffers]
         dist.broadcast_object_list(box, src=0)  # buffers are not sharded: rotary tables and the like
@@ -197,6 +204,13 @@ class Sharded(Single):
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
         return {"state": full, "buffers": buffers} if self.world.main else None
+
+
+def aliased_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of parameters and buffers that another name already reaches (the same tensor)."""
+    first = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+    every = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers(remove_duplicate=False)))
+    return every - first
 
 
 def make_engine(sharding: str, world: World, device: torch.device, dtype: torch.dtype) -> Single:
