@@ -30,7 +30,7 @@ from jobs.training.allocator import preload_env, running_on
 from adapters.core.errors import StudioError, describe
 from adapters.core.spawn import spawn_module
 from jobs.home import AUTH_ENV, ENV_VAR
-from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run
+from jobs.runfolder import HEARTBEAT_FILE, LOG_FILE, RunFolder, make_marked_folder, read_run, update_run
 from jobs.runner.store import Job, JobStore, Status
 
 HEARTBEAT_EVERY = 2.0  # seconds; the scheduler's staleness limit is many times this
@@ -151,7 +151,7 @@ def execute(home: Path, job_id: int, *, install_signals: bool = True) -> Status:
         status, error = Status.FAILED, e.message
     except RankLost as e:
         status, error = Status.INTERRUPTED, str(e)
-        runfolder.update_run(job.run_dir, status=runfolder.INTERRUPTED, error=error)
+        update_run(job.run_dir, status=Status.INTERRUPTED, error=error)
     except KeyboardInterrupt:
         status, error = Status.INTERRUPTED, "interrupted from the keyboard; resume to continue"
     except BaseException as e:  # the job's own failure, never the scheduler's
