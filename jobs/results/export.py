@@ -105,10 +105,12 @@ def mergeable_method(run_dir: Path):
     return method
 
 
-def merge_checked(run_dir: Path, no_fingerprint: bool = False) -> MergedRun:
-    """Load a run, merge it and refuse when merging changed its logits: what every merged export starts from."""
+def merge_checked(run_dir: Path, no_fingerprint: bool = False, require_fingerprint: bool = True) -> MergedRun:
+    """Load a run, merge it and refuse when merging changed its logits: what every merged export starts from.
+    A run without a readable fingerprint refuses unless ``no_fingerprint``; evaluation, which writes no
+    model, passes ``require_fingerprint=False`` and goes on as the playground does (see ``load_run``)."""
     method = mergeable_method(run_dir)
-    loaded = load_run(run_dir, require_fingerprint=True, no_fingerprint=no_fingerprint)
+    loaded = load_run(run_dir, require_fingerprint=require_fingerprint, no_fingerprint=no_fingerprint)
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
     merged = method.merge(loaded.model)

@@ -136,7 +136,7 @@ class Difference:
     def why(self, relative_bound: float, bound_name: str = "the bound") -> str:
         """The failed comparison in words (for a refusal)."""
         if not math.isfinite(self.max_abs) or not math.isfinite(self.scale):
-            return f"is not finite ({self.nonfinite} logits are NaN or infinite)"
+            return f"is not finite ({self.nonfinite} NaN or infinite logit{'' if self.nonfinite == 1 else 's'})"
         return (f"is {self.max_abs:.3g}, more than {bound_name} {relative_bound:g} x largest logit {self.scale:.3g} "
                 f"= {relative_bound * self.scale:.3g}")
 
