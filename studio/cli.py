@@ -106,6 +106,8 @@ def cmd_export(args) -> int:
     print(json.dumps(report, indent=2))
     if report.get("fingerprint_checked") is False:  # also in the report; said where a reader of the terminal looks
         print(f"warning: {report['fingerprint']}", file=sys.stderr)
+    if report.get("warning"):
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return 0
 
 

@@ -374,3 +374,36 @@ def test_llama_cpp_generates_like_the_merged_model(smollm_run):
             if len(got) == len(want):
                 break
         assert got == want
+
+
+def test_bounds_refuse_nan_and_low_agreement_and_warn_for_a_lossy_q4_0(tmp_path):
+    """``refuse_past`` on measured differences, without writing a file."""
+    from jobs.results.gguf import BOUNDS, refuse_past
+    from jobs.training.fingerprint import difference
+
+    def rows(tops: list[int]) -> list[torch.Tensor]:
+        """One probe row per position: logit 0.004 on token ``top`` (a near tie: well inside every bound)."""
+        out = []
+        for top in tops:
+            t = torch.zeros(1, 1, 4)
+            t[0, 0, top] = 0.004
+            out.append(t)
+        return out
+
+    ref = rows([0] * 6)
+    measured = lambda got, trained=None: {"vs_trained": trained, "vs_merged": difference(ref, got)}  # noqa: E731
+    report = refuse_past("f16", measured(rows([0] * 6)), tmp_path)
+    assert report["top1_agreement"] == 1.0 and "warning" not in report
+    assert report["bound_relative"] == BOUNDS["f16"].relative
+    with pytest.raises(StudioError, match="top token agrees at 50% of 6 positions, fewer than the f16 bound 90%"):
+        refuse_past("f16", measured(rows([0, 0, 0, 1, 1, 1])), tmp_path)
+    nan = rows([0] * 6)
+    nan[3][0, 0, 2] = float("nan")
+    with pytest.raises(StudioError, match="against the trained model's fingerprint, the largest logit difference "
+                                          "is not finite"):
+        refuse_past("q4_0", measured(rows([0] * 6), trained=difference(ref, nan)), tmp_path)
+    # q4_0's loose bound lets through a file that keeps a third of the top tokens, and warns.
+    report = refuse_past("q4_0", measured(rows([0, 0, 1, 1, 1, 1])), tmp_path)
+    assert report["top1_agreement"] == pytest.approx(1 / 3) and "prefer q8_0" in report["warning"]
+    with pytest.raises(StudioError, match="fewer than the q4_0 bound 10%"):
+        refuse_past("q4_0", measured(rows([1] * 6)), tmp_path)
