@@ -94,17 +94,21 @@ def cmd_export(args) -> int:
             return 2
         from jobs.results.gguf import export_gguf
 
-        print(json.dumps(export_gguf(args.run, args.gguf, args.gguf_type), indent=2))
-        return 0
-
-    chosen = [(fn, out) for fn, out in ((export_merged, args.merged), (export_adapter, args.adapter),
-                                        (export_quantized, args.quantized)) if out]
-    if len(chosen) != 1:
-        print("error: give exactly one of --merged OUT, --adapter OUT, --quantized OUT or --gguf OUT.gguf", file=sys.stderr)
-        return 2
-    fn, out = chosen[0]
-    report = fn(args.run, out)
+        report = export_gguf(args.run, args.gguf, args.gguf_type, no_fingerprint=args.no_fingerprint)
+    else:
+        chosen = [(fn, out) for fn, out in ((export_merged, args.merged), (export_adapter, args.adapter),
+                                            (export_quantized, args.quantized)) if out]
+        if len(chosen) != 1:
+            print("error: give exactly one of --merged OUT, --adapter OUT, --quantized OUT or --gguf OUT.gguf",
+                  file=sys.stderr)
+            return 2
+        fn, out = chosen[0]
+        report = fn(args.run, out, no_fingerprint=args.no_fingerprint)
     print(json.dumps(report, indent=2))
+    if report.get("fingerprint_checked") is False:  # also in the report; said where a reader of the terminal looks
+        print(f"warning: {report['fingerprint']}", file=sys.stderr)
+    if report.get("warning"):
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return 0
 
 
@@ -159,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with an Ollama Modelfile beside it")
     e.add_argument("--gguf-type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"],
                    help="tensor type of the GGUF file's weights (default f16)")
+    e.add_argument("--no-fingerprint", action="store_true",
+                   help="export a run that has no readable trained fingerprint (made before fingerprints existed, or "
+                        "its files lost), unchecked: the report says so. Without it such a run is refused. A "
+                        "fingerprint that is there is still checked")
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="generate from a run folder, a model folder, a .gguf file or a Hub id")

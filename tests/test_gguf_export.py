@@ -130,7 +130,7 @@ def test_llama_qk_layout_is_what_the_loader_undoes(runs, merged, smollm_tokenize
     from jobs.results import gguf as gguf_export
 
     monkeypatch.setattr(gguf_export, "interleave_heads", lambda w, n: w)
-    with pytest.raises(StudioError, match="past the bound"):
+    with pytest.raises(StudioError, match="not the model that trained: against the trained model.s fingerprint, the largest logit difference is .*more than the f16 bound"):
         gguf_export.export_gguf(runs["llama"], tmp_path / "wrong.gguf", "f16")
     assert not list(tmp_path.iterdir())
 
@@ -194,13 +194,80 @@ def test_other_families_are_refused_with_the_reason():
         architecture(GPT2Config())
 
 
-def test_cli_export_gguf(runs, tmp_path, capsys):
+def without_fingerprint(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` whose fingerprint files are gone (made before they existed, or lost)."""
+    import shutil
+
+    from jobs.training import fingerprint
+
+    copy = tmp_path / "old-run"
+    shutil.copytree(run, copy)
+    (copy / fingerprint.META).unlink()
+    (copy / fingerprint.LOGITS).unlink()
+    return copy
+
+
+def test_cli_export_gguf_of_a_run_without_fingerprint_only_when_told(runs, tmp_path, capsys):
     from studio.cli import main
 
-    out = tmp_path / "cli.gguf"
-    assert main(["export", str(runs["llama"]), "--gguf", str(out), "--gguf-type", "q8_0"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    run, out = without_fingerprint(runs["llama"], tmp_path), tmp_path / "cli.gguf"
+    assert main(["export", str(run), "--gguf", str(out), "--gguf-type", "q8_0"]) == 2
+    assert "fingerprint files" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(run), "--gguf", str(out), "--gguf-type", "q8_0", "--no-fingerprint"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert report["gguf_type"] == "q8_0" and out.is_file() and Path(report["modelfile"]).is_file()
+    assert report["fingerprint_checked"] is False and "NOT CHECKED" in report["fingerprint"]
+    assert "max_abs_logit_diff_vs_trained" not in report and report["relative_diff"] <= report["bound_relative"]
+    assert "warning: NOT CHECKED" in captured.err
+
+
+def test_a_corrupted_gguf_file_is_refused(runs, tmp_path, monkeypatch):
+    """The file on disk is not what was meant to be written: one weight tensor scaled after writing."""
+    import gguf
+
+    from jobs.results import gguf as gguf_export
+
+    real_measure = gguf_export.measure
+
+    def corrupt_then_measure(merged, path, probes, trained):
+        reader = gguf.GGUFReader(path, "r+")
+        tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+        tensor.data[...] = tensor.data * 4
+        reader.data.flush()
+        del reader
+        return real_measure(merged, path, probes, trained)
+    monkeypatch.setattr(gguf_export, "measure", corrupt_then_measure)
+    out = tmp_path / "out" / "c.gguf"
+    with pytest.raises(StudioError, match="not the model that trained: against the trained model's fingerprint, "
+                                          "the largest logit difference is .* more than the f16 bound"):
+        gguf_export.export_gguf(runs["llama"], out, "f16")
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("against", ["trained", "merged"])
+def test_nan_in_a_later_probe_refuses_the_gguf(runs, tmp_path, monkeypatch, against):
+    """The file's model gives NaN logits on one probe row that is not the first. Against the trained
+    fingerprint, and (for a run without one, exported with no_fingerprint) against the merged model."""
+    from jobs.results import gguf as gguf_export
+
+    run = runs["llama"] if against == "trained" else without_fingerprint(runs["llama"], tmp_path)
+    real_load, calls = gguf_export.load_gguf, []
+
+    def load_with_nan(path):
+        model = real_load(path)
+
+        def hook(module, args, kwargs, output):
+            calls.append(1)
+            if len(calls) == 2:  # the second row of the first comparison: the fingerprint's, when there is one
+                output.logits[0, :, 7] = float("nan")
+            return output
+        model.register_forward_hook(hook, with_kwargs=True)
+        return model
+    monkeypatch.setattr(gguf_export, "load_gguf", load_with_nan)
+    with pytest.raises(StudioError, match=f"against the {against} model.*not finite \\(\\d+ NaN or infinite logits\\)"):
+        gguf_export.export_gguf(run, tmp_path / "out" / "n.gguf", "f16", no_fingerprint=against == "merged")
+    assert len(calls) >= 2 and not list((tmp_path / "out").iterdir())
 
 
 def completed_job(studio, run_dir: Path, name: str):
@@ -307,3 +374,36 @@ def test_llama_cpp_generates_like_the_merged_model(smollm_run):
             if len(got) == len(want):
                 break
         assert got == want
+
+
+def test_bounds_refuse_nan_and_low_agreement_and_warn_for_a_lossy_q4_0(tmp_path):
+    """``refuse_past`` on measured differences, without writing a file."""
+    from jobs.results.gguf import BOUNDS, refuse_past
+    from jobs.training.fingerprint import difference
+
+    def rows(tops: list[int]) -> list[torch.Tensor]:
+        """One probe row per position: logit 0.004 on token ``top`` (a near tie: well inside every bound)."""
+        out = []
+        for top in tops:
+            t = torch.zeros(1, 1, 4)
+            t[0, 0, top] = 0.004
+            out.append(t)
+        return out
+
+    ref = rows([0] * 6)
+    measured = lambda got, trained=None: {"vs_trained": trained, "vs_merged": difference(ref, got)}  # noqa: E731
+    report = refuse_past("f16", measured(rows([0] * 6)), tmp_path)
+    assert report["top1_agreement"] == 1.0 and "warning" not in report
+    assert report["bound_relative"] == BOUNDS["f16"].relative
+    with pytest.raises(StudioError, match="top token agrees at 50% of 6 positions, fewer than the f16 bound 90%"):
+        refuse_past("f16", measured(rows([0, 0, 0, 1, 1, 1])), tmp_path)
+    nan = rows([0] * 6)
+    nan[3][0, 0, 2] = float("nan")
+    with pytest.raises(StudioError, match="against the trained model's fingerprint, the largest logit difference "
+                                          "is not finite"):
+        refuse_past("q4_0", measured(rows([0] * 6), trained=difference(ref, nan)), tmp_path)
+    # q4_0's loose bound lets through a file that keeps a third of the top tokens, and warns.
+    report = refuse_past("q4_0", measured(rows([0, 0, 1, 1, 1, 1])), tmp_path)
+    assert report["top1_agreement"] == pytest.approx(1 / 3) and "prefer q8_0" in report["warning"]
+    with pytest.raises(StudioError, match="fewer than the q4_0 bound 10%"):
+        refuse_past("q4_0", measured(rows([1] * 6)), tmp_path)

@@ -373,6 +373,32 @@ def test_exports_of_a_trained_run_match_it(name, tiny_model, toy_dataset, tmp_pa
     assert not (tmp_path / "q" / "model.safetensors").exists()  # plain transformers must not half-load it
 
 
+def test_a_bf16_qlora_run_exports_merged_in_fp32(tiny_model, toy_dataset, tmp_path, studio_home, capsys):
+    """A run that computed in bf16 quantized its bf16 copy of the base. The fp32 check multiplies by
+    the NF4 codes expanded straight into fp32; a merge that expanded them into bf16 (the dtype they
+    were quantized from) rounded the base the trained model never used, and the export refused."""
+    import json
+
+    from safetensors import safe_open
+
+    from jobs.training.recipe import train
+    from studio.cli import main
+
+    run_dir = tmp_path / "run"
+    train(parse_spec(make_spec(tiny_model, toy_dataset, run_dir, method={"name": "qlora"}, max_steps=2,
+                               precision="bf16", optimizer={"name": "adamw", "lr": 1e-2},
+                               eval_samples=0, exact_match_rows=0)))
+    assert main(["export", str(run_dir), "--merged", str(tmp_path / "merged")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trained_dtype"] == "bfloat16" and report["merged_dtype"] == "float32"
+    assert report["fingerprint_checked"] is True
+    assert 0 <= report["max_abs_logit_diff_vs_trained"] <= report["allowed_diff_vs_trained"]
+    assert 0 <= report["max_abs_logit_diff"] <= report["allowed_diff"]
+    assert "merged in float32" in report["merge_note"] and "computed in bfloat16" in report["merge_note"]
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
 def test_export_quantized_names_the_methods_that_have_one(tiny_model, toy_dataset, tmp_path, studio_home):
     from jobs.results.export import export_quantized
     from jobs.training.recipe import train

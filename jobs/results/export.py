@@ -6,8 +6,14 @@ reloaded run, and the merged or quantized model itself, must compute the logits 
 model computed, within the method's tolerance (relative to the largest logit). The report
 gives the largest difference as ``max_abs_logit_diff_vs_trained``; past the tolerance, or
 not finite, the export is refused and nothing is written. Merged and quantized exports are
-also compared with the unmerged reload (``max_abs_logit_diff``), which covers runs made
-before fingerprints existed.
+also compared with the unmerged reload (``max_abs_logit_diff``). A run without a readable
+fingerprint (made before they existed, or its files lost) is refused unless the caller passes
+``no_fingerprint=True`` (``studio export --no-fingerprint``); the report then says it was not
+checked against the trained model.
+
+Merged models are written in fp32 whatever the run computed in: a quantized base is expanded
+to fp32 and the adapter's update added in fp32, so the merged model multiplies by the weights
+the fp32 check of the trained model used, and merging adds only summation-order rounding.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from jobs.data.examples import encode, read_rows
 from adapters.core.errors import CannotMerge, StudioError
 from adapters.quant.export import save_quantized
 from jobs.training import fingerprint
-from jobs.results.inference import load_run, run_spec
+from jobs.results.inference import load_run, run_spec, trained_dtype
 from jobs.runfolder import RunFolder, replace_dir_atomic
 
 PROBE_TEXT = "The studio checks that merging changed nothing: one, two, three, four, five."
@@ -55,19 +61,19 @@ def logits_of(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def compare_or_refuse(method, before: list[torch.Tensor], after: list[torch.Tensor], run_dir: Path,
                       what: str, fix: str) -> dict:
-    """Largest logit difference; refuse (StudioError) past the method's tolerance.
+    """Largest logit difference over every probe; refuse (StudioError) past the method's tolerance.
 
     fp32 rounding grows with the logits' magnitude (a real 49k-vocabulary model reaches
-    |logit| ~ 30), so the method's tolerance applies per unit of the largest logit.
+    |logit| ~ 30), so the method's tolerance applies per unit of the largest logit. A NaN or
+    infinite logit in any probe refuses (``fingerprint.difference``).
     """
-    diff = max(float((a - b).abs().max()) for a, b in zip(before, after))
-    scale = max(1.0, max(float(b.abs().max()) for b in before))
-    allowed = method.merge_tolerance * scale
-    if not diff <= allowed:  # a NaN difference must not pass
-        raise StudioError(f"{what} differ by {diff:.3g}, more than {method.name}'s tolerance "
-                          f"{method.merge_tolerance:g} x largest logit {scale:.3g}; nothing was written.",
-                          str(run_dir), fix)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "allowed_diff": allowed, "probe_rows": len(before)}
+    diff = fingerprint.difference(before, after)
+    whose = f"{method.name}'s tolerance"
+    if not diff.within(method.merge_tolerance):
+        raise StudioError(f"{what} differ: the largest difference {diff.why(method.merge_tolerance, whose)}; "
+                          "nothing was written.", str(run_dir), fix)
+    return {"max_abs_logit_diff": diff.max_abs, "max_abs_logit": diff.scale,
+            "allowed_diff": method.merge_tolerance * diff.scale, "probe_rows": len(before)}
 
 
 def probe_batches(loaded, n_rows: int = 4) -> list[torch.Tensor]:
@@ -99,10 +105,12 @@ def mergeable_method(run_dir: Path):
     return method
 
 
-def merge_checked(run_dir: Path) -> MergedRun:
-    """Load a run, merge it and refuse when merging changed its logits: what every merged export starts from."""
+def merge_checked(run_dir: Path, no_fingerprint: bool = False, require_fingerprint: bool = True) -> MergedRun:
+    """Load a run, merge it and refuse when merging changed its logits: what every merged export starts from.
+    A run without a readable fingerprint refuses unless ``no_fingerprint``; evaluation, which writes no
+    model, passes ``require_fingerprint=False`` and goes on as the playground does (see ``load_run``)."""
     method = mergeable_method(run_dir)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, require_fingerprint=require_fingerprint, no_fingerprint=no_fingerprint)
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
     merged = method.merge(loaded.model)
@@ -114,14 +122,32 @@ def merge_checked(run_dir: Path) -> MergedRun:
     # The merged model answers for the trained one: every merged format (safetensors, GGUF) is
     # checked against the run's fingerprint before anything is written.
     trained = check_trained(method, merged, run_dir, "the merged model", loaded.check)
-    return MergedRun(loaded, merged, probes, {"method": method.name, **check, **trained})
+    return MergedRun(loaded, merged, probes, {"method": method.name, **check, **trained,
+                                              **merged_dtype(merged, run_dir, {**check, **trained})})
 
 
-def export_merged(run_dir: str | Path, out: str | Path) -> dict:
+def merged_dtype(merged: torch.nn.Module, run_dir: Path, check: dict) -> dict:
+    """The merged model's dtype, the run's, and what the measured differences mean, for the report."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in merged.parameters() if p.is_floating_point()})
+    trained = str(trained_dtype(run_dir)).removeprefix("torch.")
+    note = (f"merged in {'/'.join(dtypes)} (a quantized base expanded to fp32 and the adapter's update added in "
+            f"fp32; the run computed in {trained}): its logits differ from the unmerged run's by "
+            f"{check['max_abs_logit_diff']:.2g}, {check['max_abs_logit_diff'] / check['max_abs_logit']:.1e} of the "
+            "largest logit (fp32 summation order)")
+    if check.get("max_abs_logit_diff_vs_trained") is not None:
+        note += (f" and from the trained model's fingerprint by {check['max_abs_logit_diff_vs_trained']:.2g} "
+                 f"(allowed {check['allowed_diff_vs_trained']:.2g})")
+    else:
+        note += "; it was NOT checked against the trained model (see fingerprint)"
+    return {"merged_dtype": "/".join(dtypes), "trained_dtype": trained, "merge_note": note + "."}
+
+
+def export_merged(run_dir: str | Path, out: str | Path, no_fingerprint: bool = False) -> dict:
+    """The merged model as a safetensors folder plain transformers loads (fp32, see ``merged_dtype``)."""
     run_dir, out = Path(run_dir), Path(out)
     mergeable_method(run_dir)
     check_out(out)
-    result = merge_checked(run_dir)
+    result = merge_checked(run_dir, no_fingerprint)
 
     def write(folder: Path) -> None:
         result.model.save_pretrained(folder, safe_serialization=True)
@@ -131,7 +157,10 @@ def export_merged(run_dir: str | Path, out: str | Path) -> dict:
 
 
 def check_trained(method, model, run_dir: Path, what: str, reload: dict | None) -> dict:
-    """``model`` against the fingerprint; the report keeps the larger of its and the reload's difference."""
+    """``model`` against the fingerprint; the report keeps the larger of its and the reload's difference.
+    A reload that was not checked (``no_fingerprint``) leaves the model unchecked too, and says so."""
+    if reload is not None and reload.get("fingerprint_checked") is False:
+        return dict(reload)
     got = fingerprint.check(method, model, run_dir, what,
                             "nothing was written; export the adapter instead and report this run.")
     reloaded = (reload or {}).get("max_abs_logit_diff_vs_trained")
@@ -141,17 +170,18 @@ def check_trained(method, model, run_dir: Path, what: str, reload: dict | None) 
     return got
 
 
-def export_adapter(run_dir: str | Path, out: str | Path) -> dict:
+def export_adapter(run_dir: str | Path, out: str | Path, no_fingerprint: bool = False) -> dict:
     """The adapter folder as the run wrote it, once the run, reloaded from it, matches the fingerprint."""
     run_dir, out = Path(run_dir), Path(out)
     spec = run_spec(run_dir)
     check_out(out)
-    loaded = load_run(run_dir)  # refuses (nothing written) when base + adapter is not what trained
+    # Refuses (nothing written) when base + adapter is not what trained, or nothing says what trained.
+    loaded = load_run(run_dir, require_fingerprint=True, no_fingerprint=no_fingerprint)
     write_atomically(out, lambda folder: shutil.copytree(RunFolder(run_dir).adapter_dir, folder, dirs_exist_ok=True))
     return {"path": str(out), "method": spec.method_name, **loaded.check}
 
 
-def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
+def export_quantized(run_dir: str | Path, out: str | Path, no_fingerprint: bool = False) -> dict:
     """The run's quantized model (integer codes + scales + zeros), for methods whose result is one:
     those declaring ``to_quantized(model)``. The folder's format is the integer grid's own
     (``adapters.quant.export``); the method only turns its trained model into grid layers."""
@@ -164,7 +194,7 @@ def export_quantized(run_dir: str | Path, out: str | Path) -> dict:
         raise StudioError(f"method {method.name} has no quantized form to export.", f"{run_dir} (method {method.name})",
                           f"use --merged or --adapter instead; quantized export exists for: {', '.join(able)}.")
     check_out(out)
-    loaded = load_run(run_dir)
+    loaded = load_run(run_dir, require_fingerprint=True, no_fingerprint=no_fingerprint)
     probes = probe_batches(loaded)
     before = logits_of(loaded.model, probes)
     quantized = method.to_quantized(loaded.model)

@@ -6,20 +6,22 @@ special tokens and chat template. Llama and Qwen2 families only: their layouts a
 this writer knows (llama.cpp stores Llama's q/k rows interleaved per head, Qwen2's as they are).
 
 After writing, the file is read back by transformers' GGUF loader (a reader we did not write)
-and its logits are compared with the merged model's on the run's own rows: the report gives
-the differences, and an export past its type's bound is refused (nothing is left behind).
+and its logits are compared with the trained model's fingerprint and with the merged model's
+on the run's own rows: the report gives the differences and top-1 agreements, and an export
+past its type's bound (``BOUNDS``), or with a NaN anywhere, is refused (nothing is left behind).
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from jobs.training import models
+from jobs.training import fingerprint, models
 from adapters.core.errors import StudioError
 from jobs.results.export import logits_of, merge_checked, mergeable_method
 from jobs.results.ollama import write_modelfile
@@ -34,11 +36,34 @@ TYPES = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-# Largest logit difference against the merged fp32 model, per unit of its largest logit, past
-# which an export is refused. f16 and bf16 only round the weights (11 and 8 mantissa bits), so
-# more than this means a broken file, not a lossy one. q8_0 and q4_0 are lossy by choice: the
-# report gives their measured difference, and the README the bounds the tests hold them to.
-REFUSE_PAST = {"f16": 0.02, "bf16": 0.1}
+
+
+@dataclass(frozen=True)
+class Bound:
+    relative: float   # largest logit difference allowed, per unit of the largest logit
+    top1: float       # least fraction of probe positions whose highest-logit token must agree
+    why: str
+
+
+# Each file is compared with the trained model's fingerprint (its logits on the run's own rows,
+# recorded when training ended) and with the merged model on the export's probe rows; past its
+# type's bound on either, or NaN anywhere, the export is refused and nothing is left behind.
+# Measured (README, GGUF): SmolLM2-135M after a short LoRA run, and the tests' tiny random models.
+BOUNDS = {
+    # f16 and bf16 only round the weights (11 and 8 mantissa bits): more means a broken file.
+    # Measured against the trained model: 6.8e-4 (f16) and 5.4e-3 (bf16) on SmolLM2 after bf16 QLoRA.
+    "f16": Bound(0.01, 0.9, "f16 rounding of the weights alone stays within it"),
+    "bf16": Bound(0.05, 0.8, "bf16 rounding of the weights alone stays within it"),
+    # q8_0: 8-bit blocks of 32 with one f16 scale, lossy by choice: 0.03 after LoRA and 0.086 (top-1
+    # 75% of the fingerprint's 16 positions) after QLoRA, whose NF4 base is rounded a second time.
+    "q8_0": Bound(0.15, 0.5, "8-bit blocks cost SmolLM2 up to 9% of its largest logit, not more"),
+    # q4_0 re-rounds everything to 4 bits: SmolLM2 kept 67% of its top-1 tokens after LoRA and 21%
+    # after QLoRA (0.98 of the largest logit). Bounded loosely, to catch only a file that is no model
+    # at all (chance agreement), and reported with a warning when it keeps fewer than half.
+    "q4_0": Bound(1.5, 0.1, "a loose bound: 4-bit rounding of a small model is large, a broken file larger"),
+}
+# Below this top-1 agreement with the merged model the report warns that the file answers otherwise.
+WARN_TOP1 = 0.5
 ARCHES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 # llama.cpp picks its pre-tokenizer (regex splitting) by this name.
 DEFAULT_PRE = {"qwen2": "qwen2", "llama": "default"}
@@ -195,16 +220,43 @@ def load_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
-def measure(merged, path: Path, probes: list[torch.Tensor]) -> dict:
-    """Logits of the file as transformers reads it against the merged model's, on the run's rows."""
-    want = logits_of(merged, probes)
-    got = logits_of(load_gguf(path), probes)
-    diff = max(float((a - b).abs().max()) for a, b in zip(want, got))
-    scale = max(1.0, max(float(b.abs().max()) for b in want))
-    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(want, got))
-    total = sum(a.shape[0] * a.shape[1] for a in want)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "relative_diff": diff / scale,
-            "top1_agreement": agree / max(total, 1)}
+def measure(merged, path: Path, probes: list[torch.Tensor], trained: fingerprint.Fingerprint | None) -> dict:
+    """Logits of the file as transformers reads it against the merged model's on the export's probe
+    rows, and against the trained model's fingerprint (when there is one)."""
+    model = load_gguf(path)
+    vs_trained = None if trained is None else fingerprint.compare(trained, model)
+    vs_merged = fingerprint.difference(logits_of(merged, probes), logits_of(model, probes))
+    return {"vs_trained": vs_trained, "vs_merged": vs_merged}
+
+
+def refuse_past(gguf_type: str, measured: dict, run_dir: Path) -> dict:
+    """The report's figures; StudioError when either comparison is past the type's bound or not finite."""
+    bound = BOUNDS[gguf_type]
+    for against, diff in (("the trained model's fingerprint", measured["vs_trained"]),
+                          ("the merged model", measured["vs_merged"])):
+        if diff is None:
+            continue
+        if not diff.within(bound.relative):
+            problem = f"the largest logit difference {diff.why(bound.relative, 'the ' + gguf_type + ' bound')}"
+        elif not diff.top1_agreement >= bound.top1:
+            problem = (f"its top token agrees at {diff.top1_agreement:.0%} of {diff.positions} positions, "
+                       f"fewer than the {gguf_type} bound {bound.top1:.0%}")
+        else:
+            continue
+        raise StudioError(f"the {gguf_type} GGUF file, read back, is not the model that trained: against {against}, "
+                          f"{problem} ({bound.why}); nothing was written.", str(run_dir),
+                          "export --merged instead and report this run: the GGUF writer mishandles this model.")
+    merged, trained = measured["vs_merged"], measured["vs_trained"]
+    report = {"max_abs_logit_diff": merged.max_abs, "max_abs_logit": merged.scale, "relative_diff": merged.relative,
+              "top1_agreement": merged.top1_agreement, "bound_relative": bound.relative, "bound_top1": bound.top1}
+    if merged.top1_agreement < WARN_TOP1:
+        report["warning"] = (f"this {gguf_type} file picks the merged model's top token at only "
+                             f"{merged.top1_agreement:.0%} of {merged.positions} positions: its answers will differ; "
+                             "prefer q8_0 or f16 for a model this small")
+    if trained is not None:
+        report.update(max_abs_logit_diff_vs_trained=trained.max_abs, relative_diff_vs_trained=trained.relative,
+                      top1_agreement_vs_trained=trained.top1_agreement, positions_vs_trained=trained.positions)
+    return report
 
 
 def refuse_early(run_dir: Path) -> None:
@@ -222,12 +274,13 @@ def refuse_early(run_dir: Path) -> None:
     architecture(config)
 
 
-def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") -> dict:
+def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16", no_fingerprint: bool = False) -> dict:
     run_dir, out = Path(run_dir), Path(out)
     check_target(out, gguf_type)
     mergeable_method(run_dir)
     refuse_early(run_dir)
-    result = merge_checked(run_dir)
+    result = merge_checked(run_dir, no_fingerprint)  # refuses a missing fingerprint unless no_fingerprint
+    trained = fingerprint.read(run_dir) if result.check.get("fingerprint_checked") else None
     model, loaded = result.model, result.loaded
     arch = architecture(model.config)
     pre = source_pre(loaded.spec) or DEFAULT_PRE[model.config.model_type]
@@ -245,13 +298,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") ->
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        measured = measure(model, tmp, result.probes)
-        bound = REFUSE_PAST.get(gguf_type)
-        if bound is not None and measured["relative_diff"] > bound:
-            raise StudioError(f"the {gguf_type} GGUF's logits differ from the merged model's by "
-                              f"{measured['relative_diff']:.3g} of the largest logit, past the bound {bound:g} "
-                              "that rounding alone stays within; nothing was written.", str(run_dir),
-                              "export --merged instead and report this run: the GGUF writer mishandles this model.")
+        measured = refuse_past(gguf_type, measure(model, tmp, result.probes, trained), run_dir)
         modelfile = write_modelfile(modelfile_path(out), out.name, loaded.tokenizer)
         os.replace(tmp, out)
     except BaseException:
@@ -261,4 +308,6 @@ def export_gguf(run_dir: str | Path, out: str | Path, gguf_type: str = "f16") ->
         raise
     return {"path": str(out), "gguf_type": gguf_type, "architecture": model.config.model_type,
             "tokenizer_pre": pre, "size_bytes": out.stat().st_size, "tensor_types": counts,
-            "modelfile": str(modelfile) if modelfile else None, "merge": result.check, **measured}
+            "modelfile": str(modelfile) if modelfile else None, "merge": result.check,
+            "fingerprint_checked": trained is not None,
+            **({} if trained is not None else {"fingerprint": result.check.get("fingerprint")}), **measured}

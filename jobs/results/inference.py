@@ -49,8 +49,13 @@ def trained_dtype(run_dir: Path) -> torch.dtype:
     return found if isinstance(found, torch.dtype) else torch.float32
 
 
-def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
+def load_run(run_dir: str | Path, device: torch.device | None = None, require_fingerprint: bool = False,
+             no_fingerprint: bool = False) -> Loaded:
     """Fresh base model + the run's saved state, computing in fp32, checked against the fingerprint.
+
+    Exports pass ``require_fingerprint``: a run without a readable fingerprint then refuses unless
+    ``no_fingerprint`` (the user's explicit flag). Other loads (the playground, evaluation) go on
+    and their ``check`` says the run was not checked.
 
     The base loads in the dtype it trained in (a bf16 run's frozen weights are the bf16 copy),
     then everything is upcast, which is exact: the weights are those that trained.
@@ -67,7 +72,8 @@ def load_run(run_dir: str | Path, device: torch.device | None = None) -> Loaded:
     model = fingerprint.upcast(method.load(base, RunFolder(run_dir).adapter_dir, cfg, ctx).to(device)).eval()
     check = fingerprint.check(method, model, run_dir, "the reloaded run",
                               "the base model or the run folder changed since training (check that model "
-                              f"{spec.model!r} is the one the run trained on), or retrain the run.")
+                              f"{spec.model!r} is the one the run trained on), or retrain the run.",
+                              no_fingerprint=no_fingerprint, required=require_fingerprint)
     return Loaded(model, tokenizer, spec, method, check)
 
 

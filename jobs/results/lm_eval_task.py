@@ -115,7 +115,7 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], limit: int | None = None
         loaded, form = load_run(run_dir), "base+adapter"
         model = loaded.model
     else:
-        merged = merge_checked(run_dir)
+        merged = merge_checked(run_dir, require_fingerprint=False)  # scores, not a model: as the playground
         loaded, model, form = merged.loaded, merged.model, "merged"
     import lm_eval
     from lm_eval.models.huggingface import HFLM
