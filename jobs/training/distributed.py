@@ -63,6 +63,18 @@ def any_rank(flag: bool) -> bool:
     return sum_scalar(1.0 if flag else 0.0) > 0
 
 
+def broadcast_floats(values: tuple[float, ...] | None, count: int, src: int = 0) -> tuple[float, ...]:
+    """``src``'s ``count`` numbers on every process (``values`` itself in a single process; the
+    other ranks pass None). A tensor, not a pickled object: ranks exchange numbers only."""
+    if not dist.is_initialized():
+        return tuple(values)
+    box = torch.zeros(count, dtype=torch.float64, device=_device())
+    if dist.get_rank() == src:
+        box += torch.tensor(values, dtype=torch.float64, device=box.device)
+    dist.broadcast(box, src=src)
+    return tuple(box.tolist())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

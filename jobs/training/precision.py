@@ -105,7 +105,7 @@ def choose_precision(precision: str, device: torch.device, shapes: Shapes | None
         rates = measured_rates(shapes, measure or measure_rates, home)
     # Under torchrun the first process measures alone (the others would share its cores) and every
     # process takes its rates, so all of them compute in the same dtype.
-    fp32, bf16 = distributed.broadcast_object(rates)
+    fp32, bf16 = distributed.broadcast_floats(rates, 2)
     return decide(fp32, bf16)
 
 
