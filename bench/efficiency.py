@@ -21,7 +21,7 @@ lookups and cost nothing. For reference the result also gives the conventional 6
 N every parameter of the base model.
 
 Those are the FLOPs a step needs. The FLOPs it does differ: padding positions are computed
-too, and a prefix every row of a batch shares is computed once (``jobs/training/loss.py``). The
+too, and a prefix every row of a batch shares is computed once (``jobs/training/prefix.py``). The
 same formulas over the positions actually computed, ``R·W`` per micro-batch of R rows padded to
 W, or ``W + (R-1)·(W-n)`` with a shared prefix of n, give the FLOPs done.
 
@@ -226,7 +226,7 @@ def _recording_batches():
     (forward passes under autograd; evaluation runs without it)."""
     import torch
 
-    from jobs.training import loss
+    from jobs.training import loss, prefix
 
     seen: list[tuple[int, int, int, int]] = []
     inner = loss.final_hidden
@@ -234,7 +234,7 @@ def _recording_batches():
     def final_hidden(model, batch, saved=None, share_prefix=True):
         if torch.is_grad_enabled():
             rows, width = batch["input_ids"].shape
-            shared = loss.shared_prefix(model, batch) if share_prefix else 0
+            shared = prefix.shared_prefix(model, batch) if share_prefix else 0
             seen.append((rows, width, shared, int(loss.trained_positions(batch["labels"]).sum())))
         return inner(model, batch, saved, share_prefix)
     loss.final_hidden = final_hidden

@@ -47,7 +47,7 @@ def test_an_instance_forward_replaces_the_class_one_for_that_instance_only():
 
 
 def test_a_keyword_of_the_call_reaches_the_attention_and_positions_are_the_callers():
-    """The loss's shared prefix (jobs.training.loss) packs a batch into one sequence: it passes its layout
+    """The loss's shared prefix (jobs.training.prefix) packs a batch into one sequence: it passes its layout
     as a keyword of the model's call (through peft too), which transformers hands down to the
     attention function, and gives each token its own position, so a packed row attends and
     rotates exactly as the row alone does."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from adapters import METHODS
-from jobs.training.loss import attention_kernels
+from jobs.training.fused import attention_kernels
 from jobs.spec import parse_spec
 from adapters.core.errors import StudioError
 from jobs.training.precision import CACHE_FILE, choose_precision

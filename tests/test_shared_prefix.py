@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import jobs.training.loss as loss_module
+import jobs.training.prefix as prefix_module
 from adapters import METHODS
 from adapters.base import Context
 from helpers import make_spec
@@ -44,13 +45,13 @@ def _model(src, tok, tmp, method: dict, checkpointing: bool = False):
 
 def _loss_and_grads(model, batch, share: bool, saved=None):
     model.zero_grad(set_to_none=True)
-    original = loss_module.shared_prefix
+    original = prefix_module.shared_prefix
     try:
         if not share:
-            loss_module.shared_prefix = lambda *a: 0
+            prefix_module.shared_prefix = lambda *a: 0
         total, n = loss_module.token_loss_sum(model, batch, 16, saved)
     finally:
-        loss_module.shared_prefix = original
+        prefix_module.shared_prefix = original
     (total / n).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return float(total.detach()) / n, grads
@@ -70,11 +71,11 @@ def setting(tiny_model, tmp_path_factory):
 def test_shared_prefix_gives_the_unshared_loss_and_gradients(name, setting):
     src, tok, batch, factory = setting
     model = _model(src, tok, factory.mktemp(name), {"name": name})
-    shared = loss_module.shared_prefix(model, batch)
+    shared = prefix_module.shared_prefix(model, batch)
     if name in VIRTUAL_TOKENS:
         assert shared == 0
         return
-    assert shared >= loss_module.SHARED_PREFIX_MIN
+    assert shared >= prefix_module.SHARED_PREFIX_MIN
     assert (batch["input_ids"][:, :shared] == batch["input_ids"][:1, :shared]).all()
     assert not (batch["input_ids"][:, shared] == batch["input_ids"][0, shared]).all()
     loss, grads = _loss_and_grads(model, batch, share=True)
@@ -102,15 +103,15 @@ def test_the_spec_switch_turns_sharing_off(setting):
     src, tok, batch, factory = setting
     model = _model(src, tok, factory.mktemp("switch"), LORA)
     calls = []
-    original = loss_module._shared_prefix_hidden
-    loss_module._shared_prefix_hidden = lambda *a: calls.append(1) or original(*a)
+    original = prefix_module.shared_prefix_hidden
+    prefix_module.shared_prefix_hidden = lambda *a: calls.append(1) or original(*a)
     try:
         loss_module.token_loss_sum(model, batch, 16, None, share_prefix=False)
         assert not calls
         loss_module.token_loss_sum(model, batch, 16)
         assert calls
     finally:
-        loss_module._shared_prefix_hidden = original
+        prefix_module.shared_prefix_hidden = original
     assert parse_spec(make_spec(src.path, "x.jsonl", factory.mktemp("s") / "run")).training.share_prefix is True
 
 
@@ -123,23 +124,23 @@ def test_the_estimate_probes_with_the_prefix_every_batch_shares(setting, tmp_pat
     for share in (True, False):
         spec = parse_spec(make_spec(src.path, data, tmp_path / "run", batch_size=6, share_prefix=share))
         found, _ = first_batch(spec, src)
-        assert (found.shared >= loss_module.SHARED_PREFIX_MIN) if share else found.shared == 0
+        assert (found.shared >= prefix_module.SHARED_PREFIX_MIN) if share else found.shared == 0
 
 
 def test_what_is_not_shared(setting):
     src, tok, batch, factory = setting
     tmp = factory.mktemp("not-shared")
     lora = _model(src, tok, tmp, LORA)
-    assert loss_module.shared_prefix(lora, batch) > 0
-    assert loss_module.shared_prefix(_model(src, tok, tmp, {**LORA, "dropout": 0.1}), batch) == 0  # one dropout draw
-    assert loss_module.shared_prefix(_model(src, tok, tmp, LORA, checkpointing=True), batch) == 0  # cache replayed
-    assert loss_module.shared_prefix(lora, {k: v[:1] for k, v in batch.items()}) == 0  # one row
+    assert prefix_module.shared_prefix(lora, batch) > 0
+    assert prefix_module.shared_prefix(_model(src, tok, tmp, {**LORA, "dropout": 0.1}), batch) == 0  # one dropout draw
+    assert prefix_module.shared_prefix(_model(src, tok, tmp, LORA, checkpointing=True), batch) == 0  # cache replayed
+    assert prefix_module.shared_prefix(lora, {k: v[:1] for k, v in batch.items()}) == 0  # one row
     ids = batch["input_ids"][:2].clone()
     short = dict(batch, input_ids=ids.clone(), attention_mask=batch["attention_mask"][:2])
-    short["input_ids"][1, loss_module.SHARED_PREFIX_MIN - 1] += 1
-    assert loss_module.shared_prefix(lora, short) == 0  # under SHARED_PREFIX_MIN in common
+    short["input_ids"][1, prefix_module.SHARED_PREFIX_MIN - 1] += 1
+    assert prefix_module.shared_prefix(lora, short) == 0  # under SHARED_PREFIX_MIN in common
     ids[1, 0] += 1
-    assert loss_module.shared_prefix(lora, dict(short, input_ids=ids)) == 0  # nothing in common
+    assert prefix_module.shared_prefix(lora, dict(short, input_ids=ids)) == 0  # nothing in common
 
 
 def test_a_prefix_is_shared_only_where_it_saves_enough_of_the_batch():
@@ -147,11 +148,11 @@ def test_a_prefix_is_shared_only_where_it_saves_enough_of_the_batch():
     a little besides, so a prefix saving under SHARED_PREFIX_MIN_SAVING of the tokens is computed
     per row like the rest."""
     rows, width = 2, 400
-    enough = math.ceil(loss_module.SHARED_PREFIX_MIN_SAVING * rows * width / (rows - 1))
-    assert enough > loss_module.SHARED_PREFIX_MIN  # the fraction decides here, not the minimum
+    enough = math.ceil(prefix_module.SHARED_PREFIX_MIN_SAVING * rows * width / (rows - 1))
+    assert enough > prefix_module.SHARED_PREFIX_MIN  # the fraction decides here, not the minimum
     for n, shared in ((enough - 1, 0), (enough, enough)):
         ids = torch.arange(rows * width).reshape(rows, width)
         ids[1, :n] = ids[0, :n]
         mask = torch.ones_like(ids)
-        assert loss_module.common_prefix(ids, mask) == n
-        assert loss_module.prefix_worth_sharing(ids, mask) == shared, n
+        assert prefix_module.common_prefix(ids, mask) == n
+        assert prefix_module.prefix_worth_sharing(ids, mask) == shared, n

@@ -41,7 +41,7 @@ class Batch:
     length: int
     trained: int       # positions whose next token is trained (what the loss projects)
     source: str
-    shared: int = 0    # leading tokens every row of every batch has in common (jobs.training.loss.shared_prefix)
+    shared: int = 0    # leading tokens every row of every batch has in common (jobs.training.prefix.shared_prefix)
 
 
 @dataclass
@@ -120,12 +120,12 @@ def _shared_for_estimate(plan: list[list[int]], examples: list, lengths: list[in
     """The prefix the estimate's batch (the plan's first) may count as computed once.
 
     A batch's activations grow with the tokens the model computes: rows x length, less
-    (rows - 1) x the prefix the loss shares (jobs.training.loss.shared_prefix), where it shares one. The first batch is the
+    (rows - 1) x the prefix the loss shares (jobs.training.prefix.shared_prefix), where it shares one. The first batch is the
     longest, but another may share less: its prefix, capped so that the first batch's count
     still covers every batch's, and none below the loss's minimum.
     """
     from jobs.data.examples import collate
-    from jobs.training.loss import SHARED_PREFIX_MIN, prefix_worth_sharing
+    from jobs.training.prefix import SHARED_PREFIX_MIN, prefix_worth_sharing
 
     def shares(rows: list[int]) -> int:  # as the loss decides it for the collated batch
         batch = collate([examples[i] for i in rows], pad_id=0)
