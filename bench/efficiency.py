@@ -231,12 +231,12 @@ def _recording_batches():
     seen: list[tuple[int, int, int, int]] = []
     inner = loss.final_hidden
 
-    def final_hidden(model, batch, saved=None, share_prefix=True):
+    def final_hidden(model, batch, saved=None, share_prefix=True, call=None):
         if torch.is_grad_enabled():
             rows, width = batch["input_ids"].shape
             shared = prefix.shared_prefix(model, batch) if share_prefix else 0
             seen.append((rows, width, shared, int(loss.trained_positions(batch["labels"]).sum())))
-        return inner(model, batch, saved, share_prefix)
+        return inner(model, batch, saved, share_prefix, call)
     loss.final_hidden = final_hidden
     try:
         yield seen
