@@ -145,7 +145,7 @@ def run_job(spec: dict, label: str, threads: int, timeout: float = TIMEOUT_S) ->
     """Queue ``spec`` in a scratch home, start it as the scheduler would, and measure its ranks."""
     from adapters.core.errors import StudioError
     from jobs.runfolder import read_metrics
-    from jobs.runner.scheduler import submit_job
+    from jobs.runner.submit import submit_job
     from jobs.runner.store import JobStore, Status
     from jobs.runner.worker import spawn
 

@@ -241,7 +241,7 @@ def check_engines(gpu_count: int) -> list[Check]:
         return [Check("nccl_engines", True, f"not possible here: {gpu_count} GPU (two or more run DDP and FSDP2 on NCCL)",
                       data={"not_applicable": True})]
     from jobs.runfolder import read_run
-    from jobs.runner.scheduler import submit_job
+    from jobs.runner.submit import submit_job
     from jobs.runner.store import JobStore, Status
     from jobs.runner.worker import spawn
 

@@ -78,7 +78,7 @@ def add_jobs_commands(subparsers) -> None:
 
 
 def cmd_submit(args) -> int:
-    from jobs.runner.scheduler import submit_job
+    from jobs.runner.submit import submit_job
     from jobs.spec import apply_overrides, read_spec_file
 
     data = apply_overrides(read_spec_file(args.spec), args.set)
@@ -144,7 +144,7 @@ def cmd_control(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    from jobs.runner.scheduler import delete_job
+    from jobs.runner.submit import delete_job
 
     removed = delete_job(args.home, args.id, files=args.files)
     print(f"job {args.id}: deleted" + (f"; removed {', '.join(removed)}" if removed else ""))

@@ -19,7 +19,8 @@ from adapters.core.errors import StudioError
 from jobs.spec import check_combination, parse_spec
 
 from jobs.runfolder import read_metrics, read_run
-from jobs.runner.scheduler import run_inline, submit_job
+from jobs.runner.scheduler import run_inline
+from jobs.runner.submit import submit_job
 from jobs.runner.store import JobStore, Status
 
 

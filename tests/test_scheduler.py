@@ -16,7 +16,8 @@ from helpers import make_spec, serving_scheduler, wait_until
 
 from adapters.core.errors import StudioError
 from jobs.runfolder import read_metrics, read_run
-from jobs.runner.scheduler import Scheduler, assign, run_inline, scheduler_pid, submit_job, kill_tree
+from jobs.runner.scheduler import Scheduler, assign, kill_tree, run_inline, scheduler_pid
+from jobs.runner.submit import submit_job
 from jobs.runner.store import Job, JobStore, Status
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ class Cancelled(Exception):
 
 
 def _submit(home: Path, bid: str, data: dict, name: str) -> int:
-    from jobs.runner.scheduler import submit_job
+    from jobs.runner.submit import submit_job
 
     return submit_job(home, data, name=f"bakeoff {bid} {name}", where=f"bake-off {bid}: {name}").id
 

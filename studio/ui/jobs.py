@@ -59,7 +59,7 @@ def curve_points(run_dir: str) -> list[dict]:
 
 
 def control(studio: Studio, verb: str, job_id: int | str) -> dict:
-    from jobs.runner.scheduler import retry_job
+    from jobs.runner.submit import retry_job
 
     job = job_for(studio, job_id, verb)
     if verb == "retry":  # the new attempt's folder is checked against the same rule before it is made
@@ -68,7 +68,7 @@ def control(studio: Studio, verb: str, job_id: int | str) -> dict:
 
 
 def delete(studio: Studio, job_id: int | str, files: bool = False) -> list[str]:
-    from jobs.runner.scheduler import delete_job
+    from jobs.runner.submit import delete_job
 
     job = job_for(studio, job_id, "delete_files" if files else "delete")
     return delete_job(studio.home, job.id, files=files)

@@ -135,7 +135,7 @@ def estimate_for(studio: Studio, data: dict, device: str) -> dict:
 
 
 def launch(studio: Studio, data: dict, name: str = "", priority: int = 0) -> dict:
-    from jobs.runner.scheduler import submit_job
+    from jobs.runner.submit import submit_job
 
     data = resolve_dataset(studio, data)
     name = want_text(name, "name", NAME_LIMIT).strip() or None
