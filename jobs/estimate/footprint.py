@@ -350,10 +350,10 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
         Checkpointing keeps no saved tensor inside a block, so the saved-tensor hooks see nothing
         there; what stays is held by reference: each block's input (kept for the recomputation),
         and whatever else keeps a block's tensors alive until the forward ends. That is measured
-        rather than assumed because it was once more than the input: the lean norms and MLP
-        (jobs.training.fused) kept their recipes' inputs (norm input, gate, up) until the forward ended,
-        and SmolLM2 LoRA at 4 x 256 tokens peaked about 250 MiB above the "one block input per
-        block" estimate (1449 MiB measured with the lean functions, 1194 MiB without, one step)."""
+        rather than assumed to be the input alone, because code inside the block can hold more by
+        reference without autograd saving it: a rebuild recipe of the lean norms and MLP
+        (jobs.training.fused) that kept its inputs (norm input, gate, up) alive would add them per
+        block, and an estimate of one input per block would fall short by that much."""
         made: list[tuple] = []
         alive: dict[int, tuple] = {}
 

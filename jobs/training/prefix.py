@@ -22,12 +22,14 @@ from jobs.training import fused
 
 SHARED_PREFIX_MIN = 8  # tokens; a shorter prefix saves too little to pay for packing the batch
 # Sharing saves (rows - 1) x prefix of the rows x width tokens the model would compute; the packed
-# call costs a little besides (the index maps, the split attention). Paired in one process
-# (`python -m bench.ab --changes share_prefix`, 2-core AMD EPYC, fp32, SmolLM2-135M LoRA, 8 rounds):
-# saving 37% of the tokens (demo rows, 8 per batch) made steps 1.34x faster and 7% (the speed
-# benchmark's two conversations) 1.06x, a tie (bench/results/ab.json, ab-long.json); probes of
-# the same code before it was committed gave 1.15x at 32% (4 rows) and 1.07x at 21% (2 rows).
-# Below this fraction the loop does not share.
+# call costs a little besides (the index maps, the split attention), so a small saving can be
+# lost in it. Paired in one process (`python -m bench.ab --changes share_prefix`, 2-core AMD EPYC,
+# fp32, SmolLM2-135M LoRA, 8 rounds): saving 37% of the tokens (demo rows, 8 per batch) made steps
+# 1.34x faster, and saving 7% (the speed benchmark's two conversations) 1.06x, a tie
+# (bench/results/ab.json, ab-long.json); shorter probes of the same code, not kept in
+# bench/results, gave 1.15x at 32% (4 rows) and 1.07x at 21% (2 rows). 7% still ties rather than
+# loses, so the threshold sits a little below it: under this fraction of the batch's tokens the
+# loop does not share.
 SHARED_PREFIX_MIN_SAVING = 0.05
 
 
