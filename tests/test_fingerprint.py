@@ -140,7 +140,7 @@ def test_playground_loads_of_an_old_run_go_on_and_say_unchecked(run_dir):
 @pytest.mark.parametrize("kind", ["--merged", "--adapter"])
 def test_export_refuses_a_run_whose_base_model_was_swapped(tmp_path, toy_dataset, studio_home, capsys, kind):
     """The base folder the run names now holds other weights of the same shape."""
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     base = build_tiny_llama(tmp_path / "base", seed=0)
     run = tmp_path / "run"
