@@ -288,7 +288,9 @@ def test_ui_gguf_download_runs_the_export_in_another_process(runs, tmp_path, mon
     from studio.ui import child, export as export_ui
     from studio.ui.common import Studio
 
-    studio = Studio.at(tmp_path / "home")
+    # The module's runs live outside this home: the operator allowed their folder (the web API
+    # acts only on runs inside the home or an --allow-path folder).
+    studio = Studio.at(tmp_path / "home", allow_paths=(str(Path(runs["llama"]).parent),))
     job = completed_job(studio, runs["llama"], "tiny llama")
     started = []
     real_run_once = export_ui.run_once
