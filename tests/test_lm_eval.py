@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,8 @@ def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir
     from studio.ui import child, compare
     from studio.ui.common import Studio
 
-    studio = Studio.at(tmp_path / "home")
+    # The run lives outside this home: the operator allowed its folder (--allow-path).
+    studio = Studio.at(tmp_path / "home", allow_paths=(str(Path(run_dir).parent),))
     job = studio.jobs.submit(read_run(run_dir)["spec"], name="tiny", run_dir=str(run_dir))
     studio.jobs.claim(job.id, "cpu")
     studio.jobs.finish(job.id, Status.COMPLETED)
