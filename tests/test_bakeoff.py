@@ -337,6 +337,7 @@ def test_the_ui_reads_progress_and_serves_the_report(finished):
         assert {Path(n).name for n in z.namelist()} == {"report.json", "report.md", "pareto.png"}
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_without_a_worker_the_bakeoff_serves_the_home_itself(studio_home, tiny_model, toy_dataset):
     """One process per job (so each peak is its own), started by the bake-off's own scheduler."""
     from jobs.runner.scheduler import scheduler_pid
@@ -357,6 +358,7 @@ def test_without_a_worker_the_bakeoff_serves_the_home_itself(studio_home, tiny_m
     assert "no noise floor" in report["recommendation"]
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_the_page_launches_a_bakeoff_whose_driver_and_jobs_run_elsewhere(tmp_path):
     """Through the named endpoints: the app writes the request and starts the driver process;
     the app's scheduler runs the jobs; the report comes back as a zip."""
@@ -419,6 +421,7 @@ def test_a_cancelled_bakeoff_stops_its_jobs_and_resume_finishes_it(studio_home, 
     assert report["candidates"][0]["status"] == "completed"
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 @pytest.mark.browser
 def test_the_bakeoff_tab_shows_a_finished_report_and_serves_it(tmp_path):
     """In Chromium: choose a finished bake-off, see its recommendation and table, download the zip."""

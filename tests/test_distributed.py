@@ -53,6 +53,7 @@ def scheduler(tmp_path):
         yield sched
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_cancel_stops_every_rank_and_a_killed_job_leaves_no_rank_behind(scheduler, tiny_model, toy_dataset):
     home = scheduler.home
     store = JobStore(home)
@@ -79,6 +80,7 @@ def test_cancel_stops_every_rank_and_a_killed_job_leaves_no_rank_behind(schedule
     assert lost.status == Status.INTERRUPTED and "SIGKILL" in lost.error
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_a_distributed_job_runs_inline_too(tmp_path, tiny_model, toy_dataset, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on the CPU even where GPUs exist
     home = tmp_path / "home"

@@ -281,6 +281,7 @@ def completed_job(studio, run_dir: Path, name: str):
     return job
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_ui_gguf_download_runs_the_export_in_another_process(runs, tmp_path, monkeypatch):
     """The web process hands the export to a model process of its own and zips what it wrote."""
     import zipfile

@@ -70,6 +70,7 @@ def test_heldout_task_scores_the_runs_own_rows(run_dir, studio_home, monkeypatch
     assert not list(run_dir.glob(".lm-eval-*"))  # its work folder is gone
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_named_tasks_without_cached_data_are_refused_not_waited_for(run_dir, monkeypatch):
     from jobs.training import models
     from jobs.results.lm_eval_task import evaluate_run
@@ -90,6 +91,7 @@ def test_missing_harness_names_the_extra(run_dir, monkeypatch):
         evaluate_run(run_dir, ["heldout"])
 
 
+@pytest.mark.plumbing  # pages and processes, no arithmetic the kernels could change
 def test_compare_shows_the_scores_and_the_ui_runs_the_harness_in_a_child(run_dir, tmp_path, monkeypatch):
     """The Compare tab's Evaluate starts `studio evaluate` in another process; its table shows the scores."""
     import sys
