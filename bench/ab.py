@@ -7,7 +7,7 @@
 and the machine's drift between runs (on a shared VM, up to 1.6x within minutes) widens the
 ranges until a real difference can read as a tie. A change to our own loop does not need
 that: both variants are built in one process the way a job builds its model
-(``jobs.training.recipe.build_trainee``), from the same seed, and take turns on the same batches:
+(``jobs.training.trainee.build_trainee``), from the same seed, and take turns on the same batches:
 ``steps`` optimizer steps of one, then the same steps of the other, the order alternating
 from round to round (ABBA). Each round gives one paired ratio, taken seconds apart, so drift
 falls on both sides of it. The result is the median ratio with its min-max over the rounds;
@@ -143,7 +143,7 @@ def _pair(params: dict) -> dict:
     from jobs.training import models
     from jobs.data.examples import collate, plan_batches, prepare
     from jobs.spec import parse_spec
-    from jobs.training.recipe import build_trainee
+    from jobs.training.trainee import build_trainee
 
     scratch = Path(params["scratch"])
     names = {"with_it": params["with_it"], "without": params["without"]}

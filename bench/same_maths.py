@@ -3,7 +3,7 @@
 A speed ratio between two systems means something only if both do the same maths per step.
 Before any ratio is reported, ``bench.speed`` runs this check once per row set, in one process
 of its own (memory is not measured here): every leg of the round is built exactly as its
-timed run builds it (``recipe.build_trainee`` for ours, ``bench.speed.build_trainer`` and
+timed run builds it (``jobs.training.trainee.build_trainee`` for ours, ``bench.speed.build_trainer`` and
 ``build_trl`` for the anchors), then
 
 - every trained tensor is set to the same known values, named by the tensor's name (peft
@@ -56,7 +56,8 @@ def _ours(spec_data: dict, scratch: str) -> dict:
     from jobs.data.examples import collate, prepare
     from jobs.spec import parse_spec
     from jobs.training import models
-    from jobs.training.recipe import build_trainee, lr_at
+    from jobs.training.schedule import lr_at
+    from jobs.training.trainee import build_trainee
 
     spec = parse_spec(merge(spec_data, {"output_dir": f"{scratch}/ours"}))
     device, dtype = compute_device(spec.training.precision)

@@ -14,7 +14,8 @@ from adapters.core.errors import StudioError
 from jobs.training.loss import token_loss_sum
 from jobs.runfolder import read_metrics
 from jobs.spec import parse_spec
-from jobs.training.recipe import lr_at, train
+from jobs.training.recipe import train
+from jobs.training.schedule import lr_at
 from helpers import make_spec, toy_rows
 
 

@@ -40,7 +40,7 @@ from jobs.training.trainee import FILLER, Trainee, build_trainee, whole_model
 
 StopFn = Callable[[], bool]
 ProgressFn = Callable[[dict], None]
-__all__ = ["Recipe", "train", "lr_at", "check_run_folder", "build_trainee", "Trainee"]
+__all__ = ["Recipe", "train", "check_run_folder"]
 
 
 def train(spec: JobSpec, *, resume: bool = True, stop: StopFn | None = None,
