@@ -36,7 +36,7 @@ from jobs.training.precision import choose_precision, pick_device, source_shapes
 from jobs.training.schedule import StepPlan, lr_at, now
 from jobs.training.trackers import NO_TRACKERS, Trackers
 from jobs.training.engines import make_engine
-from jobs.training.trainee import FILLER, Trainee, build_trainee, whole_model
+from jobs.training.trainee import FILLER, build_trainee, whole_model
 
 StopFn = Callable[[], bool]
 ProgressFn = Callable[[dict], None]
