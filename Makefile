@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch for machines without an NVIDIA driver; override to pin another.
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: run test bench gpu-check setup clean-venv
+.PHONY: run test fast screenshots bench gpu-check setup clean-venv
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The README's pictures of the page: the browser test drives the studio and keeps a screenshot of each
+# step in docs/img (tests/test_docs.py checks that every one it takes is there and shown).
+screenshots: $(STAMP)
+	STUDIO_SCREENSHOTS=docs/img $(PY) -m pytest -q tests/test_browser.py
 
 bench: $(STAMP)
 	@# On a GPU machine the speed benchmark adds Liger (and Unsloth, where installed) as anchors.

@@ -74,7 +74,7 @@ def smollm_lora_run(tmp_path_factory) -> dict:
 # store, the scheduler, the CLI, the web API and page, confinement, data reading. CI runs them in
 # its first leg only (.ci/run); its second leg, on the generic AVX2 kernels, leaves them out.
 PLUMBING = {
-    "test_allocator.py", "test_architecture.py", "test_browser.py", "test_corpus.py", "test_data.py",
+    "test_allocator.py", "test_architecture.py", "test_browser.py", "test_corpus.py", "test_data.py", "test_docs.py",
     "test_engine.py", "test_jobs_cli.py", "test_scheduler.py", "test_security.py", "test_spawn_home_errors.py",
     "test_store.py", "test_ui_api.py", "test_ui_datasets.py", "test_ui_forms.py", "test_ui_parts.py",
     "test_web_process.py",

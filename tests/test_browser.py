@@ -110,13 +110,12 @@ def test_upload_train_compare_and_download_in_the_browser(studio, page, tmp_path
     # Jobs: the page follows the last launched job until both have finished.
     head = el(page, "jobs.status")
     expect(head).to_contain_text("rank-4")
-    shot(page, "3-jobs-waiting")
     expect(head).to_contain_text("completed", timeout=180_000)
     expect(el(page, "jobs.table")).not_to_contain_text("running")
     expect(el(page, "jobs.table")).not_to_contain_text("queued")
     expect(el(page, "jobs.table")).to_contain_text("completed")
     expect(el(page, "jobs.log", "textarea")).to_have_value(re.compile(r"job 2 completed"))
-    shot(page, "3-jobs-done")
+    shot(page, "3-jobs")
 
     # A reload re-attaches to the job this browser was watching.
     page.reload()
