@@ -88,7 +88,21 @@ class TorchOptimizerRule(UpdateRule):
 
 
 def _adamw(groups, cfg):
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fusable(groups))
+
+
+# torch's fused AdamW: one pass over each tensor's value, gradient and moments, in place, where
+# the default on a CPU is a loop of about ten elementwise ops per tensor, each allocating its
+# result. The same update (both within 7e-7 of a float64 AdamW after five steps); on a 2-core
+# AMD EPYC a full-fine-tuning step of SmolLM2's tensors took 0.17 s fused against 3.5 s looped,
+# LoRA's 420 small tensors 16 ms against 66 ms. transformers.Trainer and TRL default to it too.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fusable(groups: list[dict]) -> bool:
+    """Whether every tensor suits torch's fused AdamW kernel: floating point, on a CPU or a GPU."""
+    tensors = [p for g in groups for p in g["params"]]
+    return bool(tensors) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in tensors)
 
 
 def _sgd(groups, cfg):
@@ -110,9 +124,9 @@ def _eight_bit(shapes, cfg) -> int:
                for s in shapes)
 
 
-# Every rule here holds every gradient. AdamW's step divides by sqrt(v) into a new tensor, one
-# parameter at a time; bitsandbytes dequantizes both moments of one tensor.
-_ADAMW_MEMORY = RuleMemory("all", moments_bytes(8), lambda largest: largest)
+# Every rule here holds every gradient. Fused AdamW updates in place (no temporaries);
+# bitsandbytes dequantizes both moments of one tensor.
+_ADAMW_MEMORY = RuleMemory("all", moments_bytes(8), lambda largest: 0)
 _SGD_MEMORY = RuleMemory("all", lambda shapes, cfg: moments_bytes(4)(shapes, cfg) if cfg.momentum else 0,
                          lambda largest: 0)
 _EIGHT_BIT_MEMORY = RuleMemory("all", _eight_bit, lambda largest: 2 * largest)

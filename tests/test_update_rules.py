@@ -74,6 +74,19 @@ def test_rule_declares_its_memory_and_holds_what_it_declares(rule, batch):
         assert all(p.grad is None for p in model.parameters())
 
 
+def test_adamw_steps_with_torchs_fused_kernel_in_place(batch):
+    """AdamW runs torch's fused kernel (one in-place pass per tensor; the default CPU loop is
+    several times slower and allocates per tensor), and so declares no temporaries."""
+    model = tiny_llama()
+    stepper, _ = stepper_for("adamw", model)
+    assert stepper.optimizer.defaults["fused"] is True
+    assert UPDATE_RULES.get("adamw").memory.temporaries(1 << 20) == 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        stepper.step([batch], mean_loss(model), 1e-3)
+    seen = {e.key for e in prof.key_averages()}
+    assert "aten::_fused_adamw_" in seen, sorted(k for k in seen if "adam" in k)
+
+
 # --- LOMO -------------------------------------------------------------------------------
 
 def test_lomo_equals_sgd_without_clipping(batch):
