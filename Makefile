@@ -35,6 +35,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Everyday work: the tests not marked slow (tests/conftest.py), under 3 minutes on two cores.
+fast: $(STAMP)
+	$(PY) -m pytest -q -m fast
+
 # The README's pictures of the page: the browser test drives the studio and keeps a screenshot of each
 # step in docs/img (tests/test_docs.py checks that every one it takes is there and shown).
 screenshots: $(STAMP)

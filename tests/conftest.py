@@ -81,14 +81,32 @@ PLUMBING = {
 }
 
 
+# Files whose every test runs jobs, processes, a browser or the real model: `slow`, with the tests
+# carrying the markers below and those marked `@pytest.mark.slow` where they stand (each about 5 s
+# or more). Everything else is `fast` (`make fast`: under 3 minutes on two cores, for everyday
+# work); `make test` runs both. Chosen from `pytest --durations=0` of the whole suite.
+SLOW = {
+    "test_bakeoff.py", "test_bench.py", "test_bench_scale.py", "test_browser.py", "test_distributed.py",
+    "test_estimator_bench.py", "test_gguf_export.py", "test_lm_eval.py", "test_scheduler.py", "test_smollm.py",
+    "test_ui_api.py", "test_web_process.py",
+}
+SLOW_MARKERS = ("smollm", "browser", "bench")
+
+
 def pytest_collection_modifyitems(config, items):
-    missing = sorted(name for name in PLUMBING if not (Path(__file__).parent / name).is_file())
-    if missing:  # a renamed file would silently start running twice in CI
-        raise pytest.UsageError(f"tests/conftest.py PLUMBING names files that do not exist: {missing}; "
-                                f"rename them there too")
+    here = Path(__file__).parent
+    for listed, names in (("PLUMBING", PLUMBING), ("SLOW", SLOW)):
+        missing = sorted(name for name in names if not (here / name).is_file())
+        if missing:  # a renamed file would silently change which leg or selection runs it
+            raise pytest.UsageError(f"tests/conftest.py {listed} names files that do not exist: {missing}; "
+                                    f"rename them there too")
     for item in items:
         if item.path.name in PLUMBING:
             item.add_marker(pytest.mark.plumbing)
+        if item.path.name in SLOW or any(item.get_closest_marker(m) for m in SLOW_MARKERS):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
 
 
 # The `cuda` marker (tests/cuda_marks.py): skipped without a CUDA device, never skipped with one.

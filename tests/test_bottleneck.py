@@ -56,6 +56,7 @@ def randomise(modules, name: str):
 
 @pytest.mark.parametrize("fam", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.slow
 def test_adapters_start_as_the_base_and_hook_every_sublayer(fam, name):
     method = METHODS.get(name)
     model = family(fam)

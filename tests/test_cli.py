@@ -17,6 +17,7 @@ def write_spec(tmp_path, spec: dict):
     return path
 
 
+@pytest.mark.slow
 def test_train_export_generate(tiny_model, toy_dataset, tmp_path, studio_home, capsys):
     spec = write_spec(tmp_path, make_spec(tiny_model, toy_dataset, tmp_path / "run", max_steps=4))
     assert main(["train", str(spec), "--set", "training.max_steps=5", "--quiet"]) == 0

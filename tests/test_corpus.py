@@ -50,6 +50,7 @@ def test_corpus_is_large_enough():
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['kind']}:{c['file']}:{sorted(c.get('options') or {})}")
+@pytest.mark.slow
 def test_bad_input_is_reported(case, request):
     before = snapshot(CORPUS)
     with pytest.raises(StudioError) as err:

@@ -100,6 +100,7 @@ def trained_text(ex: Example, tok) -> list[str]:
     return [text for text, trained in render_preview(ex, tok) if trained]
 
 
+@pytest.mark.slow
 def test_chat_template_masks_everything_but_the_answer(tok):
     ex, _ = encode(ROWS["instruction"], "instruction", tok, 512, "mem")
     assert trained_text(ex, tok) == ["4 July 2021<|im_end|>"]

@@ -128,6 +128,7 @@ def test_without_the_dataset_rows_are_max_seq_len_long(tiny_model, toy_dataset, 
     assert guessed["breakdown"]["activations"] > estimate(s, "cpu")["breakdown"]["activations"]
 
 
+@pytest.mark.slow
 def test_estimate_is_near_a_measured_tiny_run(tiny_model, toy_dataset, tmp_path):
     """Loose: on a tiny model the process itself is nearly all of it, and the machine is shared."""
     data = make_spec(tiny_model, toy_dataset, tmp_path / "run", max_steps=3)
@@ -367,6 +368,7 @@ def test_gathered_units_are_the_models_own(wide_model, toy_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("device, verdict", [("cpu", "does not fit"), ("cuda:0", "fits")])
+@pytest.mark.slow
 def test_verdict_is_per_device(device, verdict, studio_home, tiny_model, monkeypatch):
     # One rank's peak is 60 of a device's 100: a GPU holds one rank, a CPU's RAM both of this machine's.
     from studio.ui import train

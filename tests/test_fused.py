@@ -61,6 +61,7 @@ def _reference_attention(q, k, v, keep, scale):
 
 
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.slow
 def test_short_attention_matches_plain_attention(masked):
     torch.manual_seed(0)
     b, h, hk, t, d = 2, 6, 2, 7, 8  # grouped-query heads

@@ -78,6 +78,7 @@ def test_submit_list_show_and_control(capsys, tmp_path, spec_file, monkeypatch):
     assert code == 2 and "no job with id 99" in err
 
 
+@pytest.mark.slow
 def test_run_follow_logs_and_delete_files(capsys, tmp_path, spec_file):
     home = tmp_path / "home"
     jid = int(studio(capsys, "jobs", "submit", spec_file, "--home", home)[1])

@@ -308,6 +308,7 @@ def store_rows(p: Paths) -> list[tuple]:
 
 
 @pytest.mark.parametrize("what, endpoint, args, refusal", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_a_hostile_call_is_refused(studio, client, capfd, what, endpoint, args, refusal):
     from gradio_client.exceptions import AppError
 

@@ -68,6 +68,7 @@ def setting(tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.slow
 def test_shared_prefix_gives_the_unshared_loss_and_gradients(name, setting):
     src, tok, batch, factory = setting
     model = _model(src, tok, factory.mktemp(name), {"name": name})

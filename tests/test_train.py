@@ -29,6 +29,7 @@ def stop_after(n_steps: int):
     return stop
 
 
+@pytest.mark.slow
 def test_run_folder_contract(tiny_model, toy_dataset, tmp_path, studio_home):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -124,6 +125,7 @@ def test_loss_under_bf16_autocast_matches_the_plain_head(tiny_model):
     torch.testing.assert_close(fused_norm, plain_norm, rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights(tiny_model, toy_dataset, tmp_path, studio_home):
     settings = dict(max_steps=8, grad_accum=2, batch_size=4, lr_schedule="cosine", warmup_steps=2)
     whole = train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / "whole", **settings)))

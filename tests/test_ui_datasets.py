@@ -84,6 +84,7 @@ def test_rename_keeps_the_file_and_delete_waits_for_jobs(studio_home, tmp_path, 
     assert json.loads((studio_home / "datasets" / "other" / "dataset.json").read_text())["name"] == "other"
 
 
+@pytest.mark.slow
 def test_preview_marks_trained_tokens_and_measures_lengths(studio_home, tmp_path, tiny_model):
     from studio.ui.common import Studio
     from studio.ui.datasets import preview, preview_html

@@ -60,6 +60,7 @@ def test_values_read_back_validate_and_errors_name_the_field():
 
 
 @pytest.mark.parametrize("registry", [METHODS, UPDATE_RULES], ids=["methods", "update_rules"])
+@pytest.mark.slow
 def test_every_registered_config_round_trips(registry):
     for name, item in registry.items():
         form = render(item.Config)

@@ -34,6 +34,7 @@ def test_binding_beyond_localhost_needs_a_password(capsys, monkeypatch):
     assert "STUDIO_AUTH" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch, tiny_model):
     from gradio_client import Client
     from helpers import free_port
@@ -54,6 +55,7 @@ def test_a_protected_studio_answers_only_with_the_login(studio_home, monkeypatch
 
 
 @pytest.mark.parametrize("total, verdict", [(10, "fits"), (90, "tight"), (120, "does not fit")])
+@pytest.mark.slow
 def test_memory_verdict_against_the_device(studio_home, tiny_model, monkeypatch, total, verdict):
     # The model process's answer, as jobs.engine.tasks.check gives it; the verdict is the web process's.
     answer = {"available": True, "total_bytes": total, "breakdown": {"weights": total}, "peak_phase": "train",

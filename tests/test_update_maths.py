@@ -58,6 +58,7 @@ def test_mezo_projected_gradient_is_the_directional_derivative():
         assert mezo.last_projected_grad == pytest.approx(directional, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_mezo_estimate_is_unbiased_and_each_step_descends():
     """E_z[(∇L·z) z] = ∇L for z ~ N(0, I). The mean of N estimates g·z has a relative error of about
     √((d + 1) / N) (d = 208 trained values): 0.32 for N = 2000, i.e. a cosine with ∇L near 0.95;
