@@ -57,6 +57,13 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
         assert r["mean_train_loss"] > 0
     for anchor in ("trainer", "trl"):
         assert out[f"speedup_vs_{anchor}"] > 0 and out[f"memory_ratio_vs_{anchor}"] > 0
+    # The common floor (libraries and weights) is measured once; each run's working memory is above it.
+    floor = out["floor"]["floor_bytes"]
+    assert out["floor"]["weights_bytes"] > 0 and floor > out["floor"]["weights_bytes"]
+    for r in runs.values():
+        assert r["working_memory_bytes"] == r["peak_memory_bytes"] - floor
+    assert out["comparisons"]["trainer"]["working_memory"]["ratio"] == pytest.approx(
+        runs["ours"]["working_memory_bytes"] / runs["trainer"]["working_memory_bytes"])
     # Before any ratio: every leg's loss on our first batch, from the same known weights, is ours.
     maths = out["same_maths"]["systems"]
     assert set(maths) == set(runs)
@@ -83,6 +90,7 @@ def test_the_default_suite_is_the_headline_and_unknown_systems_are_refused(tiny_
     monkeypatch.setattr(speed, "_rounds", lambda legs, spec, steps, repeats, label: ran.append(
         (label, [leg.system for leg in legs])) or [])
     monkeypatch.setattr(speed, "warm_model_cache", lambda model: {})
+    monkeypatch.setattr(speed, "common_floor", lambda spec, label: {})
     monkeypatch.setattr(speed, "same_maths", lambda legs, spec, label: ran.append(
         (label + " check", [leg.system for leg in legs])) or {"systems": {}})
     out = speed.run(spec=tiny_spec, results_dir=results, name="speed-default")
