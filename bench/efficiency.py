@@ -315,16 +315,25 @@ def _profile(params: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.efficiency [--full] [--profile] [--name NAME]``: this benchmark alone,
-    written to results/NAME.json (``python -m bench --only efficiency`` writes efficiency.json)."""
+    """``python -m bench.efficiency [--full] [--profile] [--long-rows] [--name NAME]``: this benchmark
+    alone, written to results/NAME.json (``python -m bench --only efficiency`` writes efficiency.json)."""
     import argparse
+
+    from bench import common
 
     parser = argparse.ArgumentParser(prog="python -m bench.efficiency")
     parser.add_argument("--full", action="store_true", help="more steps and a longer matmul measurement")
     parser.add_argument("--profile", action="store_true", help="also profile a few LoRA steps")
+    parser.add_argument("--long-rows", action="store_true",
+                        help="the speed benchmark's conversations (about 200 tokens) instead of the demo rows")
     parser.add_argument("--name", default="efficiency", help="results file name (default: efficiency)")
     args = parser.parse_args(argv)
-    run(args.full, profile=args.profile or None, name=args.name)
+    spec = None
+    if args.long_rows:
+        from bench.speed import long_rows_spec
+
+        spec = long_rows_spec(demo_spec(), common.RAW / "long_rows.jsonl")
+    run(args.full, spec=spec, profile=args.profile or None, name=args.name)
     return 0
 
 
