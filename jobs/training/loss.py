@@ -74,10 +74,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, bias, y, lse = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
             low = ctx.autocast or weight.dtype
-            g = wide(_project(h, weight, bias, ctx.autocast)).sub_(lse[:, None]).exp_()  # softmax
+            w = weight.to(low)  # one cast for both products (full fine-tuning's head is an fp32 master)
+            g = wide(_project(h, w, bias, ctx.autocast)).sub_(lse[:, None]).exp_()  # softmax
             g[torch.arange(len(y), device=y.device), y] -= 1
             g = g.mul_(grad).to(low)
-            grad_h = g @ weight.to(low) if ctx.needs_input_grad[0] else None
+            grad_h = g @ w if ctx.needs_input_grad[0] else None
             grad_w = (g.t() @ h.to(low)).to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_b = g.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None
