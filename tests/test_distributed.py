@@ -182,6 +182,15 @@ def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(e
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_rank_trains_with_the_lean_functions_one_process_uses(engine_runs, engine):
+    """The record is the fewest over ranks: under fsdp only rank 0 can recognise a norm (the others
+    are built on the meta device) and must tell them, or they train silently without."""
+    one = read_run(engine_runs / "one-full")["lean_functions"]
+    assert one["rms_norm"] > 0 and one["swiglu"] > 0
+    assert read_run(engine_runs / f"{engine}-full")["lean_functions"] == one
+
+
 def test_one_mezo_step_sharded_moves_every_weight_as_one_process_does(engine_runs, tiny_model):
     """MeZO's step is -lr x g x z: z must be one process's noise over each whole tensor (not the
     same numbers in every shard), g the loss slope summed over processes. The step, not the

@@ -290,9 +290,7 @@ def _probe(config, spec: JobSpec, method, mcfg, batch: Batch, tokenizer) -> Save
     weight_shapes = [tuple(m.weight.shape) for m in plain.modules[-1].modules()
                      if isinstance(m, torch.nn.Linear)] if plain else []
     model = _apply(method, mcfg, model, spec, torch.device("cpu"), torch.float32, tokenizer)
-    # As the training loop does: FSDP2's ranks build on the meta device, where the lean functions cannot run.
-    sharded = spec.training.sharding == "fsdp" and spec.training.devices * spec.training.nnodes > 1
-    saved = fused.SavedOutputs() if spec.training.lean_activations and not sharded else None
+    saved = fused.SavedOutputs() if spec.training.lean_activations else None
     if saved is not None:
         fused.install(model, saved)
     model.train()

@@ -75,6 +75,15 @@ def broadcast_floats(values: tuple[float, ...] | None, count: int, src: int = 0)
     return tuple(box.tolist())
 
 
+def least(values: list[int]) -> list[int]:
+    """Each of ``values`` at its smallest over every process (``values`` in a single process)."""
+    if not dist.is_initialized():
+        return list(values)
+    box = torch.tensor(values, dtype=torch.int64, device=_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return box.tolist()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from adapters._blocks import find_blocks
 from adapters.core.errors import StudioError
-from jobs.training import checkpoint, distributed
+from jobs.training import checkpoint, distributed, fused
 from jobs.training.distributed import World
 
 
@@ -33,9 +33,6 @@ class Single:
     # Whether every process must take part in a forward (evaluation, fingerprint): a sharded
     # model computes nothing on one process alone.
     evaluates_everywhere = False
-    # Whether ``training.lean_activations`` applies (same maths, less memory): FSDP2's processes
-    # build on the meta device, where the lean functions cannot check a module (jobs/training/fused.py).
-    lean_functions = True
 
     def __init__(self, world: World, device: torch.device, dtype: torch.dtype):
         self.world, self.device, self.dtype = world, device, dtype
@@ -43,6 +40,11 @@ class Single:
     def build_device(self) -> torch.device:
         """Where this process builds the base model before the method is applied."""
         return self.device
+
+    def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        """Which of ``model``'s modules take the lean functions (``training.lean_activations``),
+        decided where the weights are (``fused.recognise`` checks a norm on real numbers)."""
+        return fused.recognise(model)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """Prepare the model (method applied) for training; returns what the loss calls."""
@@ -116,10 +118,24 @@ class Sharded(Single):
     ``broadcast_from_rank0``), and that copy is dropped."""
     name = "fsdp"
     evaluates_everywhere = True
-    lean_functions = False
 
     def build_device(self) -> torch.device:
         return torch.device("cpu") if self.world.main else torch.device("meta")
+
+    def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
+        """Rank 0's verdict, sent to every rank: only rank 0 holds the weights a norm is checked on,
+        and every rank builds the same modules in the same order. Sent as numbers, one per module:
+        0 for none, else 1 + the kind's place in ``fused.LEAN_KINDS``."""
+        names = [name for name, _ in model.named_modules()]
+        codes = None
+        if self.world.main:
+            verdict, where = fused.recognise(model), {name: i for i, name in enumerate(names)}
+            codes = [0.0] * len(names)
+            for k, kind in enumerate(fused.LEAN_KINDS, 1):
+                for name in verdict[kind]:
+                    codes[where[name]] = float(k)
+        codes = distributed.broadcast_floats(codes, len(names))
+        return {kind: [n for n, c in zip(names, codes) if c == k] for k, kind in enumerate(fused.LEAN_KINDS, 1)}
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -8,7 +8,7 @@ The autograd functions here save only their inputs (and one fp32 scale per token
 recompute the rest in backward, which costs little next to the matmuls and runs fewer
 elementwise passes in forward.
 
-``install(model, saved)`` replaces the ``forward`` of the modules it recognises on that instance
+``install(model, saved)`` replaces the ``forward`` of the modules it recognises (``recognise``) on that instance
 only; saved models and exports are untouched. A norm is replaced only after its own output
 on a probe input matched ours, so a variant with other maths (Gemma's ``1 + weight``) keeps
 its own forward. It also routes the model's SDPA attention through ``attention``, which
@@ -333,16 +333,36 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
         return torch.allclose(act(probe), F.silu(probe), rtol=1e-5, atol=1e-6)
 
 
-def install(model: torch.nn.Module, saved: SavedOutputs | None = None) -> dict[str, int]:
-    """Use the lean functions in ``model``'s recognised norms and MLPs; how many of each. Their
-    outputs are rebuilt in backward only while ``saved.rebuilding()`` is active (the loss's forward)."""
-    saved = saved if saved is not None else SavedOutputs()
-    counts = {"rms_norm": 0, "swiglu": 0, "attention": _install_attention(model)}
-    for module in model.modules():
+LEAN_KINDS = ("rms_norm", "swiglu")
+
+
+def recognise(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The names of ``model``'s modules whose forward the lean functions can take over, by kind
+    (``LEAN_KINDS``). A norm is checked on real numbers, so ``model`` must hold its weights."""
+    found: dict[str, list[str]] = {kind: [] for kind in LEAN_KINDS}
+    for name, module in model.named_modules():
         if _is_rms_norm(module):
-            compat.replace_forward(module, _norm_forward(saved))
-            counts["rms_norm"] += 1
+            found["rms_norm"].append(name)
         elif _is_swiglu(module):
-            compat.replace_forward(module, _mlp_forward(saved))
-            counts["swiglu"] += 1
+            found["swiglu"].append(name)
+    return found
+
+
+def install(model: torch.nn.Module, saved: SavedOutputs | None = None,
+            recognised: dict[str, list[str]] | None = None) -> dict[str, int]:
+    """Use the lean functions in ``model``'s recognised norms and MLPs; how many of each. Their
+    outputs are rebuilt in backward only while ``saved.rebuilding()`` is active (the loss's forward).
+
+    ``recognised``: ``recognise``'s verdict, made on another instance of the same model (FSDP2's
+    rank 0 holds the weights; the other ranks build on the meta device, where a norm cannot be
+    checked); default: recognised here."""
+    saved = saved if saved is not None else SavedOutputs()
+    recognised = recognise(model) if recognised is None else recognised
+    forwards = {"rms_norm": _norm_forward(saved), "swiglu": _mlp_forward(saved)}
+    counts = {kind: 0 for kind in LEAN_KINDS}
+    for kind in LEAN_KINDS:
+        for name in recognised.get(kind, []):
+            compat.replace_forward(model.get_submodule(name), forwards[kind])
+            counts[kind] += 1
+    counts["attention"] = _install_attention(model)
     return counts

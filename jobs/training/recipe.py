@@ -106,8 +106,12 @@ class Recipe:
         self.plan = StepPlan(self.data.train, self.t, world.size)
         if continuing:
             self.resume_from_checkpoint()
+        installed = self.trainee.lean_installed
+        # What every process installed (the fewest of each kind): a rank that silently trains
+        # without them would otherwise show only in its memory.
+        lean = dict(zip(installed, distributed.least(list(installed.values())))) if installed is not None else None
         if world.main:
-            update_run(self.run_dir, step=self.step, max_steps=self.plan.max_steps,
+            update_run(self.run_dir, step=self.step, max_steps=self.plan.max_steps, lean_functions=lean,
                        metrics={"trainable_params": self.n_trainable, "total_params": self.n_total})
 
     @property

@@ -34,6 +34,7 @@ class Trainee:
     dtype: torch.dtype
     engine: Single | None = None
     call: torch.nn.Module | None = None
+    lean_installed: dict[str, int] | None = None  # ``fused.install``'s counts on this process
 
     def autocast(self):
         """The context the model computes in: autocast to the compute dtype, none in fp32."""
@@ -86,11 +87,10 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
         model = model.to(built_on)
         if memory.float_bytes(model) < loaded_bytes:  # the method replaced (quantized) base tensors
             memory.release_replaced_base(model, built_on)
-    # The lean functions (shared by the lean layers and the loss) recognise a norm or an MLP by
-    # running it on real numbers, which a model built on the meta device does not have.
-    lean = fused.SavedOutputs() if t.lean_activations and engine.lean_functions else None
-    if lean is not None:
-        fused.install(model, lean)
+    # The lean functions (shared by the lean layers and the loss) recognise a norm by running it on
+    # real numbers, which a model built on the meta device does not have: the engine decides where.
+    lean = fused.SavedOutputs() if t.lean_activations else None
+    installed = fused.install(model, lean, engine.lean_verdict(model)) if lean is not None else None
     model.train()
     call = engine.wrap(model)
     ctx.device = device
@@ -99,7 +99,7 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
         raise StudioError(f"method {method.name!r} left no parameter to train.", "method",
                           "check the method's target modules / patterns.")
     return Trainee(model, lean, trainable, rule.build(trainable, rcfg, ctx), t, device, dtype, engine,
-                   None if call is model else call)
+                   None if call is model else call, installed)
 
 
 def _meta_model(src, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
