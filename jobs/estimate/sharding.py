@@ -15,7 +15,8 @@ holds the model, its gradients and the update rule's state:
               gathered from the start of forward to the end of backward, and its unsharded
               gradient, which backward makes first (the output head) and reduces last; and the
               largest block gathered twice (the one computing and the next one, prefetched), with
-              its unsharded gradient and the fp32 copy the reduce-scatter reads.
+              its unsharded gradient and the fp32 copy the reduce-scatter reads. The activations
+              are one process's, lean functions included (every rank installs them).
 
 How FSDP2's ranks start (jobs.training.engines.Sharded): rank 0 loads the whole base on the CPU
 and applies the method, the others build it on the meta device; after sharding, rank 0 still holds

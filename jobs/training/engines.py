@@ -155,6 +155,11 @@ class Sharded(Single):
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in blocks.modules:
             fully_shard(block, mp_policy=policy)
+        # The input embedding and the output head stay in the root, gathered from forward to the end
+        # of backward. Grouped as a unit of their own (``fully_shard([embedding, head])``, torch
+        # 2.13), a tied weight's one-step update came out half what one process makes, with either
+        # reshard choice (tests/test_distributed.py); the loss also reads the head's weight itself
+        # (jobs/training/loss.py), after the group's forward has ended.
         fully_shard(model, mp_policy=policy)
         for module in [*blocks.modules, model]:  # each call sets one module's own group only
             module.set_gradient_divide_factor(1.0)
