@@ -140,15 +140,32 @@ def run_two_ranks(root: Path, specs: list[dict]) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
 
 
+def tied_copy(model: Path, folder: Path) -> Path:
+    """The tiny model with its input embedding and output head one tensor (as Qwen2-0.5B's are)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["lm_head.weight"]  # else the loader keeps the two apart (and the meta-built ranks tie them)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory, tiny_model) -> Path:
     """One step of each engine x method on 2 ranks x 2 rows x 2 micro-batches, and one process
     with 4 rows x 2 micro-batches: the same global batch."""
     root = tmp_path_factory.mktemp("engines")
     data = write_jsonl(root / "toy.jsonl", toy_rows())
+    tied = tied_copy(tiny_model, root / "tied-model")
     pairs = [(e, m) for e in ENGINES for m in METHODS] + [("fsdp", m) for m in FSDP_ONLY]
     run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, 2, sharding=e, devices=2)
-                         for e, m in pairs])
+                         for e, m in pairs] +
+                  [step_spec(tied, data, root / "fsdp-tied", "full", 2, sharding="fsdp", devices=2)])
     from jobs.training.recipe import train
 
     mp = pytest.MonkeyPatch()
@@ -156,6 +173,7 @@ def engine_runs(tmp_path_factory, tiny_model) -> Path:
     try:
         for m in METHODS + FSDP_ONLY:
             train(parse_spec(step_spec(tiny_model, data, root / f"one-{m}", m, 4)))
+        train(parse_spec(step_spec(tied, data, root / "one-tied", "full", 4)))
     finally:
         mp.undo()
     return root
@@ -169,8 +187,10 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("engine, method", [(e, m) for e in ENGINES for m in METHODS] +
-                         [("fsdp", m) for m in ("prefix", "prompt")])
+                         [("fsdp", m) for m in ("prefix", "prompt", "tied")])
 def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(engine_runs, engine, method):
+    """``tied``: full fine-tuning of a model whose input embedding is its output head, the tensor
+    that gets the head's dense gradient and the embedding's sparse rows under fsdp."""
     one, two = engine_runs / f"one-{method}", engine_runs / f"{engine}-{method}"
     assert read_run(two)["world_size"] == 2 and read_run(two)["status"] == "completed"
     assert read_run(two)["spec"]["training"]["sharding"] == engine
@@ -189,6 +209,28 @@ def test_every_rank_trains_with_the_lean_functions_one_process_uses(engine_runs,
     one = read_run(engine_runs / "one-full")["lean_functions"]
     assert one["rms_norm"] > 0 and one["swiglu"] > 0
     assert read_run(engine_runs / f"{engine}-full")["lean_functions"] == one
+
+
+def test_a_tied_trained_embedding_gives_sparse_rows_into_the_heads_dense_gradient():
+    """What ``Sharded.wrap`` does to a tied embedding, in one process: the weight's gradient is the
+    same dense sum; an untied or frozen embedding is left as it is."""
+    from helpers import tiny_llama
+
+    from jobs.training.engines import sparse_tied_embedding
+
+    ids = torch.tensor([[1, 5, 5, 9, 3], [7, 1, 2, 2, 0]])
+    grads = []
+    for sparse in (False, True):
+        model = tiny_llama(tie_word_embeddings=True)
+        assert sparse_tied_embedding(model) if sparse else True
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.get_input_embeddings().weight.grad)
+    assert model.get_input_embeddings().sparse and not grads[1].is_sparse
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    assert not sparse_tied_embedding(tiny_llama(tie_word_embeddings=False))
+    frozen = tiny_llama(tie_word_embeddings=True)
+    frozen.requires_grad_(False)
+    assert not sparse_tied_embedding(frozen) and not frozen.get_input_embeddings().sparse
 
 
 def test_one_mezo_step_sharded_moves_every_weight_as_one_process_does(engine_runs, tiny_model):

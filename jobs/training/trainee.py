@@ -124,7 +124,22 @@ def whole_model(spec: JobSpec, method, mcfg, src, dtype: torch.dtype, tokenizer,
     model.config.use_cache = False
     ctx = Context(spec=spec, device=torch.device("meta"), dtype=dtype, tokenizer=tokenizer, decays=decay_rule(method))
     model = method.apply(model, mcfg, ctx)
-    model.load_state_dict(gathered["state"], assign=True, strict=True)
+    # A tensor reachable under two names (a tied input embedding and output head) is loaded once,
+    # under its first name, and the second name pointed at it again: assigning both would leave
+    # two tensors, and the saved model a second copy one process would not write.
+    firsts: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)):
+        aliases.update({name: firsts[id(t)]} if id(t) in firsts else {})
+        firsts.setdefault(id(t), name)
+    state = {k: v for k, v in gathered["state"].items() if k not in aliases}
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    if set(missing) - set(aliases) or unexpected:
+        raise RuntimeError(f"the gathered model does not fit its modules: missing {sorted(set(missing) - set(aliases))[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    for name, first in aliases.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
     for name, buf in gathered["buffers"].items():  # buffers outside the state dict (rotary tables)
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, buf)
