@@ -153,10 +153,19 @@ def _arguments(runs: list[dict]) -> dict:
 def same_maths(legs_: list[Leg], spec: dict, label: str) -> dict:
     """``bench.same_maths``: every leg's loss on our loop's first batch from the same weights,
     against ours, in one process of its own. Its verdict decides which ratios are reported."""
+    from bench.same_maths import with_rounding
+
     say(f"{label}: same-maths check of {', '.join(leg.system for leg in legs_)}")
-    out = run_isolated("bench.same_maths", "check",
-                       {"spec": spec, "legs": [{"system": leg.system, "worker": leg.worker, "options": leg.options}
-                                               for leg in legs_]}, f"{label}-same-maths")
+    legs_data = [{"system": leg.system, "worker": leg.worker, "options": leg.options} for leg in legs_]
+    _, dtype = compute_device(spec.get("training", {}).get("precision", "auto"))
+    if dtype == "float32":
+        out = run_isolated("bench.same_maths", "check", {"spec": spec, "legs": legs_data}, f"{label}-same-maths")
+    else:  # the maths in fp32, then each system's own rounding in the dtype it trains in
+        exact = run_isolated("bench.same_maths", "check", {"spec": merge(spec, {"training": {"precision": "fp32"}}),
+                                                           "legs": legs_data}, f"{label}-same-maths")
+        low = run_isolated("bench.same_maths", "check", {"spec": spec, "legs": legs_data},
+                           f"{label}-same-maths-{dtype}")
+        out = with_rounding(exact, low, dtype)
     for name, c in (out.get("systems") or {}).items():
         say(f"  {name}: " + (f"loss {c['loss']:.6f}" if "loss" in c else "") +
             ("" if c["same"] else f" NOT THE SAME: {c['why']}"))

@@ -214,6 +214,33 @@ def test_speed_summary_is_a_ratio_of_medians_with_its_range_and_survives_failure
     assert unchecked["speedup_vs_trainer"] is None and "the check crashed" in unchecked["refused_vs_trainer"]
 
 
+def test_a_bf16_suite_checks_the_maths_in_fp32_and_each_systems_rounding_against_it():
+    """bf16 systems round in different places, so their losses are held to fp32's exact check and,
+    as they train, to a rounding bound around our fp32 loss; either failing refuses the ratio."""
+    from bench.same_maths import ROUNDING_TOLERANCE, verdict, with_rounding
+
+    bound = ROUNDING_TOLERANCE["bfloat16"]
+    rows = {"rows": [0, 1]}
+    exact = verdict({"systems": {"ours": {"loss": 2.0, **rows}, "trainer": {"loss": 2.0, **rows},
+                                 "trl": {"loss": 2.0 * (1 + 5e-3), **rows}}})
+    low = {"systems": {"ours": {"loss": 2.0 * (1 + bound / 2), **rows}, "trainer": {"loss": 2.0 * (1 - bound / 2), **rows},
+                       "trl": {"loss": 2.0, **rows}}}
+    both = with_rounding(exact, low, "bfloat16")
+    assert both["systems"]["ours"]["same"] and both["systems"]["trainer"]["same"]
+    assert not both["systems"]["trl"]["same"] and "over 0.001" in both["systems"]["trl"]["why"]  # fp32 maths differ
+    far = with_rounding(exact, {"systems": {**low["systems"], "trainer": {"loss": 2.0 * (1 + 2 * bound), **rows}}},
+                        "bfloat16")
+    assert not far["systems"]["trainer"]["same"] and "bfloat16 loss" in far["systems"]["trainer"]["why"]
+    missing = with_rounding(exact, {"systems": {"ours": low["systems"]["ours"]}}, "bfloat16")
+    assert not missing["systems"]["trainer"]["same"] and "not checked in bfloat16" in missing["systems"]["trainer"]["why"]
+    summary = speed.summarise([{"system": s, "repeat": 1, "trained_tokens_per_second": 10.0,
+                                "trained_tokens_per_cpu_second": 5.0, "peak_memory_bytes": 100, "device": "cpu",
+                                "device_name": "cpu", "dtype": "bfloat16", "memory_kind": "rss"}
+                               for s in ("ours", "trainer")],
+                              far)
+    assert summary["speedup_vs_trainer"] is None and "bfloat16 loss" in summary["refused_vs_trainer"]
+
+
 def test_quality_ladder_has_the_base_floor_and_each_method(tiny_spec, results):
     out = quality.run(spec=tiny_spec, steps=2, eval_rows=3, methods=["lora", "ia3"], results_dir=results)
     rows = {r["method"]: r for r in out["rows"]}
