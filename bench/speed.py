@@ -328,9 +328,13 @@ def _precision(params: dict) -> str:
 def _floor(params: dict) -> dict:
     import peft  # noqa: F401  (every leg trains a peft adapter or imports it)
     import psutil
+    import torch
 
     s = _setup(params, "floor")
     model = _base_model(s)
+    with torch.no_grad():  # a memory-mapped weight is resident only once read, as every leg's forward reads it
+        for p in model.parameters():
+            p.sum()
     return {"floor_bytes": psutil.Process().memory_info().rss, "dtype": s.dtype, "device": s.device,
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "allocator": process_peak_memory(s.device)["allocator"]}
