@@ -345,8 +345,14 @@ def _ours(params: dict) -> dict:
     spec = merge(params["spec"], (params.get("options") or {}).get("spec") or {})  # a leg's own settings
     record, c = train_timed(spec, Path(params["scratch"]) / "run")
     losses = c["loss"]
-    return _measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
-                    device, dtype)
+    out = _measure(c["marks"], c["cpu"], c["trained"], c["tokens"], sum(losses) / max(len(losses), 1),
+                   device, dtype)
+    # The peak when training ended, as an anchor's is read when its trainer.train() returns: ours
+    # then records the trained model's fingerprint, whose fp32 upcast of a bf16 base comes after.
+    trained_peak = (record.get("metrics") or {}).get("peak_memory_bytes")
+    if trained_peak:
+        out.update(process_peak_memory_bytes=out["peak_memory_bytes"], peak_memory_bytes=trained_peak)
+    return out
 
 
 class _CountingCollator:
