@@ -100,7 +100,9 @@ def _anchor(build, params: dict) -> dict:
     model = trainer.model
     known = known_weights(model)
     model.eval()
-    with torch.no_grad():
+    # In training, accelerate wraps the model's forward in autocast (bf16=True); the model is not
+    # prepared yet here, so the same autocast is entered around the loss (a no-op in fp32).
+    with torch.no_grad(), trainer.accelerator.autocast():
         loss = float(trainer.compute_loss(model, batch))
     labels = batch.get("labels")
     trained = int((labels[:, 1:] != -100).sum()) if labels is not None else None
