@@ -246,11 +246,17 @@ def sparse_tied_embedding(model: torch.nn.Module) -> bool:
     return False
 
 
-def aliased_names(model: torch.nn.Module) -> set[str]:
-    """State-dict names of parameters and buffers that another name already reaches (the same tensor)."""
-    first = set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
-    every = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers(remove_duplicate=False)))
-    return every - first
+def aliased_names(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict names of parameters and buffers that another name already reaches (the same
+    tensor), each with that first name."""
+    firsts: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) in firsts:
+            aliases[name] = firsts[id(t)]
+        else:
+            firsts[id(t)] = name
+    return aliases
 
 
 def make_engine(sharding: str, world: World, device: torch.device, dtype: torch.dtype) -> Single:

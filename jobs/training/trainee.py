@@ -14,7 +14,7 @@ from adapters.base import Context, decay_rule
 from adapters.core.errors import StudioError
 from jobs.spec import JobSpec, TrainingSpec
 from jobs.training import distributed, fused, memory, models
-from jobs.training.engines import Single
+from jobs.training.engines import Single, aliased_names
 from jobs.training.loss import token_loss_sum
 
 
@@ -127,11 +127,7 @@ def whole_model(spec: JobSpec, method, mcfg, src, dtype: torch.dtype, tokenizer,
     # A tensor reachable under two names (a tied input embedding and output head) is loaded once,
     # under its first name, and the second name pointed at it again: assigning both would leave
     # two tensors, and the saved model a second copy one process would not write.
-    firsts: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)):
-        aliases.update({name: firsts[id(t)]} if id(t) in firsts else {})
-        firsts.setdefault(id(t), name)
+    aliases = aliased_names(model)
     state = {k: v for k, v in gathered["state"].items() if k not in aliases}
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     if set(missing) - set(aliases) or unexpected:
@@ -139,7 +135,8 @@ def whole_model(spec: JobSpec, method, mcfg, src, dtype: torch.dtype, tokenizer,
                            f"unexpected {unexpected[:3]}")
     for name, first in aliases.items():
         owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
+        first_owner, _, first_leaf = first.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(first_owner), first_leaf))
     for name, buf in gathered["buffers"].items():  # buffers outside the state dict (rotary tables)
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, buf)
