@@ -330,6 +330,8 @@ def _floor(params: dict) -> dict:
     import psutil
     import torch
 
+    from jobs.training.allocator import running_on
+
     s = _setup(params, "floor")
     model = _base_model(s)
     with torch.no_grad():  # a memory-mapped weight is resident only once read, as every leg's forward reads it
@@ -337,7 +339,7 @@ def _floor(params: dict) -> dict:
             p.sum()
     return {"floor_bytes": psutil.Process().memory_info().rss, "dtype": s.dtype, "device": s.device,
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "allocator": process_peak_memory(s.device)["allocator"]}
+            "allocator": running_on() or "system"}
 
 
 def _ours(params: dict) -> dict:
