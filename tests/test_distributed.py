@@ -98,8 +98,13 @@ import torch, torch.distributed as dist
 from jobs.spec import parse_spec
 from jobs.training.recipe import train
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+import jobs.training.trainee as trainee
+seeded = trainee.seed_everything
 for spec in json.load(open(sys.argv[1])):
+    if spec.pop("skew_seeds", False):  # each rank draws the method's new tensors from a seed of its own
+        trainee.seed_everything = lambda seed: seeded(seed + dist.get_rank())
     train(parse_spec(spec))
+    trainee.seed_everything = seeded
 dist.destroy_process_group()
 """
 ENGINES = ("none", "fsdp")
@@ -141,7 +146,9 @@ def run_two_ranks(root: Path, specs: list[dict]) -> None:
 
 
 def tied_copy(model: Path, folder: Path) -> Path:
-    """The tiny model with its input embedding and output head one tensor (as Qwen2-0.5B's are)."""
+    """The tiny model with its input embedding and output head one tensor (as Qwen2-0.5B's are),
+    stored in fp64: an fp32 run converts it as it loads (exactly), so under fsdp it takes the other
+    way in (``engines.Sharded``): rank 0 loads, the rest build on the meta device."""
     import shutil
 
     from safetensors.torch import save_file
@@ -151,7 +158,7 @@ def tied_copy(model: Path, folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     weights = load_file(str(folder / "model.safetensors"))
     del weights["lm_head.weight"]  # else the loader keeps the two apart (and the meta-built ranks tie them)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.double() for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
@@ -163,9 +170,12 @@ def engine_runs(tmp_path_factory, tiny_model) -> Path:
     data = write_jsonl(root / "toy.jsonl", toy_rows())
     tied = tied_copy(tiny_model, root / "tied-model")
     pairs = [(e, m) for e in ENGINES for m in METHODS] + [("fsdp", m) for m in FSDP_ONLY]
+    skewed = {**step_spec(tiny_model, data, root / "fsdp-skewed", "lora", 2, sharding="fsdp", devices=2),
+              "skew_seeds": True}
+    skewed["training"]["exact_match_rows"] = 0
     run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, 2, sharding=e, devices=2)
                          for e, m in pairs] +
-                  [step_spec(tied, data, root / "fsdp-tied", "full", 2, sharding="fsdp", devices=2)])
+                  [step_spec(tied, data, root / "fsdp-tied", "full", 2, sharding="fsdp", devices=2), skewed])
     from jobs.training.recipe import train
 
     mp = pytest.MonkeyPatch()
@@ -187,11 +197,16 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("engine, method", [(e, m) for e in ENGINES for m in METHODS] +
-                         [("fsdp", m) for m in ("prefix", "prompt", "tied")])
+                         [("fsdp", m) for m in ("prefix", "prompt", "tied", "skewed")])
 def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(engine_runs, engine, method):
     """``tied``: full fine-tuning of a model whose input embedding is its output head, the tensor
-    that gets the head's dense gradient and the embedding's sparse rows under fsdp."""
-    one, two = engine_runs / f"one-{method}", engine_runs / f"{engine}-{method}"
+    that gets the head's dense gradient and the embedding's sparse rows under fsdp; loaded by rank 0
+    alone (``tied_copy``), where the others load in place.
+
+    ``skewed``: LoRA with each rank seeding its generator differently, as ranks on different
+    machines may draw differently: every rank must still start from rank 0's adapters."""
+    one = engine_runs / f"one-{'lora' if method == 'skewed' else method}"
+    two = engine_runs / f"{engine}-{method}"
     assert read_run(two)["world_size"] == 2 and read_run(two)["status"] == "completed"
     assert read_run(two)["spec"]["training"]["sharding"] == engine
     a, b = trained_tensors(one), trained_tensors(two)
@@ -202,13 +217,14 @@ def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(e
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_every_rank_trains_with_the_lean_functions_one_process_uses(engine_runs, engine):
-    """The record is the fewest over ranks: under fsdp only rank 0 can recognise a norm (the others
-    are built on the meta device) and must tell them, or they train silently without."""
-    one = read_run(engine_runs / "one-full")["lean_functions"]
+@pytest.mark.parametrize("engine, case", [("none", "full"), ("fsdp", "full"), ("fsdp", "tied")])
+def test_every_rank_trains_with_the_lean_functions_one_process_uses(engine_runs, engine, case):
+    """The record is the fewest over ranks. ``tied`` is loaded by rank 0 alone: only rank 0 can
+    recognise a norm (the others are built on the meta device) and must tell them, or they train
+    silently without."""
+    one = read_run(engine_runs / f"one-{case}")["lean_functions"]
     assert one["rms_norm"] > 0 and one["swiglu"] > 0
-    assert read_run(engine_runs / f"{engine}-full")["lean_functions"] == one
+    assert read_run(engine_runs / f"{engine}-{case}")["lean_functions"] == one
 
 
 def test_a_tied_trained_embedding_gives_sparse_rows_into_the_heads_dense_gradient():

@@ -273,6 +273,14 @@ def test_fsdp_shards_scale_as_one_over_the_world():
         assert ranked["load"] == {**one["load"], "gathered": 0}
         assert ranked["apply"] == {**one["apply"], "gathered": -(-(1000 + 4000) // world)}
         assert "save" not in ranked
+        # Every rank maps the files in place: nothing loaded, then what the method made, its shard,
+        # and the rows of the files it read that shard from.
+        mapped = per_rank(one, units, world=world, sharding="fsdp", trainable_bytes=4000, compute_bytes=4,
+                          backward=True, all_gradients=True, read_in_place=True, made_bytes=700)
+        assert mapped["load"] == {**one["load"], "weights": 0, "gathered": 0}
+        own = -(-(1000 + 4000) // world)
+        assert mapped["apply"] == {**one["apply"], "weights": own, "trainable": 700, "gathered": own}
+        assert mapped["train"] == ranked["train"]
     same = per_rank(one, units, world=1, sharding="fsdp", trainable_bytes=4000, compute_bytes=4, backward=True,
                     all_gradients=True)
     assert same["train"] == {**one["train"], "gathered": 0}

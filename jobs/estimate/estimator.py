@@ -162,15 +162,18 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                   "trainable": counts.trainable_bytes, "framework_overhead": process},
         "load": {"weights": counts.base_bytes + _gguf_bytes(src) + converted, "framework_overhead": process},
     }
+    in_place = models.read_in_place(src, load_dtype(method, dtype))
     phases = engines.per_rank(phases, counts.units, world=world, sharding=t.sharding,
                               trainable_bytes=counts.trainable_bytes, compute_bytes=act_bytes, backward=backward,
-                              all_gradients=memory.gradients == "all", gradient_bytes=all_gradients, cpu=cpu)
+                              all_gradients=memory.gradients == "all", gradient_bytes=all_gradients, cpu=cpu,
+                              read_in_place=in_place,
+                              made_bytes=counts.trainable_bytes - counts.trainable_base_bytes + counts.created_bytes)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
     total = sum(breakdown.values())
     notes += describe(spec, device, dtype, src, batch, counts, mapped, peak, method.name, rule.name)
     notes.append(f"computes in {str(dtype).removeprefix('torch.')}: {precision.reason}.")
-    notes += engines.describe(world, t.devices, t.sharding, total)
+    notes += engines.describe(world, t.devices, t.sharding, total, in_place)
     return {"total_bytes": total, "breakdown": breakdown, "device": device,
             "per": "rank", "world_size": world, "sharding": t.sharding,
             "node_bytes": total * t.devices,  # the ranks of one machine together (what a CPU's RAM holds)

@@ -18,12 +18,20 @@ holds the model, its gradients and the update rule's state:
               its unsharded gradient and the fp32 copy the reduce-scatter reads. The activations
               are one process's, lean functions included (every rank installs them).
 
-How FSDP2's ranks start (jobs.training.engines.Sharded): rank 0 loads the whole base on the CPU
-and applies the method, the others build it on the meta device; after sharding, rank 0 still holds
-the whole state it sends from while it holds its own shard. Rank 0 is the rank whose peak counts
-(the verdict is per device), so its load phase is the one-process load, and its apply phase is the
-one-process apply plus its shard. At the end, rank 0 gathers the whole trained model on the CPU to
-save and fingerprint it (``cpu_offload``): on the CPU that is a phase of its own, ``save``.
+How FSDP2's ranks start (jobs.training.engines.Sharded), two ways:
+
+- the weights are safetensors in the dtype the run loads (``read_in_place``): every rank maps the
+  files, which reads nothing yet, and applies the method; sharding then copies each rank's rows
+  out of the mapping. Every rank's load phase holds no weights, and its apply phase holds what the
+  method made (``made_bytes``), its shard, and the pages of the files its shard was read from.
+- otherwise rank 0 loads the whole base on the CPU and applies the method, the others build it on
+  the meta device; after sharding, rank 0 still holds the whole state it sends from while it holds
+  its own shard. Its load phase is the one-process load, its apply phase the one-process apply
+  plus its shard.
+
+Rank 0 is the rank whose peak counts (the verdict is per device). At the end, rank 0 gathers the
+whole trained model on the CPU to save and fingerprint it (``cpu_offload``): on the CPU that is a
+phase of its own, ``save``.
 A one-rank world is the one-process estimate.
 """
 from __future__ import annotations
@@ -84,14 +92,16 @@ SHARDED_PARTS = ("weights", "trainable", "gradients", "optimizer_state")
 
 def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sharding: str, trainable_bytes: int,
              compute_bytes: int, backward: bool, all_gradients: bool, gradient_bytes: int | None = None,
-             cpu: bool = False) -> dict[str, dict[str, int]]:
+             cpu: bool = False, read_in_place: bool = False, made_bytes: int = 0) -> dict[str, dict[str, int]]:
     """The phases (load, apply, train: each a dict of parts in bytes) as the rank that holds the
     most (rank 0) holds them.
 
     ``phases`` is the one-process estimate; ``trainable_bytes`` the trained tensors as held;
     ``gradient_bytes`` every gradient the rule keeps, before the reusing malloc's overlap with
     activations was taken off (default: the train phase's gradients); ``cpu``: the run is on the
-    CPU, where FSDP2's final gather lands in the same memory."""
+    CPU, where FSDP2's final gather lands in the same memory; ``read_in_place``: every rank maps the
+    base's files (see above), and ``made_bytes`` are the tensors the method made, whole on each rank
+    until sharding."""
     if sharding not in ("none", "fsdp"):
         raise ValueError(f"unknown sharding {sharding!r}; expected none or fsdp")
     if world < 1:
@@ -110,7 +120,11 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
         train[key] = shard(train[key], world)
     train["gathered"] = gathered_bytes(units, compute_bytes, backward)
     apply = out["apply"]
-    apply["gathered"] = shard(apply.get("weights", 0) + apply.get("trainable", 0), world)  # rank 0's own shard
+    own = shard(apply.get("weights", 0) + apply.get("trainable", 0), world)
+    apply["gathered"] = own  # its own shard
+    if read_in_place:
+        out["load"]["weights"] = 0
+        apply["weights"], apply["trainable"] = own, made_bytes  # the rows it read; the method's tensors
     if cpu:
         whole = phases["train"].get("weights", 0) + phases["train"].get("trainable", 0)
         out["save"] = {**{k: train[k] for k in ("weights", "trainable", "optimizer_state", "framework_overhead")},
@@ -118,15 +132,16 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
     return out
 
 
-def describe(world: int, devices: int, sharding: str, per_rank_bytes: int) -> list[str]:
+def describe(world: int, devices: int, sharding: str, per_rank_bytes: int, read_in_place: bool = False) -> list[str]:
     """The notes the estimate adds about ranks (empty for one process)."""
     if world == 1:
         return []
     engine = ("DDP: every rank holds the whole model, its gradients (in DDP's buckets, allocated up front) "
               "and state" if sharding == "none" else
               "FSDP2: every rank holds 1/{w} of the weights, gradients and state, plus the gathered root "
-              "(embeddings, head) and the largest block gathered twice (prefetch); rank 0 loads the whole "
-              "base on the CPU and sends the other ranks their shards".format(w=world))
+              "(embeddings, head) and the largest block gathered twice (prefetch); {start}".format(
+                  w=world, start="each rank reads its own part of the base's files" if read_in_place else
+                  "rank 0 loads the whole base on the CPU and sends the other ranks their shards"))
     notes = [f"per rank, {world} ranks ({devices} per machine): {engine}.",
              "the verdict is per device: each GPU must hold one rank's peak."]
     if devices > 1:

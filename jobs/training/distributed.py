@@ -75,6 +75,23 @@ def broadcast_floats(values: tuple[float, ...] | None, count: int, src: int = 0)
     return tuple(box.tolist())
 
 
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every process with ``src``'s, in place: one collective per dtype,
+    the tensors flattened into one buffer on the collective's device. Every process passes
+    tensors of the same shapes and dtypes in the same order."""
+    if not dist.is_initialized() or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1).to(_device()) for t in group])
+            dist.broadcast(flat, src=src)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+
+
 def least(values: list[int]) -> list[int]:
     """Each of ``values`` at its smallest over every process (``values`` in a single process)."""
     if not dist.is_initialized():

@@ -37,8 +37,9 @@ class Single:
     def __init__(self, world: World, device: torch.device, dtype: torch.dtype):
         self.world, self.device, self.dtype = world, device, dtype
 
-    def build_device(self) -> torch.device:
-        """Where this process builds the base model before the method is applied."""
+    def build_device(self, read_in_place: bool = False) -> torch.device:
+        """Where this process builds the base model before the method is applied. ``read_in_place``:
+        whether loading maps the weights rather than copying them (``models.read_in_place``)."""
         return self.device
 
     def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
@@ -46,8 +47,9 @@ class Single:
         decided where the weights are (``fused.recognise`` checks a norm on real numbers)."""
         return fused.recognise(model)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Prepare the model (method applied) for training; returns what the loss calls."""
+    def wrap(self, model: torch.nn.Module, created: list[str] = ()) -> torch.nn.Module:
+        """Prepare the model (method applied) for training; returns what the loss calls.
+        ``created``: the names of the tensors the method made (the base's own came from its files)."""
         return model
 
     def gradient_sync(self, last: bool) -> ContextManager:
@@ -96,7 +98,7 @@ def _sum_hook(state, bucket):
 class Replicated(Single):
     name = "none"
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, created: list[str] = ()) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         # Only tensors that require grad get buckets; the frozen base is never communicated
@@ -112,19 +114,30 @@ class Replicated(Single):
 
 
 class Sharded(Single):
-    """FSDP2. No process holds the whole model on its device: rank 0 loads the base and applies
-    the method on the CPU, every other rank builds the same modules on the meta device; after
-    sharding, each rank's part is sent from rank 0's CPU copy (``set_model_state_dict`` with
-    ``broadcast_from_rank0``), and that copy is dropped."""
+    """FSDP2. No process holds the whole model on its device. Two ways in:
+
+    - The weights are safetensors in the run's dtype (``models.read_in_place``): every rank loads
+      the base on the CPU as views of the memory-mapped files, which read nothing yet, and applies
+      the method; the tensors the method made (adapters, drawn from the seeded generator) are then
+      made rank 0's on every rank, and ``fully_shard`` copies each rank's own rows out of the
+      mapping. A rank reads its part of the files and no more, and the ranks exchange only what
+      the method made.
+    - Otherwise loading converts (another dtype, a GGUF file), and a conversion is a whole copy in
+      each process that makes it: rank 0 alone loads and applies the method on the CPU, every other
+      rank builds the same modules on the meta device, and after sharding each rank's part is sent
+      from rank 0's copy (``set_model_state_dict`` with ``broadcast_from_rank0``), which is then
+      dropped."""
     name = "fsdp"
     evaluates_everywhere = True
+    every_rank_loads = False
 
-    def build_device(self) -> torch.device:
-        return torch.device("cpu") if self.world.main else torch.device("meta")
+    def build_device(self, read_in_place: bool = False) -> torch.device:
+        self.every_rank_loads = read_in_place
+        return torch.device("cpu") if self.world.main or read_in_place else torch.device("meta")
 
     def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
-        """Rank 0's verdict, sent to every rank: only rank 0 holds the weights a norm is checked on,
-        and every rank builds the same modules in the same order. Sent as numbers, one per module:
+        """Rank 0's verdict, sent to every rank: a rank built on the meta device holds no weights a
+        norm can be checked on, and every rank builds the same modules in the same order. Sent as numbers, one per module:
         0 for none, else 1 + the kind's place in ``fused.LEAN_KINDS``."""
         names = [name for name, _ in model.named_modules()]
         codes = None
@@ -137,7 +150,7 @@ class Sharded(Single):
         codes = distributed.broadcast_floats(codes, len(names))
         return {kind: [n for n, c in zip(names, codes) if c == k] for k, kind in enumerate(fused.LEAN_KINDS, 1)}
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, created: list[str] = ()) -> torch.nn.Module:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -148,9 +161,15 @@ class Sharded(Single):
         # A module reachable under two names (peft's prompt-learning models keep the input
         # embedding as their ``word_embeddings`` too) is loaded once, under its first name: the
         # state-dict loader sends each shared tensor once and would leave the second copy whole.
-        aliases = aliased_names(model)
-        full = {k: v for k, v in model.state_dict().items() if k not in aliases} if self.world.main else {}
-        buffers = {n: b.cpu() for n, b in model.named_buffers()} if self.world.main else None
+        if self.every_rank_loads:
+            # The base is the same files on every rank; what the method made is made rank 0's.
+            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+            distributed.broadcast_tensors([tensors[name] for name in created])
+            full = buffers = None
+        else:
+            aliases = aliased_names(model)
+            full = {k: v for k, v in model.state_dict().items() if k not in aliases} if self.world.main else {}
+            buffers = {n: b.cpu() for n, b in model.named_buffers()} if self.world.main else None
         # Compute in the precision the run picked; gradients reduced (summed) in fp32.
         policy = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         for block in blocks.modules:
@@ -165,17 +184,20 @@ class Sharded(Single):
         for module in [*blocks.modules, model]:  # each call sets one module's own group only
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
-        model.to_empty(device=self.device) if not self.world.main else model.to(self.device)
-        # Not strict: the second names are absent on purpose; every other tensor is in ``full``,
-        # which is rank 0's own state dict.
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                   strict=False))
-        del full
-        box = [buffers]
-        dist.broadcast_object_list(box, src=0)  # buffers are not sharded: rotary tables and the like
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(box[0][name])
+        if self.every_rank_loads:
+            model.to(self.device)
+        else:
+            model.to_empty(device=self.device) if not self.world.main else model.to(self.device)
+            # Not strict: the second names are absent on purpose; every other tensor is in ``full``,
+            # which is rank 0's own state dict.
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                       strict=False))
+            del full
+            box = [buffers]
+            dist.broadcast_object_list(box, src=0)  # buffers are not sharded: rotary tables and the like
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    buf.copy_(box[0][name])
         self.model = model
         return model
 

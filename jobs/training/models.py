@@ -74,18 +74,34 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 
 def stored_dtype(folder: str | Path) -> torch.dtype | None:
-    """The float dtype of a folder's ``model.safetensors`` from its header; None if there is no
-    such single file or it mixes float dtypes."""
-    path = Path(folder) / "model.safetensors"
+    """The float dtype of a folder's safetensors weights (``model.safetensors``, or every file its
+    ``model.safetensors.index.json`` names) from their headers; None if there are none or they mix
+    float dtypes."""
+    folder = Path(folder)
+    files = [folder / "model.safetensors"]
     try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        if not files[0].is_file():
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            files = [folder / name for name in sorted(set(index["weight_map"].values()))]
+        found = set()
+        for path in files:
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            found |= {SAFETENSORS_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
         return None
-    found = {SAFETENSORS_DTYPES.get(v.get("dtype")) for k, v in header.items() if k != "__metadata__"}
     found.discard(None)
     return found.pop() if len(found) == 1 else None
+
+
+def read_in_place(src: ModelSource, dtype: torch.dtype) -> bool:
+    """Whether ``load_model(src, dtype)`` maps the safetensors weights rather than copying them: a
+    local folder already in ``dtype``. transformers then hands out views of the memory-mapped files,
+    whose pages are read only when a tensor is touched and are the page cache's, shared by every
+    process that maps them; a conversion (another dtype, a GGUF file) makes each process a copy."""
+    src = weights_for(src, dtype)
+    return src.kind != "hub" and not src.gguf_file and stored_dtype(src.path) == dtype
 
 
 def _cached(folder: Path, dtype: torch.dtype) -> bool:

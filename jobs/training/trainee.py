@@ -69,8 +69,8 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
     model (jobs/training/engines.py); None: one process."""
     t = spec.training
     engine = engine or Single(distributed.World(), device, dtype)
-    built_on = engine.build_device()
     base_dtype = models.frozen_base_dtype(method, dtype)
+    built_on = engine.build_device(models.read_in_place(src, base_dtype))
     if built_on.type == "meta":  # the weights arrive from rank 0 once the model is sharded
         model = _meta_model(src, base_dtype, spec.trust_remote_code)
     else:
@@ -82,7 +82,9 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
                   all_reduce_sum=distributed.all_reduce_sum, decays=decay_rule(method))
     seed_everything(t.seed)
     loaded_bytes = memory.float_bytes(model)
+    base = {id(t) for t in [*model.parameters(), *model.buffers()]}
     model = method.apply(model, mcfg, ctx)
+    created = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if id(t) not in base]
     if built_on.type != "meta":
         model = model.to(built_on)
         if memory.float_bytes(model) < loaded_bytes:  # the method replaced (quantized) base tensors
@@ -92,7 +94,7 @@ def build_trainee(spec: JobSpec, method, mcfg, rule, rcfg, device: torch.device,
     lean = fused.SavedOutputs() if t.lean_activations else None
     installed = fused.install(model, lean, engine.lean_verdict(model)) if lean is not None else None
     model.train()
-    call = engine.wrap(model)
+    call = engine.wrap(model, created)
     ctx.device = device
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
