@@ -170,12 +170,14 @@ def engine_runs(tmp_path_factory, tiny_model) -> Path:
     data = write_jsonl(root / "toy.jsonl", toy_rows())
     tied = tied_copy(tiny_model, root / "tied-model")
     pairs = [(e, m) for e in ENGINES for m in METHODS] + [("fsdp", m) for m in FSDP_ONLY]
-    skewed = {**step_spec(tiny_model, data, root / "fsdp-skewed", "lora", 2, sharding="fsdp", devices=2),
-              "skew_seeds": True}
-    skewed["training"]["exact_match_rows"] = 0
+    skewed = [{**step_spec(tiny_model, data, root / f"{e}-skewed", "lora", 2, sharding=e, devices=2),
+               "skew_seeds": True} for e in ENGINES]
+    for spec in skewed:
+        spec["training"]["exact_match_rows"] = 0
     run_two_ranks(root, [step_spec(tiny_model, data, root / f"{e}-{m}", m, 2, sharding=e, devices=2)
                          for e, m in pairs] +
-                  [step_spec(tied, data, root / "fsdp-tied", "full", 2, sharding="fsdp", devices=2), skewed])
+                  [step_spec(tied, data, root / f"{e}-tied", "full", 2, sharding=e, devices=2) for e in ENGINES] +
+                  skewed)
     from jobs.training.recipe import train
 
     mp = pytest.MonkeyPatch()
@@ -196,12 +198,13 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("engine, method", [(e, m) for e in ENGINES for m in METHODS] +
-                         [("fsdp", m) for m in ("prefix", "prompt", "tied", "skewed")])
+@pytest.mark.parametrize("engine, method", [(e, m) for e in ENGINES for m in (*METHODS, "tied", "skewed")] +
+                         [("fsdp", m) for m in ("prefix", "prompt")])
 def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(engine_runs, engine, method):
     """``tied``: full fine-tuning of a model whose input embedding is its output head, the tensor
-    that gets the head's dense gradient and the embedding's sparse rows under fsdp; loaded by rank 0
-    alone (``tied_copy``), where the others load in place.
+    that gets the head's dense gradient and the embedding's sparse rows under fsdp; stored in fp64
+    (``tied_copy``), so loading converts it: under fsdp rank 0 loads alone and sends, under DDP its
+    start-up broadcast makes the replicas equal.
 
     ``skewed``: LoRA with each rank seeding its generator differently, as ranks on different
     machines may draw differently: every rank must still start from rank 0's adapters."""

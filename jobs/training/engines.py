@@ -1,8 +1,8 @@
 """How the processes of a run share a model (``training.sharding``), on torch's own engines.
 
 - ``Single``: one process, nothing to share.
-- ``Replicated`` (``sharding: none`` with more than one process): every process holds the whole
-  model inside torch's DistributedDataParallel, which reduces the trained tensors' gradients in
+- ``Replicated`` (``sharding: none`` with more than one process): every process loads the whole
+  model and holds it inside torch's DistributedDataParallel, which reduces the trained tensors' gradients in
   buckets while backward still runs, once per step (no sync on all but the last micro-batch).
 - ``Sharded`` (``sharding: fsdp``): FSDP2's ``fully_shard`` on each decoder layer, then on the
   root, so parameters, gradients and optimizer state are split across processes (ZeRO-3).
@@ -98,15 +98,25 @@ def _sum_hook(state, bucket):
 
 class Replicated(Single):
     name = "none"
+    every_rank_loads = False
+
+    def build_device(self, read_in_place: bool = False) -> torch.device:
+        self.every_rank_loads = read_in_place
+        return self.device
 
     def wrap(self, model: torch.nn.Module, created: list[str] = ()) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        # Only tensors that require grad get buckets; the frozen base is never communicated
-        # after the initial broadcast from rank 0 (which makes every replica start equal).
+        # Every replica must start equal. Where every rank read the same files as they are, only
+        # what the method made (drawn from a generator) is sent from rank 0, and DDP's own start-up
+        # broadcast of the whole model is skipped; where loading converted, DDP sends it all.
+        if self.every_rank_loads:
+            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+            distributed.broadcast_tensors([tensors[name] for name in created])
+        # Only tensors that require grad get buckets; the frozen base is never communicated after that.
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
-                                           broadcast_buffers=False)
+                                           broadcast_buffers=False, init_sync=not self.every_rank_loads)
         self.ddp.register_comm_hook(None, _sum_hook)
         return self.ddp
 
