@@ -241,8 +241,8 @@ def summarise(runs: dict[str, dict]) -> dict:
 
 def table(shape: str, method: str, runs: dict, summary: dict) -> str:
     lines = [f"{shape}, {method} + AdamW, fp32, 2 gloo ranks", "",
-             "| engine | ranks | per-rank training peak | estimate | error | whole job (highest rank) | estimate | error "
-             "| step |",
+             "| engine | ranks | per-rank training peak | estimate | error "
+             "| whole job (highest rank) | estimate | error | step |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def pct(error: float | None) -> str:

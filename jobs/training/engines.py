@@ -2,8 +2,9 @@
 
 - ``Single``: one process, nothing to share.
 - ``Replicated`` (``sharding: none`` with more than one process): every process loads the whole
-  model and holds it inside torch's DistributedDataParallel, which reduces the trained tensors' gradients in
-  buckets while backward still runs, once per step (no sync on all but the last micro-batch).
+  model and holds it inside torch's DistributedDataParallel, which reduces the trained tensors'
+  gradients in buckets while backward still runs, once per step (no sync on all but the last
+  micro-batch).
 - ``Sharded`` (``sharding: fsdp``): FSDP2's ``fully_shard`` on each decoder layer, then on the
   root, so parameters, gradients and optimizer state are split across processes (ZeRO-3).
 
@@ -111,8 +112,7 @@ class Replicated(Single):
         # what the method made (drawn from a generator) is sent from rank 0, and DDP's own start-up
         # broadcast of the whole model is skipped; where loading converted, DDP sends it all.
         if self.every_rank_loads:
-            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-            distributed.broadcast_tensors([tensors[name] for name in created])
+            send_from_rank0(model, created)
         # Only tensors that require grad get buckets; the frozen base is never communicated after that.
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
@@ -148,8 +148,8 @@ class Sharded(Single):
 
     def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
         """Rank 0's verdict, sent to every rank: a rank built on the meta device holds no weights a
-        norm can be checked on, and every rank builds the same modules in the same order. Sent as numbers, one per module:
-        0 for none, else 1 + the kind's place in ``fused.LEAN_KINDS``."""
+        norm can be checked on, and every rank builds the same modules in the same order. Sent as
+        numbers, one per module: 0 for none, else 1 + the kind's place in ``fused.LEAN_KINDS``."""
         names = [name for name, _ in model.named_modules()]
         codes = None
         if self.world.main:
@@ -174,8 +174,7 @@ class Sharded(Single):
         # state-dict loader sends each shared tensor once and would leave the second copy whole.
         if self.every_rank_loads:
             # The base is the same files on every rank; what the method made is made rank 0's.
-            tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-            distributed.broadcast_tensors([tensors[name] for name in created])
+            send_from_rank0(model, created)
             full = buffers = None
         else:
             aliases = aliased_names(model)
@@ -279,6 +278,13 @@ class Sharded(Single):
                 del whole
         buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
         return {"state": full, "buffers": buffers} if self.world.main else None
+
+
+def send_from_rank0(model: torch.nn.Module, names: list[str]) -> None:
+    """Make ``model``'s tensors called ``names`` rank 0's on every rank (what a method made from
+    the generator: each machine may draw differently)."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    distributed.broadcast_tensors([tensors[name] for name in names])
 
 
 def sparse_tied_embedding(model: torch.nn.Module) -> bool:
