@@ -222,9 +222,10 @@ def summarise(runs: dict[str, dict]) -> dict:
     errors, whole = {}, {}
     for name, row in runs.items():
         predicted = row.get("predicted") or {}
+        training = training_estimate(predicted)
         peaks = [] if row.get("error") else row.get("train_peak_bytes") or []
-        if training_estimate(predicted) and peaks:  # every rank: the estimate is per device
-            errors[name] = max((training_estimate(predicted) / p - 1.0 for p in peaks), key=abs)
+        if training and peaks:  # every rank: the estimate is per device
+            errors[name] = max((training / p - 1.0 for p in peaks), key=abs)
         if predicted.get("total_bytes") and worst(name, "peak_bytes"):  # the rank that holds the most
             whole[name] = predicted["total_bytes"] / worst(name, "peak_bytes") - 1.0
     out["estimate_error"] = errors

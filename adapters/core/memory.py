@@ -25,7 +25,12 @@ class HeapReturner:
             return
         self.pending += nbytes
         if self.pending >= self.every:
-            self.pending = 0
+            self.release()
+
+    def release(self) -> None:
+        """Give back what was freed now, whatever the count."""
+        self.pending = 0
+        if self._trim is not None:
             self._trim(0)
 
 

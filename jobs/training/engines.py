@@ -35,6 +35,8 @@ class Single:
     # Whether every process must take part in a forward (evaluation, fingerprint): a sharded
     # model computes nothing on one process alone.
     evaluates_everywhere = False
+    # Whether every process loaded the same weights from the same files (``build_device``).
+    every_rank_loads = False
 
     def __init__(self, world: World, device: torch.device, dtype: torch.dtype):
         self.world, self.device, self.dtype = world, device, dtype
@@ -42,6 +44,7 @@ class Single:
     def build_device(self, read_in_place: bool = False) -> torch.device:
         """Where this process builds the base model before the method is applied. ``read_in_place``:
         whether loading maps the weights rather than copying them (``models.read_in_place``)."""
+        self.every_rank_loads = read_in_place
         return self.device
 
     def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
@@ -99,11 +102,6 @@ def _sum_hook(state, bucket):
 
 class Replicated(Single):
     name = "none"
-    every_rank_loads = False
-
-    def build_device(self, read_in_place: bool = False) -> torch.device:
-        self.every_rank_loads = read_in_place
-        return self.device
 
     def wrap(self, model: torch.nn.Module, created: list[str] = ()) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -140,10 +138,9 @@ class Sharded(Single):
       dropped."""
     name = "fsdp"
     evaluates_everywhere = True
-    every_rank_loads = False
 
     def build_device(self, read_in_place: bool = False) -> torch.device:
-        self.every_rank_loads = read_in_place
+        super().build_device(read_in_place)
         return torch.device("cpu") if self.world.main or read_in_place else torch.device("meta")
 
     def lean_verdict(self, model: torch.nn.Module) -> dict[str, list[str]]:
@@ -264,7 +261,7 @@ class Sharded(Single):
         # freed first, or the whole state is gathered beside them (Qwen2-1.5B: a 934 MB embedding).
         self.model.reshard()
         returner = HeapReturner(self.device)
-        returner.freed(returner.every)  # what training and evaluation freed, given back before the gather
+        returner.release()  # what training and evaluation freed, given back before the gather
         aliases = aliased_names(self.model)
         full = {}
         with torch.no_grad():
