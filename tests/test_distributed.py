@@ -93,8 +93,9 @@ def test_a_distributed_job_runs_inline_too(tmp_path, tiny_model, toy_dataset, mo
 # Several specs trained one after another by the same two processes (one launch: each costs the
 # imports of torch and transformers twice over). gloo on the CPU; nccl where two GPUs exist.
 TWO_RANKS = """
-import json, sys
+import gc, json, sys
 import torch, torch.distributed as dist
+gc.disable()  # a wrapper outliving its run must show here, not be collected by chance
 from jobs.spec import parse_spec
 from jobs.training.recipe import train
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -105,6 +106,10 @@ for spec in json.load(open(sys.argv[1])):
         trainee.seed_everything = lambda seed: seeded(seed + dist.get_rank())
     train(parse_spec(spec))
     trainee.seed_everything = seeded
+    wrappers = [type(o).__name__ for o in gc.get_objects()
+                if isinstance(o, torch.nn.Module) and type(o).__name__.startswith(("DistributedDataParallel", "FSDP"))]
+    with open(sys.argv[1] + f".alive-{dist.get_rank()}", "a") as out:
+        out.write(json.dumps(wrappers) + "\\n")
 dist.destroy_process_group()
 """
 ENGINES = ("none", "fsdp")
@@ -218,6 +223,17 @@ def test_one_step_of_each_engine_equals_one_process_with_the_same_global_batch(e
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
     losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (one, two)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_no_engine_wrapper_outlives_its_run(engine_runs):
+    """DDP's reducer and FSDP2's state hold the process group: one still alive when the group is
+    destroyed keeps gloo's threads until interpreter exit, where they abort a rank (SIGABRT) after
+    a run that completed. The two-rank script lists the wrappers still alive after each run, with
+    automatic collection off."""
+    for rank in (0, 1):
+        alive = [json.loads(line) for line in (engine_runs / f"specs.json.alive-{rank}").read_text().splitlines()]
+        assert len(alive) == len(json.loads((engine_runs / "specs.json").read_text()))
+        assert alive == [[]] * len(alive), alive
 
 
 @pytest.mark.parametrize("engine, case", [("none", "full"), ("fsdp", "full"), ("fsdp", "tied")])

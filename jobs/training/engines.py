@@ -87,6 +87,13 @@ class Single:
         """The whole model's state on rank 0 when the model is sharded; None: ``model`` is whole."""
         return None
 
+    def close(self) -> None:
+        """Let go of the wrapped model. DDP's reducer and FSDP2's state hold the process group, so
+        while they live, destroying the group leaves it to interpreter exit, where gloo's threads
+        still holding Python objects abort the process after a run that completed."""
+        self.__dict__.pop("ddp", None)
+        self.__dict__.pop("model", None)
+
 
 def _torch_optimizer(stepper) -> torch.optim.Optimizer | None:
     """The torch optimizer inside an update rule's stepper, when it has one (AdamW, SGD)."""

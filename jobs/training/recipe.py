@@ -16,6 +16,7 @@ processes compute the same update as one process with the same global batch.
 """
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import tempfile
@@ -260,6 +261,12 @@ class Recipe:
             update_run(self.run_dir, status=status, error=message, finished_at=now())
 
     def cleanup(self) -> None:
+        # The wrapped model goes before the process group (``Single.close``); its modules hold
+        # reference cycles, hence the collection.
+        self.engine.close()
+        for name in ("trainee", "model", "stepper"):
+            self.__dict__.pop(name, None)
+        gc.collect()
         distributed.teardown()
 
 
