@@ -286,14 +286,26 @@ def test_fsdp_shards_scale_as_one_over_the_world():
     assert same["train"] == {**one["train"], "gathered": 0}
 
 
-def test_on_the_cpu_rank_0_gathers_the_whole_model_at_the_end():
+def test_on_the_cpu_rank_0_puts_the_trained_model_together_at_the_end():
     from jobs.estimate.sharding import Units, per_rank
 
     one = _one_process()
-    ranked = per_rank(one, Units(**UNITS_ARGS), world=2, sharding="fsdp", trainable_bytes=4000, compute_bytes=4,
-                      backward=True, all_gradients=True, cpu=True)
-    assert ranked["save"]["gathered"] == 1000 + 4000 and ranked["save"]["activations"] == 0
-    assert ranked["save"]["optimizer_state"] == ranked["train"]["optimizer_state"] == 4000
+
+    def save(read_in_place, **phase):
+        phases = {**one, "train": {**one["train"], **phase}}
+        return per_rank(phases, Units(**UNITS_ARGS), world=2, sharding="fsdp", trainable_bytes=4000, compute_bytes=4,
+                        backward=True, all_gradients=True, cpu=True, read_in_place=read_in_place)
+
+    converted = save(False)
+    # Everything gathered beside the rank's shards; the optimizer's state was let go first.
+    assert converted["save"]["gathered"] == 1000 + 4000 and converted["save"]["activations"] == 0
+    assert converted["save"]["optimizer_state"] == 0 and converted["train"]["optimizer_state"] == 4000
+    assert converted["save"]["weights"] == converted["train"]["weights"] == 500
+    # Read in place: only the trained tensors are gathered ...
+    assert save(True)["save"]["gathered"] == 4000 and save(True)["save"]["weights"] == 500
+    # ... and where the frozen base is the bigger part, its files mapped again beside them count.
+    big_base = save(True, weights=40000)["save"]
+    assert big_base["weights"] == 40000 and big_base["trainable"] == 4000 and big_base["gathered"] == 0
 
 
 def test_gathered_units_count_prefetch_and_unsharded_gradients():

@@ -247,5 +247,5 @@ def describe(spec: JobSpec, device: str, dtype: torch.dtype, src, batch: Batch, 
     if peak in ("load", "apply"):
         notes.append(f"the peak falls in the {peak} phase, before the first step.")
     elif peak == "save":
-        notes.append("the peak falls after training, when rank 0 gathers the whole model to save it.")
+        notes.append("the peak falls after training, when rank 0 puts the trained model together to save it.")
     return notes

@@ -29,9 +29,10 @@ How FSDP2's ranks start (jobs.training.engines.Sharded), two ways:
   its own shard. Its load phase is the one-process load, its apply phase the one-process apply
   plus its shard.
 
-Rank 0 is the rank whose peak counts (the verdict is per device). At the end, rank 0 gathers the
-whole trained model on the CPU to save and fingerprint it (``cpu_offload``): on the CPU that is a
-phase of its own, ``save``.
+Rank 0 is the rank whose peak counts (the verdict is per device). At the end, rank 0 puts the
+trained model together on the CPU to save and fingerprint it: from files read in place it gathers
+only the trained tensors and maps the frozen base again, otherwise it gathers everything. On the
+CPU that is a phase of its own, ``save``.
 A one-rank world is the one-process estimate.
 """
 from __future__ import annotations
@@ -126,10 +127,24 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
         out["load"]["weights"] = 0
         apply["weights"], apply["trainable"] = own, made_bytes  # the rows it read; the method's tensors
     if cpu:
-        whole = phases["train"].get("weights", 0) + phases["train"].get("trainable", 0)
-        out["save"] = {**{k: train[k] for k in ("weights", "trainable", "optimizer_state", "framework_overhead")},
-                       "gradients": 0, "activations": 0, "logits": 0, "gathered": whole}
+        out["save"] = _save_phase(phases["train"], train, read_in_place)
     return out
+
+
+def _save_phase(one: dict[str, int], train: dict[str, int], read_in_place: bool) -> dict[str, int]:
+    """Rank 0 at the end on the CPU (``Recipe.finish``): the optimizer's state is let go, and the
+    gather comes on top of the rank's shards. From files read in place only the trained tensors are
+    gathered; the shards are then let go and rank 0 maps the base's files again beside them, which
+    is the larger of the two for any base much bigger than its trained part."""
+    zero = {k: 0 for k in ("gradients", "activations", "logits", "optimizer_state")}
+    weights, trainable = one.get("weights", 0), one.get("trainable", 0)
+    shards = {k: train[k] for k in ("weights", "trainable", "framework_overhead")}
+    if not read_in_place:
+        return {**zero, **shards, "gathered": weights + trainable}
+    gather = {**zero, **shards, "gathered": trainable}
+    rebuilt = {**zero, "weights": weights, "trainable": trainable, "framework_overhead": train["framework_overhead"],
+               "gathered": 0}
+    return max(gather, rebuilt, key=lambda parts: sum(parts.values()))
 
 
 def describe(world: int, devices: int, sharding: str, per_rank_bytes: int, read_in_place: bool = False) -> list[str]:

@@ -176,6 +176,7 @@ class Sharded(Single):
         # A module reachable under two names (peft's prompt-learning models keep the input
         # embedding as their ``word_embeddings`` too) is loaded once, under its first name: the
         # state-dict loader sends each shared tensor once and would leave the second copy whole.
+        self.created = list(created)
         if self.every_rank_loads:
             # The base is the same files on every rank; what the method made is made rank 0's.
             send_from_rank0(model, created)
@@ -256,7 +257,12 @@ class Sharded(Single):
         return state
 
     def gathered_state(self) -> dict | None:
-        """Every process calls this; rank 0 receives the whole state on the CPU, the others nothing.
+        """Every process calls this; rank 0 receives the state on the CPU, the others nothing.
+
+        Where every rank read the base from its files as they are (``every_rank_loads``), only the
+        tensors training changed or the method made are gathered (``from_files``): rank 0 reads
+        the rest from the same files again (``trainee.whole_model``). LoRA on Qwen2-1.5B gathered
+        the whole 5.9 GiB base on rank 0 to keep 35 MB of adapters. Otherwise everything is.
 
         Tensor by tensor, in the state dict's order, each tensor's second names left out (whole_model
         points them at the first). On the CPU the malloc is told to give back what each all-gather
@@ -270,10 +276,13 @@ class Sharded(Single):
         returner = HeapReturner(self.device)
         returner.release()  # what training and evaluation freed, given back before the gather
         aliases = aliased_names(self.model)
+        wanted = None
+        if self.every_rank_loads:
+            wanted = set(self.created) | {n for n, p in self.model.named_parameters() if p.requires_grad}
         full = {}
         with torch.no_grad():
             for name, value in self.model.state_dict().items():
-                if name in aliases:
+                if name in aliases or (wanted is not None and name not in wanted):
                     continue
                 whole = value.full_tensor() if isinstance(value, DTensor) else value
                 if self.world.main:
@@ -281,7 +290,7 @@ class Sharded(Single):
                 returner.freed(whole.numel() * whole.element_size())
                 del whole
         buffers = {n: b.detach().cpu() for n, b in self.model.named_buffers()}
-        return {"state": full, "buffers": buffers} if self.world.main else None
+        return {"state": full, "buffers": buffers, "from_files": wanted is not None} if self.world.main else None
 
 
 def send_from_rank0(model: torch.nn.Module, names: list[str]) -> None:

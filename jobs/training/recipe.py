@@ -26,6 +26,7 @@ from typing import Callable
 
 
 from adapters.core.errors import StudioError, describe
+from adapters.core.memory import HeapReturner
 from jobs.data.examples import collate, prepare
 from jobs.runfolder import (CANCELLED, COMPLETED, FAILED, INTERRUPTED, RUNNER_FILES, RUNNING, RunFolder,
                             append_metrics, read_run, replace_dir_atomic, truncate_metrics, update_run)
@@ -104,6 +105,9 @@ class Recipe:
         self.trainee = build_trainee(spec, self.method, self.mcfg, self.rule, self.rcfg, self.device, self.dtype,
                                      self.src, self.tokenizer, self.engine)
         self.model, self.stepper = self.trainee.model, self.trainee.stepper
+        # Counted now: a sharded run lets go of its model before the final record.
+        self.n_trainable = sum(p.numel() for _, p in self.trainee.trainable)
+        self.n_total = sum(p.numel() for p in self.model.parameters())
         self.plan = StepPlan(self.data.train, self.t, world.size)
         if continuing:
             self.resume_from_checkpoint()
@@ -114,14 +118,6 @@ class Recipe:
         if world.main:
             update_run(self.run_dir, step=self.step, max_steps=self.plan.max_steps, lean_functions=lean,
                        metrics={"trainable_params": self.n_trainable, "total_params": self.n_total})
-
-    @property
-    def n_trainable(self) -> int:
-        return sum(p.numel() for _, p in self.trainee.trainable)
-
-    @property
-    def n_total(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     def resume_from_checkpoint(self) -> None:
         ckpt = checkpoint.latest_valid(self.run_dir)
@@ -224,12 +220,19 @@ class Recipe:
             return read_run(self.run_dir) or {}
         final = self.evaluate()
         peak = peak_memory(self.device)  # training's peak: the fingerprint below upcasts the frozen base
-        gathered = self.engine.gathered_state()
+        gathered = None
+        if self.engine.evaluates_everywhere:  # sharded: rank 0 puts the trained model together
+            self.let_go("stepper")  # the optimizer's state is in the checkpoint just saved
+            gathered = self.engine.gathered_state()
+            self.let_go("trainee", "model")  # the shards; rank 0 keeps what it gathered
+            HeapReturner(self.device).release()
         if not self.world.main:
             return {}
-        model = self.model
         if gathered is not None:  # sharded: the whole trained model, on rank 0's CPU
             model = whole_model(self.spec, self.method, self.mcfg, self.src, self.dtype, self.tokenizer, gathered)
+            del gathered
+        else:
+            model = self.model
         # The model as it stands in memory, before anything is saved and loaded back.
         probe = fingerprint.record(model, self.data.eval or self.data.train, self.run_dir,
                                    {"method": self.method.name,
@@ -260,13 +263,22 @@ class Recipe:
             message = describe(e)
             update_run(self.run_dir, status=status, error=message, finished_at=now())
 
-    def cleanup(self) -> None:
-        # The wrapped model goes before the process group (``Single.close``); its modules hold
-        # reference cycles, hence the collection.
-        self.engine.close()
-        for name in ("trainee", "model", "stepper"):
+    def let_go(self, *names: str) -> None:
+        """Drop what the run holds under these names (``trainee``, ``model``, ``stepper``), the
+        trainee's and the engine's references too, so their memory is freed now; the modules hold
+        reference cycles, hence the collection."""
+        trainee = self.__dict__.get("trainee")
+        for name in names:
             self.__dict__.pop(name, None)
+            if trainee is not None and name in ("model", "stepper"):
+                setattr(trainee, name, None)
+        if "model" in names:
+            self.engine.close()
         gc.collect()
+
+    def cleanup(self) -> None:
+        # The wrapped model goes before the process group (``Single.close``).
+        self.let_go("trainee", "model", "stepper")
         distributed.teardown()
 
 

@@ -119,12 +119,22 @@ def seed_everything(seed: int) -> None:
 
 
 def whole_model(spec: JobSpec, method, mcfg, src, dtype: torch.dtype, tokenizer, gathered: dict) -> torch.nn.Module:
-    """The trained model, unsharded, on the CPU of rank 0: the modules rebuilt on the meta device
-    with the method applied, then given the gathered tensors (``Sharded.gathered_state``). What a
-    sharded run saves and fingerprints, exactly as a single process would hold it."""
-    model = _meta_model(src, models.frozen_base_dtype(method, dtype), spec.trust_remote_code)
+    """The trained model, unsharded, on the CPU of rank 0: the modules rebuilt with the method
+    applied, then given the gathered tensors (``Sharded.gathered_state``). What a sharded run saves
+    and fingerprints, exactly as a single process would hold it.
+
+    ``from_files``: the gathered tensors are only those training changed or the method made, and
+    the frozen base is mapped from its files again, as every rank loaded it; else every tensor was
+    gathered and the modules are built on the meta device."""
+    base_dtype = models.frozen_base_dtype(method, dtype)
+    from_files = gathered.get("from_files", False)
+    if from_files:
+        model = models.load_model(src, base_dtype, spec.trust_remote_code, tokenizer)
+    else:
+        model = _meta_model(src, base_dtype, spec.trust_remote_code)
     model.config.use_cache = False
-    ctx = Context(spec=spec, device=torch.device("meta"), dtype=dtype, tokenizer=tokenizer, decays=decay_rule(method))
+    ctx = Context(spec=spec, device=torch.device("cpu" if from_files else "meta"), dtype=dtype, tokenizer=tokenizer,
+                  decays=decay_rule(method))
     model = method.apply(model, mcfg, ctx)
     # A tensor reachable under two names (a tied input embedding and output head) is loaded once,
     # under its first name, and the second name pointed at it again: assigning both would leave
@@ -132,6 +142,8 @@ def whole_model(spec: JobSpec, method, mcfg, src, dtype: torch.dtype, tokenizer,
     aliases = aliased_names(model)
     state = {k: v for k, v in gathered["state"].items() if k not in aliases}
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    if from_files:
+        missing = []  # the frozen base is the files' own
     if set(missing) - set(aliases) or unexpected:
         raise RuntimeError(f"the gathered model does not fit its modules: missing {sorted(set(missing) - set(aliases))[:3]}, "
                            f"unexpected {unexpected[:3]}")
