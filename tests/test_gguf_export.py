@@ -109,19 +109,27 @@ def compare(reference, model, tokenizer) -> tuple[float, float]:
     return max(diffs) / scale, agree / total
 
 
-@pytest.mark.parametrize("family,gguf_type", [("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"),
-                                              ("llama", "q4_0"), ("qwen2", "f16"), ("qwen2", "q4_0")])
-def test_export_reads_back_like_the_merged_model(runs, merged, smollm_tokenizer, tmp_path, family, gguf_type):
+# Each export reads its file back with transformers' GGUF loader and measures it against the
+# trained fingerprint (the report). At both ends of the range, a family's f16 and the other's q4_0,
+# the test also reads the file back itself against the merged model on other text, which keeps
+# the report's measurement honest; the other types rest on the report (each read of a file parses
+# its 49k-token vocabulary again: about 5 s a read on two cores, in both CI legs).
+@pytest.mark.parametrize("family,gguf_type,read_again", [
+    ("llama", "f16", True), ("llama", "bf16", False), ("llama", "q8_0", False), ("llama", "q4_0", False),
+    ("qwen2", "f16", False), ("qwen2", "q4_0", True)])
+def test_export_reads_back_like_the_merged_model(runs, merged, smollm_tokenizer, tmp_path, family, gguf_type,
+                                                 read_again):
     from jobs.results.gguf import export_gguf
 
     out = tmp_path / f"{family}-{gguf_type}.gguf"
     report = export_gguf(runs[family], out, gguf_type)
     assert out.is_file() and report["size_bytes"] == out.stat().st_size
     assert report["architecture"] == family and report["gguf_type"] == gguf_type
-    relative, top1 = compare(merged[family], read_back(out), smollm_tokenizer)
     bound, least_top1 = TINY_BOUNDS[gguf_type]
-    assert relative <= bound and top1 >= least_top1, (relative, top1)
-    assert report["relative_diff"] <= bound  # the report's own measurement agrees
+    assert report["relative_diff"] <= bound and report["top1_agreement"] >= least_top1, report
+    if read_again:
+        relative, top1 = compare(merged[family], read_back(out), smollm_tokenizer)
+        assert relative <= bound and top1 >= least_top1, (relative, top1)
     assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
