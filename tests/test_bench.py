@@ -58,7 +58,10 @@ def test_speed_runs_every_system_on_equal_footing_and_counts_trained_tokens_alik
     for anchor in ("trainer", "trl"):
         assert out[f"speedup_vs_{anchor}"] > 0 and out[f"memory_ratio_vs_{anchor}"] > 0
     # Ours' peak is read when training ends, as the anchors' is: the fingerprint's upcast comes after.
-    assert runs["ours"]["process_peak_memory_bytes"] >= runs["ours"]["peak_memory_bytes"] > 0
+    # Two readings of VmHWM in one process, the later may be a few pages lower: Linux keeps the
+    # resident count in per-CPU batches and the high-water mark takes it as read (seen: 72 KiB).
+    assert runs["ours"]["process_peak_memory_bytes"] >= runs["ours"]["peak_memory_bytes"] - (1 << 20)
+    assert runs["ours"]["peak_memory_bytes"] > 0
     # The common floor (libraries and weights) is measured once; each run's working memory is above it.
     floor = out["floor"]["floor_bytes"]
     assert out["floor"]["weights_bytes"] > 0 and floor > out["floor"]["weights_bytes"]
