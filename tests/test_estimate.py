@@ -334,6 +334,9 @@ def test_ddp_ranks_hold_every_gradient_in_buckets_from_the_start():
 
     assert train(2) == {**one["train"], "gradients": 4000, "gathered": 0}
     assert train(8) == train(2)   # every replica holds the same, however many there are
+    # Each gradient is made on its own before it is copied into its bucket: one more beside them.
+    assert train(2, ddp_transient_bytes=700)["gradients"] == 4000 + 700
+    assert train(1, ddp_transient_bytes=700)["gradients"] == 1000  # one process has no buckets
     assert train(1)["gradients"] == 1000
     # A rule that never holds all gradients at once (LOMO, MeZO) fills no buckets.
     assert train(2, all_gradients=False)["gradients"] == 1000

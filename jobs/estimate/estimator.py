@@ -167,7 +167,8 @@ def estimate(spec: JobSpec, device: str | None = None, use_data: bool = True) ->
                               trainable_bytes=counts.trainable_bytes, compute_bytes=act_bytes, backward=backward,
                               all_gradients=memory.gradients == "all", gradient_bytes=all_gradients, cpu=cpu,
                               read_in_place=in_place,
-                              made_bytes=counts.trainable_bytes - counts.trainable_base_bytes + counts.created_bytes)
+                              made_bytes=counts.trainable_bytes - counts.trainable_base_bytes + counts.created_bytes,
+                              ddp_transient_bytes=2 * counts.head_bytes if counts.head_bytes else largest)
     peak = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {k: int(phases[peak].get(k, 0)) for k in phases["train"]}
     total = sum(breakdown.values())

@@ -8,7 +8,14 @@ holds the model, its gradients and the update rule's state:
               wrapped and the gradients are views of them (jobs.training.engines:
               ``gradient_as_bucket_view``): no second copy, but neither can the gradients take
               over the memory backward frees from activations, as they do in one process on a
-              reusing malloc (jobs.estimate.estimator).
+              reusing malloc (jobs.estimate.estimator). And each gradient is first made on its
+              own, then copied into its bucket (the studio sets gradients to None between steps),
+              so one more gradient is held beside the buckets (``ddp_transient_bytes``): the
+              largest, or for a trained tied embedding, three vocabulary-sized tensors at the end
+              of backward (the head's part, the embedding's, and their sum), two more than one
+              process's estimate counts. Measured with the large tensors given back to the system
+              at once (glibc, ``MALLOC_MMAP_THRESHOLD_=65536``), a 50000 x 1024 fp32 embedding on
+              2 gloo ranks: backward rose 1.00x its size above the buckets untied, 2.94x tied.
   fsdp        FSDP2 (``fully_shard`` on each decoder block, then the root): every rank holds
               1/world of the weights, gradients and state; what it gathers for compute comes on
               top: the root's parameters (embeddings, output head, final norm), which FSDP2 keeps
@@ -39,7 +46,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DDP_BUCKET_COPIES = 0   # DDP's buckets beside the gradients: none, the gradients are views of them
 PREFETCHED_BLOCKS = 2   # FSDP2 gathers the next block while the current one computes
 REDUCE_BYTES = 4        # gradients are reduced in fp32 (the mixed-precision policy)
 
@@ -93,7 +99,8 @@ SHARDED_PARTS = ("weights", "trainable", "gradients", "optimizer_state")
 
 def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sharding: str, trainable_bytes: int,
              compute_bytes: int, backward: bool, all_gradients: bool, gradient_bytes: int | None = None,
-             cpu: bool = False, read_in_place: bool = False, made_bytes: int = 0) -> dict[str, dict[str, int]]:
+             cpu: bool = False, read_in_place: bool = False, made_bytes: int = 0,
+             ddp_transient_bytes: int = 0) -> dict[str, dict[str, int]]:
     """The phases (load, apply, train: each a dict of parts in bytes) as the rank that holds the
     most (rank 0) holds them.
 
@@ -102,7 +109,8 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
     activations was taken off (default: the train phase's gradients); ``cpu``: the run is on the
     CPU, where FSDP2's final gather lands in the same memory; ``read_in_place``: every rank maps the
     base's files (see above), and ``made_bytes`` are the tensors the method made, whole on each rank
-    until sharding."""
+    until sharding; ``ddp_transient_bytes``: what a DDP rank's backward holds beside its buckets
+    (see above)."""
     if sharding not in ("none", "fsdp"):
         raise ValueError(f"unknown sharding {sharding!r}; expected none or fsdp")
     if world < 1:
@@ -113,7 +121,7 @@ def per_rank(phases: dict[str, dict[str, int]], units: Units, *, world: int, sha
     gradients = phases["train"]["gradients"] if gradient_bytes is None else gradient_bytes
     if sharding == "none":
         if all_gradients and backward:  # held from the wrap on, in buckets
-            out["train"]["gradients"] = gradients + DDP_BUCKET_COPIES * trainable_bytes
+            out["train"]["gradients"] = gradients + ddp_transient_bytes
         return out
     train = out["train"]
     train["gradients"] = gradients  # sharded below; not counted as reusing freed activations (not measured so)
