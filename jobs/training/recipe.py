@@ -265,8 +265,11 @@ class Recipe:
 
     def let_go(self, *names: str) -> None:
         """Drop what the run holds under these names (``trainee``, ``model``, ``stepper``), the
-        trainee's and the engine's references too, so their memory is freed now; the modules hold
-        reference cycles, hence the collection."""
+        trainee's and the engine's references too. The modules hold reference cycles: with
+        several processes they are collected now, so the memory is free before rank 0 rebuilds
+        the model and the process group is really gone when destroyed. One process leaves them
+        to the collector (a full collection costs time at every run's end, and the suite runs
+        hundreds)."""
         trainee = self.__dict__.get("trainee")
         for name in names:
             self.__dict__.pop(name, None)
@@ -274,7 +277,8 @@ class Recipe:
                 setattr(trainee, name, None)
         if "model" in names:
             self.engine.close()
-        gc.collect()
+        if self.world.size > 1:
+            gc.collect()
 
     def cleanup(self) -> None:
         # The wrapped model goes before the process group (``Single.close``).
