@@ -18,8 +18,8 @@ Speed only: the two variants share the process, so its peak memory belongs to ne
 from the same weights and see the same batches at the same learning rate, each round also
 records both variants' losses: a change that should leave the maths alone shows it.
 
-The changes (``CHANGES``): the shared prefix, the lean activation functions, the lean LoRA
-layer, and ``torch.compile`` of the decoder layers, which the loop does not use. Compiling needs the
+The changes (``CHANGES``): the shared prefix, the lean activation functions, and
+``torch.compile`` of the decoder layers, which the loop does not use. Compiling needs the
 lean functions and the shared prefix off (their custom autograd functions, and the prefix's
 first, key/value-cache version, made dynamo recompile for every layer), so it is measured
 twice: against the same loop uncompiled (what compiling buys), and against the loop as it ships.
@@ -46,10 +46,8 @@ VARIANTS = {
     "no_lean": {"lean_activations": False},
     "plain": {"share_prefix": False, "lean_activations": False},
     "compiled": {"share_prefix": False, "lean_activations": False},
-    "peft_lora": {},
 }
 COMPILED = {"compiled"}
-PEFT_LORA = {"peft_lora"}  # the shipped loop with peft's own LoRA layers (``peft_lora_layers``)
 
 
 @dataclass(frozen=True)
@@ -63,15 +61,12 @@ CHANGES = {
     "share_prefix": Change("the shared prefix (training.share_prefix)", "shipped", "no_share_prefix"),
     "lean_activations": Change("the lean norm, SwiGLU and attention functions (training.lean_activations)",
                                "shipped", "no_lean"),
-    "lean_lora": Change("the LoRA layer as one autograd function (jobs.training.fused._LoraLinear) against "
-                        "peft's layer", "shipped", "peft_lora"),
     "compile": Change("torch.compile of each decoder layer, lean functions and shared prefix off, against the "
                       "same loop uncompiled", "compiled", "plain"),
     "compile_vs_shipped": Change("torch.compile of each decoder layer (lean functions and shared prefix off) "
                                  "against the loop as it ships", "compiled", "shipped"),
 }
-DEFAULT = {"rounds": 8, "steps": 3,
-           "changes": ("share_prefix", "lean_activations", "lean_lora", "compile", "compile_vs_shipped")}
+DEFAULT = {"rounds": 8, "steps": 3, "changes": ("share_prefix", "lean_activations", "compile", "compile_vs_shipped")}
 TIMEOUT_S = 1800
 WARMUP_BATCHES = 3
 
@@ -168,8 +163,6 @@ def _pair(params: dict) -> dict:
         trainees[side] = (rcfg, build_trainee(spec, method, mcfg, rule, rcfg, dev, dtype, src, tokenizer))
         if names[side] in COMPILED:
             compiled = compile_layers(trainees[side][1].model, params.get("compile_backend", "inductor"))
-        if names[side] in PEFT_LORA and not peft_lora_layers(trainees[side][1].model):
-            raise RuntimeError("no lean LoRA layer to give back to peft: the spec's method is not LoRA")
 
     lengths = [len(e.input_ids) for e in data.train]
     plan = plan_batches(lengths, base.training.batch_size, base.training.seed, 0)
@@ -208,19 +201,6 @@ def _pair(params: dict) -> dict:
             "rounds": rounds, "steps": steps, "seconds": seconds, "losses": losses,
             "max_loss_difference": max(differences), "warmup_seconds": warmup, "compiled_layers": compiled,
             "warmup_batches": min(WARMUP_BATCHES, len(used)), "rows_per_batch": base.training.batch_size}
-
-
-def peft_lora_layers(model) -> int:
-    """Give every LoRA layer the lean function took over its own (peft's) forward again; how many."""
-    from jobs.training import fused
-
-    count = 0
-    for module in model.modules():
-        forward = vars(module).get("forward")
-        if getattr(forward, "__func__", None) is fused._lora_forward:
-            del module.forward
-            count += 1
-    return count
 
 
 def compile_layers(model, backend: str = "inductor") -> int:

@@ -107,8 +107,7 @@ def test_the_default_suite_is_the_headline_and_unknown_systems_are_refused(tiny_
 
 
 def test_ab_pairs_each_change_with_the_loop_without_it_on_the_same_batches(tiny_spec, results):
-    out = ab.run(spec=tiny_spec, changes=("share_prefix", "lean_lora"), rounds=2, steps=2, results_dir=results,
-                 name="ab-tiny")
+    out = ab.run(spec=tiny_spec, changes=("share_prefix",), rounds=2, steps=2, results_dir=results, name="ab-tiny")
     assert not out["failures"]
     for name, c in out["changes"].items():
         assert len(c["round_speedups"]) == 2 and all(r > 0 for r in c["round_speedups"])
@@ -118,7 +117,6 @@ def test_ab_pairs_each_change_with_the_loop_without_it_on_the_same_batches(tiny_
         # No change alters the maths: both variants, from one seed on the same batches, train alike.
         assert c["max_loss_difference"] < 1e-3, name
     assert out["changes"]["share_prefix"]["without"] == "no_share_prefix"
-    assert out["changes"]["lean_lora"]["without"] == "peft_lora"
     saved = json.loads((results / "ab-tiny.json").read_text())
     assert saved["benchmark"] == "ab-tiny" and saved["machine"]["commit"] and saved["settings"]["rounds"] == 2
     report = write_report(results_dir=results).read_text()

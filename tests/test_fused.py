@@ -33,7 +33,7 @@ def test_installed_functions_match_the_model(tiny_model, dtype):
     saved = fused.SavedOutputs()
     counts = fused.install(model, saved)
     layers = model.config.num_hidden_layers
-    assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers, "lora": 0, "attention": 1}
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers, "attention": 1}
     loss2, grads2 = _loss_and_grads(model, batch, dtype, saved)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(loss - loss2) <= tol * max(1.0, abs(loss))
@@ -166,7 +166,7 @@ def test_other_maths_keep_their_own_forward():
             self.act_fn = torch.nn.GELU()
 
     model = torch.nn.Sequential(GemmaLikeRMSNorm(), GeluMLP())
-    assert fused.install(model) == {"rms_norm": 0, "swiglu": 0, "lora": 0, "attention": 0}
+    assert fused.install(model) == {"rms_norm": 0, "swiglu": 0, "attention": 0}
     assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
 
 
@@ -184,85 +184,3 @@ def test_two_installed_models_do_not_share_their_state(tiny_model):
         normed = a.model(input_ids=ids).last_hidden_state
         b.model(input_ids=ids).last_hidden_state.sum()
         assert normed.data_ptr() in a_saved.rebuild and b_saved.rebuild is None
-
-
-def _lora_layer(bias: bool, dtype=torch.float32, **config):
-    """One peft LoRA layer over a random ``nn.Linear`` (16 -> 24), its adapter made non-zero."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    holder = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=bias))
-    model = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], **config))
-    layer = model.base_model.model[0]
-    layer.base_layer.to(dtype)
-    layer.cast_input_dtype_enabled = False  # as the studio runs peft (adapters.core.compat)
-    for name, p in layer.named_parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.3)
-    return layer
-
-
-def _forward_and_grads(layer, forward, x, autocast: bool):
-    torch.manual_seed(1)  # the same dropout mask, where there is one
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = forward(layer, x)
-    y.float().pow(2).sum().backward()
-    grads = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters() if p.requires_grad}}
-    return y.detach(), grads
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_lean_lora_layer_computes_what_peft_computes(bias, autocast):
-    """base(x) + scale * B(A(x)) as one function: the output and every gradient (input, A, B) as
-    peft's layer gives them, to fp32 rounding, or bf16's under autocast."""
-    layer = _lora_layer(bias, torch.bfloat16 if autocast else torch.float32)
-    x = torch.randn(2, 5, 16, dtype=torch.bfloat16 if autocast else torch.float32)
-    calls = []
-    original = fused._LoraLinear.apply
-    fused._LoraLinear.apply = lambda *a: calls.append(1) or original(*a)
-    try:
-        theirs, their_grads = _forward_and_grads(layer, lambda m, t: type(m).forward(m, t), x, autocast)
-        ours, our_grads = _forward_and_grads(layer, fused._lora_forward, x, autocast)
-    finally:
-        fused._LoraLinear.apply = original
-    assert calls, "the lean function was not used"
-    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
-    tol = 2e-2 if autocast else 1e-5
-    torch.testing.assert_close(ours.float(), theirs.float(), rtol=tol, atol=tol * theirs.abs().max().item())
-    assert our_grads.keys() == their_grads.keys() and any("lora_A" in k for k in our_grads)
-    for name, g in their_grads.items():
-        assert our_grads[name].dtype == g.dtype, name
-        scale = g.float().abs().max().item()
-        torch.testing.assert_close(our_grads[name].float(), g.float(), rtol=tol, atol=tol * scale, msg=name)
-
-
-def _train_base(layer):
-    layer.base_layer.weight.requires_grad_(True)
-
-
-@pytest.mark.parametrize("case, config, change", [
-    ("dropout", {"lora_dropout": 0.5}, None),
-    ("DoRA", {"use_dora": True}, None),
-    ("adapter bias", {"lora_bias": True}, None),
-    ("merged", {}, lambda layer: layer.merge()),
-    ("disabled", {}, lambda layer: layer.enable_adapters(False)),
-    ("trained base", {}, _train_base),
-])
-def test_lora_layers_the_lean_function_cannot_compute_keep_peft(case, config, change):
-    """Where peft's layer computes more than base(x) + scale * B(A(x)), or another gradient, it
-    computes it: the same output and gradients bit for bit, never the lean function's."""
-    layer = _lora_layer(bias=True, **config)
-    layer.train()
-    if change:
-        change(layer)
-    x = torch.randn(2, 5, 16)
-    assert fused._plain_lora(layer, x, (), {}) is None, case
-    theirs, their_grads = _forward_and_grads(layer, lambda m, t: type(m).forward(m, t), x, False)
-    ours, our_grads = _forward_and_grads(layer, fused._lora_forward, x, False)
-    assert torch.equal(ours, theirs), case
-    assert our_grads.keys() == their_grads.keys(), case
-    for name, g in their_grads.items():
-        assert (g is None and our_grads[name] is None) or torch.equal(our_grads[name], g), (case, name)

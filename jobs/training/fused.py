@@ -1,5 +1,4 @@
-"""Leaner RMSNorm, SwiGLU and LoRA layers for training: the model's own maths, fewer saved
-activations or fewer operations.
+"""Leaner RMSNorm and SwiGLU for training: the model's own maths, fewer saved activations.
 
 A Llama-style RMSNorm computes in fp32 and autograd keeps every intermediate: the fp32
 input, the normalised fp32 tensor, its cast and the product with the weight. The SwiGLU
@@ -8,10 +7,6 @@ that is about a third of all saved activations for the norms and another sixth f
 The autograd functions here save only their inputs (and one fp32 scale per token) and
 recompute the rest in backward, which costs little next to the matmuls and runs fewer
 elementwise passes in forward.
-
-A LoRA layer (peft's ``Linear``) computes ``base(x) + scale * B(A(x))`` as one autograd function
-(``_LoraLinear``) where that is all it computes; anything more (dropout, DoRA, a merged adapter)
-keeps peft's forward.
 
 ``install(model, saved)`` replaces the ``forward`` of the modules it recognises (``recognise``) on that instance
 only; saved models and exports are untouched. A norm is replaced only after its own output
@@ -213,93 +208,6 @@ def _mlp_forward(saved: SavedOutputs):
     return forward
 
 
-class _LoraLinear(torch.autograd.Function):
-    """``base(x) + scale * B(A(x))``, one LoRA layer's forward as one function.
-
-    peft's layer runs the base, then ``A`` and ``B`` as modules, multiplies the branch by the
-    scale at the layer's full output width and adds it to the base's output out of place; in
-    backward autograd walks each of those operations again. Here the branch is added into the
-    base's output by one ``addmm_`` with the scale as its factor, and backward is the five
-    products alone (one with the base weight, four of rank r). It keeps what peft's layer keeps:
-    the input as given (so a lean function's output stays a recipe) and the tokens' rank-r
-    projection. Under autocast every product runs in autocast's dtype, as ``F.linear`` would; the
-    adapter's gradients come back in its own dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale):
-        device = x.device.type
-        low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(low)
-            xa = x2 @ a.to(low).t()
-            w = weight.to(low).t()
-            y = x2 @ w if bias is None else torch.addmm(bias.to(low), x2, w)
-            y.addmm_(xa, b.to(low).t(), alpha=scale)
-        ctx.low, ctx.scale, ctx.shape, ctx.dtype = low, scale, x.shape, x.dtype
-        ctx.save_for_backward(x if x.dtype == low else x2, weight, a, b, xa)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, a, b, xa = ctx.saved_tensors
-        low, scale = ctx.low, ctx.scale
-        with torch.autocast(grad.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])
-            g = grad.reshape(-1, grad.shape[-1]).to(low)
-            gb = (g @ b.to(low)).mul_(scale)  # the gradient at the rank-r projection
-            dx = da = db = None
-            if ctx.needs_input_grad[0]:
-                dx = (g @ weight.to(low)).addmm_(gb, a.to(low)).view(ctx.shape).to(ctx.dtype)
-            if ctx.needs_input_grad[3]:
-                da = (gb.t() @ x2).to(a.dtype)
-            if ctx.needs_input_grad[4]:
-                db = (g.t() @ xa).mul_(scale).to(b.dtype)
-        return dx, None, None, da, db, None
-
-
-def _plain_lora(module, x: torch.Tensor, args: tuple, kwargs: dict):
-    """``(A, B, scale)`` when ``module`` (peft's LoRA ``Linear``) would compute exactly
-    ``base(x) + scale * B(A(x))`` with a frozen plain ``nn.Linear`` base; else None, and peft's own
-    forward runs: dropout, several or no active adapters, DoRA and the other variants, a merged or
-    disabled adapter, a trained or hooked base, biases on the adapter, mixed dtypes outside
-    autocast."""
-    if args or kwargs or module.disable_adapters or module.merged or len(module.active_adapters) != 1:
-        return None
-    name = module.active_adapters[0]
-    if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
-        return None
-    a, b, base = module.lora_A[name], module.lora_B[name], module.base_layer
-    if type(module.lora_dropout[name]) is not torch.nn.Identity or type(base) is not torch.nn.Linear:
-        return None
-    if type(a) is not torch.nn.Linear or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None:
-        return None
-    if compat.has_forward_hooks(base) or compat.has_forward_hooks(a) or compat.has_forward_hooks(b):
-        return None
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    if not torch.is_autocast_enabled(x.device.type) and not (x.dtype == base.weight.dtype == a.weight.dtype
-                                                             == b.weight.dtype):
-        return None
-    return a.weight, b.weight, float(module.scaling[name])
-
-
-def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    plain = _plain_lora(self, x, args, kwargs)
-    if plain is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.base_layer
-    return _LoraLinear.apply(x, base.weight, base.bias, *plain)
-
-
-def _is_lora_linear(module: torch.nn.Module) -> bool:
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return type(module) is Linear
-
-
 class _ShortAttention(torch.autograd.Function):
     """Attention that keeps only q, k, v (as given) and one fp32 log-sum-exp per row.
 
@@ -425,7 +333,7 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
         return torch.allclose(act(probe), F.silu(probe), rtol=1e-5, atol=1e-6)
 
 
-LEAN_KINDS = ("rms_norm", "swiglu", "lora")
+LEAN_KINDS = ("rms_norm", "swiglu")
 
 
 def recognise(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -437,14 +345,12 @@ def recognise(model: torch.nn.Module) -> dict[str, list[str]]:
             found["rms_norm"].append(name)
         elif _is_swiglu(module):
             found["swiglu"].append(name)
-        elif _is_lora_linear(module):
-            found["lora"].append(name)
     return found
 
 
 def install(model: torch.nn.Module, saved: SavedOutputs | None = None,
             recognised: dict[str, list[str]] | None = None) -> dict[str, int]:
-    """Use the lean functions in ``model``'s recognised norms, MLPs and LoRA layers; how many of each. Their
+    """Use the lean functions in ``model``'s recognised norms and MLPs; how many of each. Their
     outputs are rebuilt in backward only while ``saved.rebuilding()`` is active (the loss's forward).
 
     ``recognised``: ``recognise``'s verdict, made on another instance of the same model (FSDP2's
@@ -452,7 +358,7 @@ def install(model: torch.nn.Module, saved: SavedOutputs | None = None,
     checked); default: recognised here."""
     saved = saved if saved is not None else SavedOutputs()
     recognised = recognise(model) if recognised is None else recognised
-    forwards = {"rms_norm": _norm_forward(saved), "swiglu": _mlp_forward(saved), "lora": _lora_forward}
+    forwards = {"rms_norm": _norm_forward(saved), "swiglu": _mlp_forward(saved)}
     counts = {kind: 0 for kind in LEAN_KINDS}
     for kind in LEAN_KINDS:
         for name in recognised.get(kind, []):
