@@ -386,3 +386,33 @@ def test_a_killed_rank_interrupts_the_job_and_resume_ends_where_an_unbroken_run_
     for name in wb:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
 
+
+
+@pytest.mark.plumbing  # which device a process binds, no arithmetic
+def test_each_rank_binds_its_own_gpu_before_the_group_starts(monkeypatch):
+    """Under torchrun on GPUs, rank k of a machine makes GPU k current before nccl starts: FSDP2's
+    default mesh and the recipe's collectives take the current device, which is otherwise GPU 0 on
+    every rank. A rank without a GPU of its own is refused with the setting to change."""
+    import torch.distributed as dist
+
+    from jobs.training import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("current", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("group", kw)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_owned", [])
+    world = distributed.setup()
+    assert world.local_rank == 1 and world.size == 2
+    assert calls == [("current", 1), ("group", {"backend": "nccl", "device_id": torch.device("cuda", 1)})]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(StudioError, match="training.devices: .*local rank 1.*1 GPU") as err:
+        distributed.setup()
+    assert "at most 1" in str(err.value) and not calls

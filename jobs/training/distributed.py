@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from adapters.core.errors import StudioError
+
 
 @dataclass(frozen=True)
 class World:
@@ -29,11 +31,30 @@ def setup() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         # gloo on the CPU (tests here), nccl between GPUs.
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            bind_gpu(local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
         _owned.append(True)
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def bind_gpu(local_rank: int) -> None:
+    """Make GPU ``local_rank`` this process's current device, before anything touches CUDA.
+
+    FSDP2's default mesh, nccl's communicator and ``_device`` below all take the *current* device;
+    without this every rank of a machine would put its shards and collectives on GPU 0."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise StudioError(f"this process is local rank {local_rank}, but its machine has {count} GPU(s) visible: "
+                          f"each rank needs a GPU of its own.", "training.devices",
+                          f"set training.devices to at most {count} (or make more GPUs visible: "
+                          f"CUDA_VISIBLE_DEVICES).")
+    torch.cuda.set_device(local_rank)
 
 
 _owned: list[bool] = []  # whether setup() made the process group (a caller's own group is left alone)
