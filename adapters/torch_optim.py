@@ -14,6 +14,7 @@ from pydantic import Field
 
 from adapters.base import (Context, DecayFn, LossFn, Params, RuleMemory, ShardingBlocker, UpdateRule,
                            decays_by_default, moments_bytes, numel)
+from adapters.core.errors import StudioError
 from adapters.registry import UPDATE_RULES
 
 
@@ -79,7 +80,14 @@ class TorchOptimizerRule(UpdateRule):
     fsdp_blocker: ShardingBlocker | None = None
 
     def check(self, cfg: Params, spec: Any) -> None:
-        pass
+        # Without loss scaling, fp16's gradients underflow: the token-averaged loss's gradient on a
+        # 49k vocabulary is mostly below fp16's smallest value. The loss stays finite, so nothing
+        # would say so; the run would train silently wrong.
+        if spec.training.precision == "fp16":
+            raise StudioError(f"the update rule {self.name!r} has no loss scaling, and without it fp16 gradients "
+                              "underflow to zero without any error.", "training.precision",
+                              "use bf16 (GPUs since Ampere) or fp32; lomo and adalomo scale the loss and train in "
+                              "fp16.")
 
     def build(self, params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Any, ctx: Context) -> GradientStepper:
         params = list(params)

@@ -54,7 +54,8 @@ class TrainingSpec(Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay after warmup.")
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps from 0 to the peak learning rate.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it and on CPUs that measure it at least 1.5x as fast as fp32, else fp32.")
+        "auto", description="auto: bf16 on a GPU that multiplies it natively and on CPUs that measure it at least 1.5x as fast as fp32, "
+                "else fp32. fp16: a GPU, and lomo, adalomo or mezo (the other rules have no loss scaling).")
     gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in backward to save memory.")
     lean_activations: StrictBool = Field(
         True, description="RMSNorm and SwiGLU that keep only their inputs for backward (same maths, less memory).")

@@ -325,10 +325,20 @@ def test_mezo_refuses_gradient_checkpointing():
         check_combination(spec_with("mezo", gradient_checkpointing=True))
 
 
+@pytest.mark.parametrize("rule", ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit"])
+def test_rules_without_loss_scaling_refuse_fp16(rule):
+    """Their fp16 gradients would underflow to zero with a finite loss: refused before launch, with
+    the precisions and the rules that do work."""
+    with pytest.raises(StudioError, match=r"training\.precision.*no loss scaling.*use bf16 .* or fp32.*lomo"):
+        check_combination(spec_with(rule, precision="fp16"))
+
+
 def test_sensible_combinations_pass():
     check_combination(spec_with("lomo", gradient_checkpointing=True))
     check_combination(spec_with("adalomo", batch_size=16))
     check_combination(spec_with("mezo", devices=2))
+    for rule in ("lomo", "adalomo", "mezo"):  # LOMO's rules scale the loss; MeZO has no backward
+        check_combination(spec_with(rule, precision="fp16"))
 
 
 # --- Through the training loop ------------------------------------------------------------
