@@ -93,9 +93,10 @@ def choose_precision(precision: str, device: torch.device, shapes: Shapes | None
         return Choice({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
                       f"asked for {precision}")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # Natively only: by default torch also says yes where a GPU can merely hold bf16 (V100, T4).
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return Choice(torch.bfloat16, "GPU supports bf16")
-        return Choice(torch.float32, "GPU has no bf16")
+        return Choice(torch.float32, "GPU has no native bf16")
     told = cpu_bf16_override()
     if told is not None:
         return Choice(torch.bfloat16 if told[0] else torch.float32, told[1])
