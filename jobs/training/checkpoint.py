@@ -156,8 +156,13 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def rng_state() -> dict:
-    """The Python and torch generators' state, for a resumed run to draw what an unbroken one would."""
-    return {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    """The Python and torch generators' state (the CPU's, and this process's GPU's where it has
+    one), for a resumed run to draw what an unbroken one would (dropout masks on a GPU come from
+    the GPU's generator)."""
+    state = {"python": json.dumps(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def restore_rng(state: dict | None) -> None:
@@ -166,3 +171,5 @@ def restore_rng(state: dict | None) -> None:
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
