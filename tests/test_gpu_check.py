@@ -129,3 +129,32 @@ def test_peak_memory_reads_the_cuda_allocator():
     held = torch.empty(64 << 20, dtype=torch.uint8, device=device)
     got = peak_memory(device)
     assert got["memory_kind"] == "cuda_allocated" and got["peak_memory_bytes"] >= held.numel()
+
+
+@pytest.mark.cuda
+def test_a_checkpoints_generator_state_covers_the_gpu():
+    """Dropout masks on a GPU come from its own generator: a resumed run draws what an unbroken
+    one would only if the checkpoint kept that state too."""
+    import torch
+
+    from jobs.training import checkpoint
+
+    torch.cuda.manual_seed(0)
+    torch.randn(8, device="cuda")
+    state = checkpoint.rng_state()
+    assert "cuda" in state
+    expected = torch.randn(8, device="cuda")
+    torch.cuda.manual_seed(123)  # as a resumed run seeds before it restores
+    checkpoint.restore_rng(state)
+    assert torch.equal(torch.randn(8, device="cuda"), expected)
+
+
+@pytest.mark.cuda
+def test_auto_takes_bf16_only_where_the_gpu_multiplies_it_natively():
+    import torch
+
+    from jobs.training.precision import choose_precision
+
+    choice = choose_precision("auto", torch.device("cuda"))
+    native = torch.cuda.get_device_capability() >= (8, 0)
+    assert choice.dtype == (torch.bfloat16 if native else torch.float32), choice.reason
