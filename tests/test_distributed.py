@@ -410,7 +410,8 @@ def test_each_rank_binds_its_own_gpu_before_the_group_starts(monkeypatch):
     monkeypatch.setattr(distributed, "_owned", [])
     world = distributed.setup()
     assert world.local_rank == 1 and world.size == 2
-    assert calls == [("current", 1), ("group", {"backend": "nccl", "device_id": torch.device("cuda", 1)})]
+    assert calls == [("current", 1), ("group", {"backend": "nccl", "device_id": torch.device("cuda", 1),
+                                                "timeout": distributed.GROUP_TIMEOUT})]
     calls.clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(StudioError, match="training.devices: .*local rank 1.*1 GPU") as err:

@@ -7,6 +7,7 @@ and every collective below is a no-op.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from adapters.core.errors import StudioError
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=60)  # nccl's collectives; see setup()
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ def setup() -> World:
         # gloo on the CPU (tests here), nccl between GPUs.
         if torch.cuda.is_available():
             bind_gpu(local_rank)
-            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+            # nccl's own default waits 10 minutes, gloo's 30. Under FSDP2 from converted weights rank 0
+            # alone loads the model (a download, a conversion) while the others wait in a collective.
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank), timeout=GROUP_TIMEOUT)
         else:
             dist.init_process_group(backend="gloo")
         _owned.append(True)
