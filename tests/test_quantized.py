@@ -434,3 +434,43 @@ def test_quantizing_methods_copy_the_rest_of_the_base_off_its_file(tiny_model, t
         train(parse_spec(make_spec(tiny_model, toy_dataset, tmp_path / name, method={"name": name}, max_steps=1,
                                    exact_match_rows=0, eval_samples=0)))
     assert len(calls) == 1  # qlora's run only
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_an_int8_layer_computes_the_same_model_in_training_and_evaluation(autocast):
+    """The 8-bit base multiplies by its dequantized weight in both modes, as bitsandbytes does only
+    when training on a CPU (in eval mode it would quantize the activations too): the output and the
+    input's gradient equal bitsandbytes' training path bit for bit, in either mode."""
+    import copy
+
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    ours = nf4.linear8bit(nn.Linear(64, 48))
+    theirs = copy.deepcopy(ours).train()
+    x = torch.randn(2, 5, 64)
+
+    def run(layer, forward):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(layer, xi)
+        y.float().pow(2).sum().backward()
+        return y.detach(), xi.grad
+
+    expected = run(theirs, bnb.nn.Linear8bitLt.forward)  # on a CPU in training: dequantize, then multiply
+    for mode in (True, False):
+        got = run(ours.train(mode), type(ours).forward)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), mode
+    assert ours.weight.dtype == torch.int8  # the codes stay codes
+
+
+@pytest.mark.cuda
+def test_an_int8_layer_on_a_gpu_multiplies_by_its_dequantized_weight():
+    """On a GPU too: not LLM.int8, whose quantized activations would put the trained model about
+    1e-2 away from the one its export is checked against on the CPU."""
+    torch.manual_seed(0)
+    layer = nf4.linear8bit(nn.Linear(256, 128)).to("cuda")
+    x = torch.randn(4, 256, device="cuda")
+    expected = nn.functional.linear(x, nf4.dequantized_weight(layer), layer.bias)
+    for mode in (True, False):
+        torch.testing.assert_close(layer.train(mode)(x), expected, rtol=1e-5, atol=1e-5)

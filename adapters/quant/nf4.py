@@ -66,28 +66,57 @@ def linear4bit(param, bias: torch.Tensor | None, compute_dtype: torch.dtype, fro
     return layer.to(param.device)
 
 
+def _int8_weight(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An LLM.int8 weight in ``dtype``: each row's int8 codes times that row's absmax over 127."""
+    return codes.to(dtype).mul_(scales.unsqueeze(1).mul(1.0 / 127.0))
+
+
+class _Int8Product(torch.autograd.Function):
+    """``x @ W.T + bias`` for a frozen int8 weight, dequantized in x's dtype for the product and
+    again in backward for x's gradient, never kept."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, bias):
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(codes, scales)
+        return nn.functional.linear(x, _int8_weight(codes, scales, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scales = ctx.saved_tensors
+        grad_x = torch.matmul(grad.to(ctx.dtype), _int8_weight(codes, scales, ctx.dtype)) \
+            if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
 @functools.cache
 def _int8_linear_class() -> type:
     bnb = _bnb()
 
     class Int8Linear(bnb.nn.Linear8bitLt):
-        """bitsandbytes' int8 layer, computing on the CPU as it trains there in eval mode too.
+        """bitsandbytes' int8 layer (its storage, saving and loading) computing with its dequantized
+        weight, on every device and in both modes.
 
-        On the CPU bitsandbytes trains with the dequantized int8 weight but, in eval mode,
-        switches to int8 activations cast through fp16: evaluation and export would then
-        measure a different model from the one that trained. On a GPU both modes use LLM.int8.
+        bitsandbytes itself does that only when training on a CPU; in eval mode, and on a GPU in
+        both modes, it runs LLM.int8, which quantizes the activations too. The fingerprint is
+        recorded on the training device and exports are checked on the CPU: the model that trained
+        must be the one that evaluation, the fingerprint and the export measure, wherever each runs.
         """
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.device.type != "cpu" or self.training:
-                return super().forward(x)
-            self.training = True  # selects bitsandbytes' dequantize-then-matmul path
-            try:
-                return super().forward(x)
-            finally:
-                self.training = False
+            if self.weight.dtype != torch.int8:  # made on a GPU from a float weight: quantize it now
+                codes, scales, _ = bnb.functional.int8_vectorwise_quant(self.weight.data.to(torch.float16))
+                self.weight.data, self.weight.SCB = codes, scales
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return _Int8Product.apply(x, self.weight.data, int8_scales(self), bias)
 
     return Int8Linear
+
+
+def int8_scales(module: nn.Module) -> torch.Tensor:
+    """An int8 layer's per-row scales: on its weight until bitsandbytes' own forward moves them to
+    the layer's state."""
+    return module.weight.SCB if module.weight.SCB is not None else module.state.SCB
 
 
 def linear8bit(module: nn.Module) -> nn.Module:
@@ -117,8 +146,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, bnb.nn.Linear4bit):
         return dequantize(module.weight)
     if isinstance(module, bnb.nn.Linear8bitLt):
-        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
-        return module.weight.data.float() * scb.float()[:, None] / 127.0
+        return module.weight.data.float() * int8_scales(module).float()[:, None] / 127.0
     raise TypeError(f"not a bitsandbytes layer: {type(module).__name__}")
 
 
@@ -171,8 +199,7 @@ def state_of(layer: nn.Module) -> dict[str, torch.Tensor]:
     state, or 8-bit codes + their per-row scales (SCB)."""
     bnb = _bnb()
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
-        return {"weight": layer.weight.data.contiguous(), "SCB": scb.contiguous()}
+        return {"weight": layer.weight.data.contiguous(), "SCB": int8_scales(layer).contiguous()}
     return {"weight": layer.weight.data.contiguous(),
             **{k: v.contiguous() for k, v in layer.weight.quant_state.as_dict(packed=True).items()}}
 
