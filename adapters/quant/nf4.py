@@ -129,7 +129,7 @@ def linear8bit(module: nn.Module) -> nn.Module:
     layer.weight = bnb.nn.Int8Params(weight.contiguous().clone(), requires_grad=False, has_fp16_weights=False)
     layer.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     layer.from_conv1d = is_conv1d(module)
-    return layer.to(weight.device)  # moving an Int8Params quantizes it
+    return layer.to(weight.device)  # moving an Int8Params from the CPU quantizes it (on a GPU, its first forward)
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
