@@ -146,7 +146,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, bnb.nn.Linear4bit):
         return dequantize(module.weight)
     if isinstance(module, bnb.nn.Linear8bitLt):
-        return module.weight.data.float() * int8_scales(module).float()[:, None] / 127.0
+        return _int8_weight(module.weight.data, int8_scales(module).float(), torch.float32)
     raise TypeError(f"not a bitsandbytes layer: {type(module).__name__}")
 
 
